@@ -1,0 +1,24 @@
+"""Start a local Ray, or join the cluster named by ``cluster.address``."""
+from __future__ import annotations
+
+import os
+
+
+def connect(cluster_cfg) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every worker's epoch lines
+    if cluster_cfg.address is None:
+        # the dashboard serves the State API that Ray Train's controller polls; keep it on loopback
+        ray.init(dashboard_host="127.0.0.1", logging_level="WARNING")
+    else:
+        ray.init(address=cluster_cfg.address, logging_level="WARNING")
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,126 @@
+"""MLflow tracking: one parent run per pipeline, one nested child run per stage.
+
+Only ``pipeline/`` imports MLflow. Stages get a ``MetricsReporter``: a small picklable
+callable that logs a dict of metrics to one run, usable inside a Ray Train worker.
+Everything goes through ``MlflowClient`` with explicit run and experiment ids (no global
+active run, no ``mlflow.set_experiment``, whose exported environment variable would
+override experiment names in Ray's integrations).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+TAG_STAGE = "hvae.stage"
+TAG_FINGERPRINT = "hvae.fingerprint"
+TAG_PIPELINE = "hvae.pipeline_run"
+TAG_PARENT = "mlflow.parentRunId"
+
+
+def resolve_uri(uri: str, base: Path | None = None) -> str:
+    """Make a relative ``sqlite:///file.db`` absolute, so Ray workers (other cwd) reach the same file."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(((base or Path.cwd()) / uri[len(prefix):]).resolve())
+    return uri
+
+
+def resolve_artifact_location(location: str, base: Path | None = None) -> str:
+    if "://" in location:
+        return location
+    return ((base or Path.cwd()) / location).resolve().as_uri()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+class MetricsReporter:
+    """Logs ``metrics`` at ``step`` to one MLflow run. Picklable: holds only the URI and run id."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch)
+
+
+class Tracker:
+    def __init__(self, tracking_cfg):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = resolve_uri(tracking_cfg.uri)
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(tracking_cfg.experiment)
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(
+                tracking_cfg.experiment,
+                artifact_location=resolve_artifact_location(tracking_cfg.artifact_location),
+            )
+        else:
+            self.experiment_id = exp.experiment_id
+        self.experiment_name = tracking_cfg.experiment
+
+    # ---- runs ------------------------------------------------------------------------
+    def start_run(self, name: str, tags: dict[str, str], params: dict | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def start_parent(self, name: str, config: dict, tags: dict[str, str]) -> str:
+        return self.start_run(name, tags, params=config)
+
+    def start_child(self, parent_id: str, stage: str, fingerprint: str, params: dict) -> str:
+        tags = {TAG_PARENT: parent_id, TAG_STAGE: stage, TAG_FINGERPRINT: fingerprint, TAG_PIPELINE: parent_id}
+        return self.start_run(stage, tags, params=params)
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        flat = [Param(k, v[:6000]) for k, v in _flatten(params).items()]
+        for i in range(0, len(flat), 100):
+            self.client.log_batch(run_id, params=flat[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int | None = None) -> None:
+        MetricsReporter(self.uri, run_id)(metrics, 0 if step is None else step)
+
+    def log_final_metrics(self, run_id: str, metrics: dict) -> None:
+        """Log a stage's result metrics, except those it already logged per epoch (their curve stays)."""
+        logged = self.client.get_run(run_id).data.metrics
+        self.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in logged})
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+
+    def log_artifacts(self, run_id: str, folder: Path) -> None:
+        self.client.log_artifacts(run_id, str(folder))
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def reporter(self, run_id: str) -> MetricsReporter:
+        return MetricsReporter(self.uri, run_id)
+
+    def artifact_uri(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.artifact_uri
+
+    def ui_url(self, run_id: str, host: str = "http://127.0.0.1:5000") -> str:
+        return f"{host}/#/experiments/{self.experiment_id}/runs/{run_id}"

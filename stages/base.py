@@ -1,0 +1,43 @@
+"""The stage contract: what the runner hands a stage and what the stage hands back.
+
+A stage reads its upstream stages' output folders, writes its own output folder and
+returns metrics. It does not know how it is tracked: per-epoch metrics go through
+``ctx.report(metrics, step)``, a picklable callable the runner provides (it may be called
+inside a Ray Train worker).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+def _no_report(metrics: dict, step: int) -> None:
+    return None
+
+
+@dataclass
+class StageContext:
+    name: str
+    config: Any  # the whole validated PipelineConfig; a stage reads its own slice and data/cluster
+    output_dir: Path
+    storage_path: str  # Ray Train checkpoints live under storage_path/<checkpoint_name>/
+    checkpoint_name: str  # "<stage>-<fingerprint>"
+    data: Optional[dict] = None  # {"train"|"val"|"test": ImageData}, loaded once by the runner
+    upstream: dict[str, Path] = field(default_factory=dict)  # stage name -> its downloaded output folder
+    report: Callable[[dict, int], None] = _no_report
+
+    @property
+    def cluster(self):
+        return self.config.cluster
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, float]
+    output_dir: Path
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class StageError(RuntimeError):
+    """A stage failure whose message is already fit to show the user on one line."""

@@ -1,0 +1,80 @@
+"""One schema: unknown keys and wrong types fail with the dotted key named."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["stage1.epochs=3", "cluster.num_workers=1", "stage1.codebook_size=[8, 16]",
+                             "tracking.experiment=demo", "cluster.address=auto"])
+    assert cfg.stage1.epochs == 3 and cfg.cluster.num_workers == 1
+    assert cfg.stage1.codebook_size == [8, 16] and cfg.tracking.experiment == "demo"
+    assert cfg.tracking.uri == "sqlite:///mlruns.db" and cfg.cluster.address == "auto"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("stage1.epochz=3", "stage1.epochz: unknown key"),
+    ("bogus.x=1", "bogus: unknown key"),
+    ("stage1.epochs=abc", "stage1.epochs: Input should be a valid integer"),
+    ("cluster.use_gpu=maybe", "cluster.use_gpu: Input should be a valid boolean"),
+    ("data.dataset=svhn", "data.dataset: Input should be"),
+    ("stage1.lr=-1", "stage1.lr: Input should be greater than 0"),
+    ("stage1.codebook_size=[8, 8, 8]", "stage1: codebook_size lists 3 sizes for 2 levels"),
+])
+def test_bad_keys_and_types_are_named(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("config error: ")
+    assert key in msg
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("stage1:\n  levels: 2\n  hidden: sixty\n")
+    with pytest.raises(ConfigError, match=r"stage1.hidden: Input should be a valid integer"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_image_size_must_fit_the_levels():
+    with pytest.raises(ConfigError, match="data.image_size=36 must be a multiple of 8"):
+        load_config(None, ["data.image_size=36"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_names_its_command(path):
+    load_config(path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# hvae ") and path.name in first
+
+
+def test_cli_fails_before_any_work_with_one_line():
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "configs/smoke.yaml"),
+                           "stage1.epochz=1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "config error: stage1.epochz: unknown key"
+    assert proc.stdout == ""
+
+
+def test_cli_dry_run_prints_config_and_stages(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "configs/smoke.yaml"),
+                           "--dry-run", "stage1.epochs=7"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "epochs: 7" in proc.stdout and "#   stage1" in proc.stdout
+    assert not (tmp_path / "mlruns.db").exists()  # a dry run starts nothing
+
+
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("stage1:\n  lr: 1e-3\n")
+    assert load_config(p).stage1.lr == 1e-3
+    assert load_config(None, ["stage1.lr=2e-4"]).stage1.lr == 2e-4

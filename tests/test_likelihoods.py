@@ -1,0 +1,64 @@
+"""Likelihoods: normalised over all 8-bit values; Bernoulli equals binary cross-entropy."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.likelihoods import Bernoulli, DiscretizedLogistic, bits_per_dim
+
+
+@pytest.mark.parametrize("mixtures,scale", [(1, 0.0), (3, 1.0), (5, 3.0)])
+def test_discretized_logistic_sums_to_one_grayscale(mixtures, scale):
+    torch.manual_seed(mixtures)
+    lik = DiscretizedLogistic(1, mixtures)
+    params = torch.randn(1, lik.num_params(), 2, 3) * 2
+    params[:, mixtures * 2 :] = scale * torch.randn_like(params[:, mixtures * 2 :]) - 2.0  # log-scales, narrow to wide
+    values = torch.arange(256, dtype=torch.uint8)
+    # every pixel of the 2x3 image takes value v: log p is a sum over the 6 independent pixels,
+    # so test one pixel at a time by evaluating a 1x1 slice
+    for i in range(2):
+        for j in range(3):
+            p = params[:, :, i : i + 1, j : j + 1].expand(256, -1, -1, -1)
+            lp = lik.log_prob(p, values.view(256, 1, 1, 1))
+            assert float(lp.exp().sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_discretized_logistic_sums_to_one_rgb_with_channel_coefficients():
+    torch.manual_seed(0)
+    lik = DiscretizedLogistic(3, 2)
+    params = torch.randn(1, lik.num_params(), 1, 1)
+    grid = torch.cartesian_prod(*(torch.arange(256),) * 3).to(torch.uint8)  # all 256^3 colours
+    total = 0.0
+    for chunk in grid.split(1 << 20):
+        x = chunk.view(-1, 3, 1, 1)
+        total += float(lik.log_prob(params.expand(len(x), -1, -1, -1), x).double().exp().sum())
+    assert total == pytest.approx(1.0, abs=1e-4)
+
+
+def test_discretized_logistic_prefers_values_near_the_mean():
+    lik = DiscretizedLogistic(1, 1)
+    params = torch.tensor([0.0, 0.0, -4.0]).view(1, 3, 1, 1)  # mean 0 (value 127.5), small scale
+    lp = lik.log_prob(params.expand(3, -1, -1, -1), torch.tensor([0, 127, 255], dtype=torch.uint8).view(3, 1, 1, 1))
+    assert lp[1] > lp[0] and lp[1] > lp[2]
+    assert float(lik.mean(params)) == pytest.approx(127.5)
+
+
+def test_bernoulli_matches_binary_cross_entropy():
+    torch.manual_seed(0)
+    lik = Bernoulli(1)
+    logits = torch.randn(4, 1, 5, 5)
+    x = torch.randint(0, 256, (4, 1, 5, 5), dtype=torch.uint8)
+    target = (x > 127).float()
+    expected = -F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1)
+    assert torch.allclose(lik.log_prob(logits, x), expected)
+
+
+def test_samples_lie_on_the_pixel_grid():
+    lik = DiscretizedLogistic(3, 4)
+    s = lik.sample(torch.randn(2, lik.num_params(), 4, 4), torch.Generator().manual_seed(0))
+    assert s.dtype == torch.uint8 and s.shape == (2, 3, 4, 4)
+
+
+def test_bits_per_dim():
+    assert float(bits_per_dim(torch.tensor(1024 * math.log(2.0)), 1024)) == pytest.approx(1.0)
