@@ -13,7 +13,6 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	@echo "[make] creating $(VENV) and installing hvae with torch, ray, mlflow (about 2-3 minutes, ~6.5 GB)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(BIN)/python -m pip install --quiet -e '.[test]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	touch $(STAMP)
 

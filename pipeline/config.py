@@ -101,8 +101,9 @@ class PriorsConfig(_Section):
 
 class SampleConfig(_Section):
     num_samples: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)  # prior logits are divided by this
     seed: int = 0
+    pixels: Literal["mean", "sample"] = "mean"  # decoder mean, or a draw from the pixel likelihood
 
 
 class EvaluateConfig(_Section):

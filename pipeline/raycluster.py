@@ -1,12 +1,24 @@
 """Start a local Ray, or join the cluster named by ``cluster.address``."""
 from __future__ import annotations
 
+import logging
 import os
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data prints a progress report per dataset; the stages say what they do themselves."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def connect(cluster_cfg) -> None:
     import ray
 
+    _quiet_ray_data()
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every worker's epoch lines

@@ -25,8 +25,15 @@ class StageDef:
     upstream: tuple[str, ...] = field(default=())
 
 
-# The DAG in execution order.
-STAGES = (StageDef("stage1", "stages.stage1", ("stage1",)),)
+# The DAG in execution order. Sections: the config that shapes a stage's output (batch
+# sizes of inference-only stages do not, so they are left out of the fingerprint).
+STAGES = (
+    StageDef("stage1", "stages.stage1", ("stage1",)),
+    StageDef("extract", "stages.extract", (), ("stage1",)),
+    StageDef("priors", "stages.priors", ("priors",), ("extract",)),
+    StageDef("sample", "stages.sample", ("sample",), ("stage1", "priors")),
+    StageDef("evaluate", "stages.evaluate", (), ("stage1", "priors")),
+)
 
 
 @dataclass
@@ -84,15 +91,31 @@ def describe_error(exc: BaseException) -> str:
     return line if line.startswith(name) or type(exc).__module__.startswith("ray") else f"{name}: {line}"
 
 
-def _print_summary(rows, tracker, parent_id):
+SHOWN = ("val_bpd", "val_bits_per_code", "rows_train", "test_nll_bpd", "test_nll_nats")
+
+
+def _print_summary(rows, tracker, parent_id, outputs):
     print("\n" + "=" * 72)
     for name, status, run_id, secs, metrics in rows:
-        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("val_bpd", "val_nll_nats") if k in metrics)
+        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN if k in metrics)
         print(f"{name:<9} {status:<9} run {run_id}  {secs:6.1f} s  {shown}")
-    print(f"MLflow parent run: {parent_id} (experiment '{tracker.experiment_name}', {tracker.uri})")
+    table = outputs.get("evaluate", Path("/nonexistent")) / "report" / "nll_table.md"
+    if table.is_file():
+        print("\n" + table.read_text())
     for name, _, run_id, _, _ in rows:
-        print(f"{name} artifacts: {tracker.artifact_uri(run_id)}")
+        if name == "sample":
+            print(f"sample grid: {tracker.artifact_uri(run_id)}/samples/grid.png")
+    print(f"MLflow parent run: {parent_id} (experiment '{tracker.experiment_name}', {tracker.uri})")
+    print(f"artifacts: {tracker.artifact_uri(parent_id).rsplit('/', 2)[0]}/<run id>/artifacts")
     print(f"browse: make ui, then {tracker.ui_url(parent_id)}")
+
+
+def _log_result(tracker, run_id: str, result) -> None:
+    tracker.log_final_metrics(run_id, result.metrics)
+    tracker.set_tags(run_id, result.tags)
+    tracker.log_artifacts(run_id, result.output_dir)
+    for context, rel in result.datasets.items():
+        tracker.log_dataset(run_id, result.output_dir / rel, rel, context)
 
 
 def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str | None = None) -> int:
@@ -128,22 +151,28 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     print(f"[hvae] MLflow parent run {parent_id} in experiment '{tracker.experiment_name}' ({tracker.uri})")
     connect(cfg.cluster)
 
-    rows, outputs = [], {}
+    rows, outputs, run_ids = [], {}, {}
+    work = Path(cfg.cluster.storage_path) / "outputs" / parent_id
     for planned in stages:
         st = planned.stage
         params = {s: getattr(cfg, s).model_dump(mode="json") for s in st.sections}
         run_id = tracker.start_child(parent_id, st.name, planned.fingerprint, params)
-        out_dir = Path(cfg.cluster.storage_path) / "outputs" / parent_id / st.name
+        tracker.set_tags(run_id, {f"hvae.upstream.{u}": run_ids[u] for u in st.upstream})
+        out_dir = work / st.name
         out_dir.mkdir(parents=True, exist_ok=True)
-        ctx = StageContext(
-            name=st.name, config=cfg, output_dir=out_dir, storage_path=cfg.cluster.storage_path,
-            checkpoint_name=f"{st.name}-{planned.fingerprint}", data=splits,
-            upstream={u: outputs[u] for u in st.upstream}, report=tracker.reporter(run_id),
-        )
         print(f"[hvae] {st.name}: run {run_id} (fingerprint {planned.fingerprint})")
         s0 = time.perf_counter()
         try:
+            ctx = StageContext(
+                name=st.name, config=cfg, output_dir=out_dir, storage_path=cfg.cluster.storage_path,
+                checkpoint_name=f"{st.name}-{planned.fingerprint}", data=splits, report=tracker.reporter(run_id),
+                # inputs come from the upstream runs' artifacts, by run id, as any consumer would get them
+                upstream={u: tracker.download(run_ids[u], work / "inputs" / st.name / u) for u in st.upstream},
+            )
             result = importlib.import_module(st.module).run(ctx)
+            secs = time.perf_counter() - s0
+            result.metrics[f"{st.name}_seconds"] = secs
+            _log_result(tracker, run_id, result)
         except KeyboardInterrupt:
             tracker.finish(run_id, "KILLED")
             tracker.finish(parent_id, "KILLED")
@@ -159,17 +188,13 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
             hint = "" if isinstance(exc, StageError) else f" (full traceback: the 'error.txt' artifact of run {run_id})"
             print(f"error: stage {st.name} failed: {message}{hint}")
             return 1
-        secs = time.perf_counter() - s0
-        result.metrics[f"{st.name}_seconds"] = secs
-        tracker.log_final_metrics(run_id, result.metrics)
-        tracker.set_tags(run_id, result.tags)
-        tracker.log_artifacts(run_id, result.output_dir)
         tracker.finish(run_id)
         tracker.set_tags(parent_id, {f"hvae.run.{st.name}": run_id})
         outputs[st.name] = result.output_dir
+        run_ids[st.name] = run_id
         rows.append((st.name, "FINISHED", run_id, secs, result.metrics))
 
     tracker.log_metrics(parent_id, {"pipeline_seconds": time.perf_counter() - t0})
     tracker.finish(parent_id)
-    _print_summary(rows, tracker, parent_id)
+    _print_summary(rows, tracker, parent_id, outputs)
     return 0

@@ -8,8 +8,11 @@ override experiment names in Ray's integrations).
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 TAG_STAGE = "hvae.stage"
 TAG_FINGERPRINT = "hvae.fingerprint"
@@ -115,6 +118,38 @@ class Tracker:
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def download(self, run_id: str, dst: Path) -> Path:
+        """All artifacts of a run into ``dst`` (fresh), through MLflow's artifact store."""
+        import shutil
+
+        import mlflow.artifacts
+
+        if dst.exists():
+            shutil.rmtree(dst)
+        dst.mkdir(parents=True)
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(dst), tracking_uri=self.uri))
+
+    def log_dataset(self, run_id: str, folder: Path, rel: str, context: str) -> None:
+        """Register a dataset folder the run wrote (and logged as artifacts) as a run input."""
+        import hashlib
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        digest = hashlib.sha256()
+        for f in sorted(Path(folder).rglob("*")):
+            if f.is_file():
+                digest.update(f.name.encode())
+                digest.update(f.read_bytes())
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are artifact sources
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(f"{self.artifact_uri(run_id)}/{rel}")
+        dataset = MetaDataset(source=source, name=rel.replace("/", "-"), digest=digest.hexdigest()[:16])
+        tag = InputTag(key="mlflow.data.context", value=context)
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])])
 
     def reporter(self, run_id: str) -> MetricsReporter:
         return MetricsReporter(self.uri, run_id)

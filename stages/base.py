@@ -37,6 +37,9 @@ class StageResult:
     metrics: dict[str, float]
     output_dir: Path
     tags: dict[str, str] = field(default_factory=dict)
+    # datasets the stage wrote, to register as run inputs: context (e.g. "train") -> folder
+    # relative to output_dir
+    datasets: dict[str, str] = field(default_factory=dict)
 
 
 class StageError(RuntimeError):

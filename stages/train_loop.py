@@ -204,7 +204,7 @@ def train_worker(spec: LoopSpec) -> dict:
 
 
 def fit(spec: LoopSpec, *, name: str, storage_path: str, num_workers: int, use_gpu: bool,
-        cpus_per_worker: float, max_failures: int):
+        cpus_per_worker: float, max_failures: int, datasets: dict | None = None):
     """Run ``train_worker`` on a TorchTrainer and return the Ray Train Result."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -213,6 +213,7 @@ def fit(spec: LoopSpec, *, name: str, storage_path: str, num_workers: int, use_g
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"spec": spec},
+        datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),

@@ -1,0 +1,97 @@
+"""Extract: encode every image of every split into its discrete codes, with Ray Data.
+
+A pool of actors each holds the stage-1 encoder (``map_batches`` with a callable class;
+one GPU each when ``cluster.use_gpu``). Output folder:
+    codes/{train,val,test}/*.parquet   columns level0 (top) .. level{L-1}: int16 [H_l, W_l]
+                                       code maps; label; index (position in the source data)
+    codes/schema.json                  levels, map shapes, codebook sizes, rows per split
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import StageContext, StageError, StageResult
+from .stage1 import load_model
+
+CODE = ["stages/extract.py", "stages/stage1.py", "stages/base.py", "models/vqvae2.py",
+        "models/quantize.py", "models/likelihoods.py", "pipeline/datasets.py"]
+SCHEMA_FILE = "schema.json"
+
+
+class Encoder:
+    """Ray Data actor: uint8 images -> integer code maps, one column per level."""
+
+    def __init__(self, model_dir: str, use_gpu: bool):
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_model(Path(model_dir)).to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.array(batch["image"])).to(self.device)  # a writable copy
+        codes = self.model.encode(x)
+        out = {f"level{l}": c.cpu().numpy().astype(np.int16) for l, c in enumerate(codes)}
+        out["label"] = batch["label"].astype(np.int64)
+        out["index"] = batch["index"].astype(np.int64)
+        return out
+
+
+def read_codes(folder: Path, split: str) -> dict[str, np.ndarray]:
+    """Read one split back in source order with plain pyarrow (no Ray needed):
+    {"level0": int16 [N, H0, W0], ..., "label": [N], "index": [N]}."""
+    import pyarrow.parquet as pq
+
+    schema = json.loads((Path(folder) / SCHEMA_FILE).read_text())
+    table = pq.read_table(Path(folder) / split)
+    out = {c: table.column(c).to_numpy() for c in ("label", "index")}
+    for l, shape in enumerate(schema["shapes"]):
+        flat = table.column(f"level{l}").combine_chunks().flatten().to_numpy()
+        out[f"level{l}"] = flat.reshape(len(table), *shape)
+    order = np.argsort(out["index"], kind="stable")
+    return {k: v[order] for k, v in out.items()}
+
+
+def run(ctx: StageContext) -> StageResult:
+    import ray.data
+
+    model_dir = ctx.upstream["stage1"] / "model"
+    model = load_model(model_dir)
+    if max(model.codebook_sizes) > np.iinfo(np.int16).max:
+        raise StageError(f"extract: codebook of {max(model.codebook_sizes)} codes does not fit int16 columns")
+    ecfg, cluster = ctx.config.extract, ctx.config.cluster
+    codes_dir = ctx.output_dir / "codes"
+    rows = {}
+    shapes = None
+    for split in ("train", "val", "test"):
+        data = ctx.data[split]
+        items = [{"image": img, "label": int(lab), "index": int(idx)}
+                 for img, lab, idx in zip(data.images, data.labels, data.index)]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(8, len(items) // ecfg.batch_size)))
+        encoded = ds.map_batches(
+            Encoder,
+            fn_constructor_kwargs={"model_dir": str(model_dir), "use_gpu": cluster.use_gpu},
+            batch_size=ecfg.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
+            num_gpus=1 if cluster.use_gpu else 0,
+            num_cpus=1,
+        )
+        encoded.write_parquet(str(codes_dir / split), min_rows_per_file=len(items))
+        rows[split] = len(items)
+        if shapes is None:
+            with torch.no_grad():
+                shapes = [list(c.shape[1:]) for c in model.encode(torch.from_numpy(data.images[:1]))]
+    schema = {
+        "levels": model.levels,
+        "columns": [f"level{l}" for l in range(model.levels)] + ["label", "index"],
+        "shapes": shapes,
+        "codebook_sizes": model.codebook_sizes,
+        "rows": rows,
+        "num_classes": int(max(int(ctx.data[s].labels.max()) for s in rows) + 1),
+        "dtype": "int16",
+    }
+    (codes_dir / SCHEMA_FILE).write_text(json.dumps(schema, indent=2))
+    metrics = {f"rows_{s}": float(n) for s, n in rows.items()}
+    return StageResult(metrics=metrics, output_dir=ctx.output_dir,
+                       datasets={s: f"codes/{s}" for s in rows})

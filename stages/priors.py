@@ -1,0 +1,131 @@
+"""Priors: a gated PixelCNN per code level, trained on the extracted codes with the shared
+Ray Train loop, the codes read as Ray Data shards of the Parquet dataset.
+
+Output folder:
+    model/prior_level{l}.pt   state dict of level l's PixelCNN (level 0 = top)
+    model/priors.json         constructor arguments of models.pixelcnn.HierarchicalPrior
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from models.pixelcnn import HierarchicalPrior
+
+from .base import StageContext, StageError, StageResult
+from .extract import SCHEMA_FILE
+from .train_loop import LoopSpec, TrainTask, fit, load_state
+
+CODE = ["stages/priors.py", "stages/train_loop.py", "stages/base.py", "models/pixelcnn.py"]
+CONFIG_FILE = "priors.json"
+
+
+def prior_config(schema: dict, pcfg) -> dict:
+    return {"codebook_sizes": schema["codebook_sizes"], "shapes": schema["shapes"], "hidden": pcfg.hidden,
+            "layers": pcfg.layers, "kernel": pcfg.kernel,
+            "num_classes": schema["num_classes"] if pcfg.class_conditional else 0}
+
+
+def save_priors(model: HierarchicalPrior, config: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for l, prior in enumerate(model.levels):
+        torch.save(prior.state_dict(), folder / f"prior_level{l}.pt")
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def load_priors(folder: Path) -> HierarchicalPrior:
+    folder = Path(folder)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    model = HierarchicalPrior(**config)
+    for l, prior in enumerate(model.levels):
+        prior.load_state_dict(torch.load(folder / f"prior_level{l}.pt", map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+class PriorTask(TrainTask):
+    def __init__(self, config: dict, batch_size: int, world_hint: int, seed: int):
+        self.config = config
+        self.levels = len(config["codebook_sizes"])
+        self.batch_size = max(1, math.ceil(batch_size / world_hint))
+        self.seed = seed
+
+    def build_model(self):
+        return HierarchicalPrior(**self.config)
+
+    def _batches(self, split: str, epoch: int | None):
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(split)
+        shuffle = {"local_shuffle_buffer_size": 4 * self.batch_size, "local_shuffle_seed": self.seed * 1009 + epoch} \
+            if epoch is not None else {}
+        return shard.iter_torch_batches(batch_size=self.batch_size, device="cpu", **shuffle)
+
+    def train_batches(self, epoch, rank, world):
+        return self._batches("train", epoch)
+
+    def val_batches(self, rank, world):
+        return self._batches("val", None)
+
+    def _forward(self, model, batch, device):
+        codes = [batch[f"level{l}"].long().to(device) for l in range(self.levels)]
+        labels = batch["label"].long().to(device) if self.config["num_classes"] else None
+        nlls = model(codes, labels)
+        sums = {"count": torch.tensor(float(codes[0].shape[0]))}
+        for l, nll in enumerate(nlls):
+            sums[f"nll_level{l}"] = nll.detach().sum()
+        return nlls, codes, sums
+
+    def train_step(self, model, batch, device):
+        nlls, codes, sums = self._forward(model, batch, device)
+        positions = sum(c[0].numel() for c in codes)
+        loss = torch.stack(nlls).sum(0).mean() / positions
+        return loss, sums
+
+    def val_step(self, model, batch, device):
+        return self._forward(model, batch, device)[2]
+
+    def summarize(self, split, sums):
+        n = float(sums["count"])
+        out, total_nats, total_pos = {}, 0.0, 0
+        for l, (h, w) in enumerate(self.config["shapes"]):
+            nats = float(sums[f"nll_level{l}"]) / n
+            out[f"{split}_bits_per_code_level{l}"] = nats / (h * w * math.log(2))
+            out[f"{split}_nll_nats_level{l}"] = nats
+            total_nats += nats
+            total_pos += h * w
+        out[f"{split}_loss"] = total_nats / total_pos
+        out[f"{split}_bits_per_code"] = total_nats / (total_pos * math.log(2))
+        return out
+
+
+def run(ctx: StageContext) -> StageResult:
+    import ray.data
+
+    codes_dir = ctx.upstream["extract"] / "codes"
+    schema = json.loads((codes_dir / SCHEMA_FILE).read_text())
+    pcfg, cluster = ctx.config.priors, ctx.config.cluster
+    config = prior_config(schema, pcfg)
+    # materialized: the trainer's workers then need no CPU for read tasks (a 2-CPU machine hangs otherwise)
+    datasets = {s: ray.data.read_parquet(str(codes_dir / s)).materialize() for s in ("train", "val")}
+    spec = LoopSpec(
+        make_task=PriorTask,
+        task_args=dict(config=config, batch_size=pcfg.batch_size, world_hint=cluster.num_workers, seed=pcfg.seed),
+        model_config=config, epochs=pcfg.epochs, lr=pcfg.lr, seed=pcfg.seed, stage=ctx.name, report=ctx.report,
+    )
+    result = fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path, num_workers=cluster.num_workers,
+                 use_gpu=cluster.use_gpu, cpus_per_worker=cluster.cpus_per_worker,
+                 max_failures=cluster.max_failures, datasets=datasets)
+    if result.checkpoint is None:
+        raise StageError(f"{ctx.name}: training ended without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        state, meta = load_state(Path(folder))
+    model = HierarchicalPrior(**config)
+    model.load_state_dict(state["model"])
+    save_priors(model, config, ctx.output_dir / "model")
+    metrics = {k: float(v) for k, v in meta["metrics"].items()}
+    metrics["num_params"] = float(sum(p.numel() for p in model.parameters()))
+    return StageResult(metrics=metrics, output_dir=ctx.output_dir,
+                       tags={"hvae.checkpoint": str(result.checkpoint.path)})

@@ -1,0 +1,168 @@
+"""End to end through the CLI on configs/smoke.yaml: Ray Train, Ray Data, MLflow on SQLite, real artifacts."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+def hvae(cwd, *args, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc
+
+
+def runs(cwd, experiment="hvae"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd}/mlruns.db")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("smoke")
+    proc = hvae(cwd, "run", SMOKE)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return cwd, proc
+
+
+def test_stage1_child_run_is_tracked_with_tags_metrics_and_artifacts(smoke_run):
+    cwd, proc = smoke_run
+    client, all_runs = runs(cwd)
+    parents = [r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline"]
+    children = [r for r in all_runs if r.data.tags.get("hvae.stage") == "stage1"]
+    assert len(parents) == 1 and len(children) == 1
+    parent, child = parents[0], children[0]
+    assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"
+    tags = child.data.tags
+    assert tags["mlflow.parentRunId"] == parent.info.run_id
+    assert tags["hvae.pipeline_run"] == parent.info.run_id
+    assert len(tags["hvae.fingerprint"]) == 16
+    assert math.isfinite(child.data.metrics["val_loss"])
+    assert child.data.metrics["val_bpd"] > 0
+    # per-epoch curves from rank 0 (smoke: 2 epochs)
+    history = client.get_metric_history(child.info.run_id, "val_loss")
+    assert sorted(m.step for m in history) == [0, 1]
+    files = {f.path for f in client.list_artifacts(child.info.run_id)}
+    assert {"model", "figures"} <= files
+    figures = {f.path for f in client.list_artifacts(child.info.run_id, "figures")}
+    assert figures == {"figures/reconstructions.png", "figures/codebook_usage.png"}
+    assert parent.info.run_id in proc.stdout  # the user is told where the run is
+
+
+def test_checkpoint_loads_with_weights_only(smoke_run):
+    import mlflow
+
+    cwd, _ = smoke_run
+    client, all_runs = runs(cwd)
+    child = next(r for r in all_runs if r.data.tags.get("hvae.stage") == "stage1")
+    mlflow.set_tracking_uri(f"sqlite:///{cwd}/mlruns.db")
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path="model",
+                                                      dst_path=str(cwd / "dl")))
+    state = torch.load(folder / "vqvae2.pt", weights_only=True)
+    assert any(k.endswith("quantizers.0.embedding") for k in state)
+    from stages.stage1 import load_model
+
+    model = load_model(folder)
+    x = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    assert [tuple(c.shape) for c in model.encode(x)] == [(2, 4, 4), (2, 8, 8)]
+    # Ray Train's own checkpoint (optimizer, scheduler, epoch) sits under the storage path
+    ckpts = list((cwd / "ray_results").glob("stage1-*/checkpoint_*/state.pt"))
+    assert ckpts and set(torch.load(ckpts[0], weights_only=True)) == {"model", "optimizer", "scheduler"}
+
+
+def test_a_failing_stage_is_one_line_and_a_failed_run(tmp_path):
+    proc = hvae(tmp_path, "run", SMOKE, "stage1.lr=1e30", "stage1.epochs=1")
+    assert proc.returncode == 1
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "stage stage1 failed: FloatingPointError: stage1: non-finite loss at epoch 0 step" in errors[0]
+    _, all_runs = runs(tmp_path)
+    child = next(r for r in all_runs if r.data.tags.get("hvae.stage") == "stage1")
+    assert child.info.status == "FAILED"
+    assert "non-finite loss" in child.data.tags["hvae.error"]
+
+
+STAGES = ["stage1", "extract", "priors", "sample", "evaluate"]
+UPSTREAM = {"extract": ["stage1"], "priors": ["extract"], "sample": ["stage1", "priors"],
+            "evaluate": ["stage1", "priors"]}
+ARTIFACTS = {
+    "stage1": ["model/vqvae2.pt", "model/config.json", "figures/reconstructions.png", "figures/codebook_usage.png"],
+    "extract": ["codes/schema.json", "codes/train", "codes/val", "codes/test"],
+    "priors": ["model/prior_level0.pt", "model/prior_level1.pt", "model/priors.json"],
+    "sample": ["samples/grid.png", "samples/samples.npz"],
+    "evaluate": ["report/nll_table.md"],
+}
+
+
+def _artifact_paths(client, run_id, path=None):
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out.add(f.path)
+        if f.is_dir and f.path.count("/") < 1:
+            out |= _artifact_paths(client, run_id, f.path)
+    return out
+
+
+def test_five_stages_finish_under_one_parent_each_consuming_the_one_before(smoke_run):
+    cwd, proc = smoke_run
+    client, all_runs = runs(cwd)
+    parent = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline")
+    children = {r.data.tags["hvae.stage"]: r for r in all_runs if "hvae.stage" in r.data.tags}
+    assert sorted(children) == sorted(STAGES)
+    for name, run in children.items():
+        assert run.info.status == "FINISHED", name
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id == tags["hvae.pipeline_run"]
+        assert len(tags["hvae.fingerprint"]) == 16
+        for up in UPSTREAM.get(name, []):
+            assert tags[f"hvae.upstream.{up}"] == children[up].info.run_id
+        paths = _artifact_paths(client, run.info.run_id)
+        for want in ARTIFACTS[name]:
+            assert want in paths, f"{name} lacks {want}"
+    m = children["evaluate"].data.metrics
+    assert 0 < m["test_nll_bpd"] < 10 and math.isfinite(m["test_nll_nats"])
+    assert m["test_nll_nats"] == pytest.approx(m["test_recon_nats"] + m["test_prior_nats"])
+    assert m["test_nll_bpd"] == pytest.approx(m["test_recon_bpd"] + m["test_prior_bpd"])
+    # per-epoch bits per code of each prior level
+    assert client.get_metric_history(children["priors"].info.run_id, "val_bits_per_code_level1")
+    # the codes are registered as the extract run's dataset inputs
+    inputs = client.get_run(children["extract"].info.run_id).inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in inputs) == ["codes-test", "codes-train", "codes-val"]
+    # the user sees the NLL table and where the samples are
+    assert "| VQ-VAE-2" in proc.stdout and "samples/grid.png" in proc.stdout
+
+
+def test_decoding_extracted_codes_reproduces_the_reconstructions(smoke_run):
+    import mlflow
+    import numpy as np
+
+    from pipeline.config import load_config
+    from pipeline.datasets import load_splits
+    from stages.extract import read_codes
+    from stages.stage1 import load_model
+
+    cwd, _ = smoke_run
+    client, all_runs = runs(cwd)
+    run_of = {r.data.tags["hvae.stage"]: r.info.run_id for r in all_runs if "hvae.stage" in r.data.tags}
+    mlflow.set_tracking_uri(f"sqlite:///{cwd}/mlruns.db")
+    codes_dir = Path(mlflow.artifacts.download_artifacts(run_id=run_of["extract"], artifact_path="codes",
+                                                         dst_path=str(cwd / "dl_codes")))
+    model_dir = Path(mlflow.artifacts.download_artifacts(run_id=run_of["stage1"], artifact_path="model",
+                                                         dst_path=str(cwd / "dl_model")))
+    model = load_model(model_dir)
+    val = load_splits(load_config(SMOKE).data)["val"]
+    codes = read_codes(codes_dir, "val")
+    assert np.array_equal(codes["index"], np.sort(val.index)) and codes["level1"].dtype == np.int16
+    order = np.argsort(val.index)
+    x = torch.from_numpy(val.images[order])
+    with torch.no_grad():
+        from_codes = model.decode_codes([torch.from_numpy(codes[f"level{l}"]).long() for l in range(2)])
+        assert torch.equal(from_codes, model(x)["params"])

@@ -1,0 +1,53 @@
+"""The NLL bound's units, and reproducible sampling through the whole hierarchy."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.pixelcnn import HierarchicalPrior
+from models.vqvae2 import VQVAE2
+from stages.evaluate import nll_bound, nll_table
+from stages.sample import draw
+
+
+def _known_models(likelihood="bernoulli"):
+    torch.manual_seed(0)
+    vq = VQVAE2(in_channels=1, levels=2, hidden=8, res_hidden=4, res_blocks=1, embed_dim=4,
+                codebook_size=[8, 16], likelihood=likelihood, num_mixtures=1).eval()
+    priors = HierarchicalPrior([8, 16], [[4, 4], [8, 8]], hidden=8, layers=2, kernel=3).eval()
+    with torch.no_grad():
+        last = vq.decoder[-1]  # decoder output 0 everywhere: Bernoulli(0.5) for every pixel
+        last.weight.zero_()
+        last.bias.zero_()
+        for p in priors.levels:  # prior logits 0 everywhere: uniform over each codebook
+            p.head[-1].weight.zero_()
+            p.head[-1].bias.zero_()
+    return vq, priors
+
+
+def test_nll_bound_units_by_hand():
+    vq, priors = _known_models()
+    images = np.random.default_rng(0).integers(0, 256, (6, 1, 32, 32)).astype(np.uint8)
+    m = nll_bound(vq, priors, images, np.zeros(6, dtype=np.int64), batch_size=4)
+    recon = 1024 * math.log(2)  # 1024 fair coins
+    prior = 16 * math.log(8) + 64 * math.log(16)  # uniform codes on a 4x4 map of 8 and an 8x8 map of 16
+    assert m["test_recon_nats"] == pytest.approx(recon, rel=1e-6)
+    assert m["test_prior_nats"] == pytest.approx(prior, rel=1e-6)
+    assert m["test_nll_nats"] == pytest.approx(recon + prior, rel=1e-6)
+    assert m["test_recon_bpd"] == pytest.approx(1.0, rel=1e-6)
+    assert m["test_prior_bpd"] == pytest.approx((16 * 3 + 64 * 4) / 1024, rel=1e-6)  # log2 8 = 3, log2 16 = 4
+    assert m["test_nll_bpd"] == pytest.approx(1.0 + 304 / 1024, rel=1e-6)
+    table = nll_table([{"model": "m", "dataset": "d", **m}])
+    assert f"≤ {recon + prior:.2f}" in table and "| m | d |" in table
+
+
+def test_same_seed_same_samples():
+    vq, priors = _known_models("dlogistic")
+    a = draw(vq, priors, 4, 1.0, seed=3, pixels="sample")
+    b = draw(vq, priors, 4, 1.0, seed=3, pixels="sample")
+    c = draw(vq, priors, 4, 1.0, seed=4, pixels="sample")
+    assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+    assert not all(torch.equal(x, y) for x, y in zip(a[1], c[1]))
+    assert a[0].dtype == torch.uint8 and a[0].shape == (4, 1, 32, 32)
+    assert [tuple(c.shape) for c in a[1]] == [(4, 4, 4), (4, 8, 8)]
