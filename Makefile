@@ -26,7 +26,7 @@ ui: $(STAMP)
 	$(BIN)/hvae ui
 
 bench: $(STAMP)
-	$(BIN)/python bench/stage1_throughput.py
+	$(BIN)/python bench/pipeline.py
 
 clean:
 	rm -rf ray_results mlartifacts mlruns.db

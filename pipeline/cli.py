@@ -1,6 +1,7 @@
 """The ``hvae`` command line (also ``python -m pipeline``).
 
-    hvae run [CONFIG] [key=value ...] [--dry-run]
+    hvae run [CONFIG] [key=value ...] [--dry-run] [--force STAGE]
+    hvae resume PARENT_RUN_ID [--uri sqlite:///mlruns.db] [key=value ...]
     hvae ui [--port 5000] [--uri sqlite:///mlruns.db]
 """
 from __future__ import annotations
@@ -25,7 +26,33 @@ def cmd_run(args) -> int:
     cfg = load_config(config_path, overrides)
     from .runner import run_pipeline
 
-    return run_pipeline(cfg, dry_run=args.dry_run, config_path=config_path)
+    return run_pipeline(cfg, dry_run=args.dry_run, config_path=config_path, force=args.force)
+
+
+def cmd_resume(args) -> int:
+    """Re-run an earlier pipeline from the config its parent run recorded."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from .runner import run_pipeline
+    from .tracking import resolve_uri
+
+    client = MlflowClient(resolve_uri(args.uri))
+    try:
+        run = client.get_run(args.parent_run_id)
+    except MlflowException:
+        print(f"error: no run {args.parent_run_id} in {resolve_uri(args.uri)}", file=sys.stderr)
+        return 2
+    if run.data.tags.get("hvae.kind") != "pipeline":
+        print(f"error: run {args.parent_run_id} is not an hvae pipeline (parent) run", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(args.parent_run_id, "config.yaml", tmp)
+        cfg = load_config(path, args.items)
+    print(f"[hvae] resuming pipeline {args.parent_run_id} ({run.info.status}) from its recorded config")
+    return run_pipeline(cfg, force=args.force, extra_tags={"hvae.resumes": args.parent_run_id})
 
 
 def cmd_ui(args) -> int:
@@ -47,7 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("items", nargs="*", metavar="CONFIG | key=value",
                      help="a YAML config (optional, first), then dotted overrides like stage1.epochs=3")
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and the stages, run nothing")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="re-run STAGE and every stage after it instead of reusing them")
     run.set_defaults(func=cmd_run)
+
+    resume = sub.add_parser("resume", help="re-run an earlier pipeline from its recorded config")
+    resume.add_argument("parent_run_id")
+    resume.add_argument("items", nargs="*", metavar="key=value", help="overrides on top of the recorded config")
+    resume.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: ./mlruns.db)")
+    resume.add_argument("--force", action="append", default=[], metavar="STAGE")
+    resume.set_defaults(func=cmd_resume)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)

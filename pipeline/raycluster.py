@@ -22,6 +22,7 @@ def connect(cluster_cfg) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every worker's epoch lines
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # inherited by the local Ray Data actors
     if cluster_cfg.address is None:
         # the dashboard serves the State API that Ray Train's controller polls; keep it on loopback
         ray.init(dashboard_host="127.0.0.1", logging_level="WARNING")

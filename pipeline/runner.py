@@ -1,9 +1,17 @@
-"""The DAG runner: load data once, start Ray, open the MLflow parent run, run each stage
-inside its own nested child run, log its output folder, and turn failures into one line.
+"""The DAG runner: load data once, decide per stage whether to reuse, resume or run it,
+start Ray only when something trains, open the MLflow parent run, run each stage inside its
+own nested child run, log its output folder with a manifest, turn failures into one line.
+
+Reuse: a FINISHED child run with the same stage and fingerprint anywhere in the experiment
+(its artifacts downloaded and checked against their manifest). Resume: a stage whose
+checkpoint folder storage_path/<stage>-<fingerprint>/ holds checkpoints continues from the
+latest one (Ray Train restores it). Identical stages started by two pipelines at once are
+serialised by a file lock next to that folder: the second one then reuses the first's run.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -11,10 +19,13 @@ from datetime import datetime
 from pathlib import Path
 
 from stages.base import StageContext, StageError
+from stages.train_loop import latest_checkpoint_epoch
 
 from . import datasets
-from .config import PipelineConfig, to_yaml
+from .config import ConfigError, PipelineConfig, to_yaml
 from .fingerprint import code_hash, stage_fingerprint
+from .liveness import TAG_DRIVER, is_dead, this_driver
+from .manifest import ManifestError, verify_manifest, write_manifest
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,10 @@ STAGES = (
 class PlannedStage:
     stage: StageDef
     fingerprint: str
-    action: str = "run"
+
+    @property
+    def checkpoint_name(self) -> str:
+        return f"{self.stage.name}-{self.fingerprint}"
 
 
 def plan(cfg: PipelineConfig, data_fp: str) -> list[PlannedStage]:
@@ -94,11 +108,54 @@ def describe_error(exc: BaseException) -> str:
 SHOWN = ("val_bpd", "val_bits_per_code", "rows_train", "test_nll_bpd", "test_nll_nats")
 
 
+def stages_from(name: str) -> list[str]:
+    """``name`` and every stage after it (what ``--force name`` re-runs)."""
+    names = [st.name for st in STAGES]
+    if name not in names:
+        raise ConfigError(f"--force {name}: unknown stage (stages: {', '.join(names)})")
+    return names[names.index(name):]
+
+
+def _tracking_exists(uri: str) -> bool:
+    """A dry run must not create the tracking database just to look into it."""
+    from .tracking import resolve_uri
+
+    uri = resolve_uri(uri)
+    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
+
+
+def describe_plan(cfg: PipelineConfig, stages: list[PlannedStage], forced: set[str], tracker) -> list[str]:
+    lines = []
+    for p in stages:
+        found = None if (tracker is None or p.stage.name in forced) else tracker.find_finished(p.stage.name, p.fingerprint)
+        epoch = latest_checkpoint_epoch(cfg.cluster.storage_path, p.checkpoint_name)
+        if found is not None:
+            action = f"reuse {found.info.run_id}"
+        elif epoch is not None and p.stage.name not in forced:
+            action = f"resume from epoch {epoch + 1} (checkpoint of epoch {epoch})"
+        else:
+            action = "run" + (" (forced)" if p.stage.name in forced else "")
+        lines.append(f"{p.stage.name:<9} {action}  (fingerprint {p.fingerprint})")
+    return lines
+
+
+def mark_dead_runs_killed(tracker) -> list[str]:
+    """Runs left RUNNING by a driver of this host that is gone are marked KILLED."""
+    killed = []
+    for run in tracker.running_runs():
+        driver = run.data.tags.get(TAG_DRIVER)
+        if driver and is_dead(driver):
+            tracker.finish(run.info.run_id, "KILLED")
+            killed.append(run.info.run_id)
+    return killed
+
+
 def _print_summary(rows, tracker, parent_id, outputs):
     print("\n" + "=" * 72)
     for name, status, run_id, secs, metrics in rows:
         shown = " ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN if k in metrics)
-        print(f"{name:<9} {status:<9} run {run_id}  {secs:6.1f} s  {shown}")
+        timing = f"{secs:6.1f} s" if secs is not None else "       "
+        print(f"{name:<9} {status:<9} run {run_id}  {timing}  {shown}")
     table = outputs.get("evaluate", Path("/nonexistent")) / "report" / "nll_table.md"
     if table.is_file():
         print("\n" + table.read_text())
@@ -111,6 +168,7 @@ def _print_summary(rows, tracker, parent_id, outputs):
 
 
 def _log_result(tracker, run_id: str, result) -> None:
+    write_manifest(result.output_dir)
     tracker.log_final_metrics(run_id, result.metrics)
     tracker.set_tags(run_id, result.tags)
     tracker.log_artifacts(run_id, result.output_dir)
@@ -118,11 +176,29 @@ def _log_result(tracker, run_id: str, result) -> None:
         tracker.log_dataset(run_id, result.output_dir / rel, rel, context)
 
 
-def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str | None = None) -> int:
+class _Fetcher:
+    """Downloads a run's artifacts once (through MLflow, by run id) and checks their manifest."""
+
+    def __init__(self, tracker, folder: Path):
+        self.tracker, self.folder, self.cache = tracker, folder, {}
+
+    def __call__(self, run_id: str) -> Path:
+        if run_id not in self.cache:
+            local = self.tracker.download(run_id, self.folder / run_id)
+            verify_manifest(local)
+            self.cache[run_id] = local
+        return self.cache[run_id]
+
+
+def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str | None = None,
+                 force: list[str] = (), extra_tags: dict[str, str] | None = None) -> int:
+    from filelock import FileLock
+
     from .raycluster import connect, shutdown
-    from .tracking import Tracker
+    from .tracking import TAG_CORRUPT, Tracker
 
     cfg = resolve_paths(cfg)
+    forced = {name for f in force for name in stages_from(f)}
     t0 = time.perf_counter()
     try:
         splits = datasets.load_splits(cfg.data)
@@ -132,65 +208,100 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     data_fp = datasets.fingerprint(splits)
     stages = plan(cfg, data_fp)
     if dry_run:
+        tracker = Tracker(cfg.tracking, create=False) if _tracking_exists(cfg.tracking.uri) else None
         print(to_yaml(cfg), end="")
         print(f"# data: {cfg.data.dataset}: {datasets.describe(splits)} (fingerprint {data_fp})")
         print("# stages:")
-        for p in stages:
-            print(f"#   {p.stage.name:<9} {p.action}  (fingerprint {p.fingerprint})")
+        for line in describe_plan(cfg, stages, forced, tracker):
+            print(f"#   {line}")
         return 0
 
     print(f"[hvae] data {cfg.data.dataset}: {datasets.describe(splits)} ({time.perf_counter() - t0:.1f} s)")
     tracker = Tracker(cfg.tracking)
-    config_dict = cfg.model_dump(mode="json")
+    for run_id in mark_dead_runs_killed(tracker):
+        print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
+    driver = {TAG_DRIVER: this_driver()}
     parent_id = tracker.start_parent(
-        f"pipeline-{datetime.now():%Y%m%d-%H%M%S}", config_dict,
+        f"pipeline-{datetime.now():%Y%m%d-%H%M%S}", cfg.model_dump(mode="json"),
         tags={"hvae.kind": "pipeline", "hvae.dataset": cfg.data.dataset, "hvae.model": cfg.stage1.model,
-              "hvae.data_fingerprint": data_fp, **({"hvae.config_file": config_path} if config_path else {})},
+              "hvae.data_fingerprint": data_fp, **driver, **(extra_tags or {}),
+              **({"hvae.config_file": config_path} if config_path else {})},
     )
     tracker.log_text(parent_id, to_yaml(cfg), "config.yaml")
     print(f"[hvae] MLflow parent run {parent_id} in experiment '{tracker.experiment_name}' ({tracker.uri})")
-    connect(cfg.cluster)
 
-    rows, outputs, run_ids = [], {}, {}
     work = Path(cfg.cluster.storage_path) / "outputs" / parent_id
+    fetch = _Fetcher(tracker, work / "inputs")
+    locks = Path(cfg.cluster.storage_path) / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    rows, outputs, run_ids = [], {}, {}
     for planned in stages:
         st = planned.stage
-        params = {s: getattr(cfg, s).model_dump(mode="json") for s in st.sections}
-        run_id = tracker.start_child(parent_id, st.name, planned.fingerprint, params)
-        tracker.set_tags(run_id, {f"hvae.upstream.{u}": run_ids[u] for u in st.upstream})
-        out_dir = work / st.name
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"[hvae] {st.name}: run {run_id} (fingerprint {planned.fingerprint})")
-        s0 = time.perf_counter()
-        try:
-            ctx = StageContext(
-                name=st.name, config=cfg, output_dir=out_dir, storage_path=cfg.cluster.storage_path,
-                checkpoint_name=f"{st.name}-{planned.fingerprint}", data=splits, report=tracker.reporter(run_id),
-                # inputs come from the upstream runs' artifacts, by run id, as any consumer would get them
-                upstream={u: tracker.download(run_ids[u], work / "inputs" / st.name / u) for u in st.upstream},
-            )
-            result = importlib.import_module(st.module).run(ctx)
-            secs = time.perf_counter() - s0
-            result.metrics[f"{st.name}_seconds"] = secs
-            _log_result(tracker, run_id, result)
-        except KeyboardInterrupt:
-            tracker.finish(run_id, "KILLED")
-            tracker.finish(parent_id, "KILLED")
-            print(f"\n[hvae] interrupted during {st.name}; runs marked KILLED")
-            return 130
-        except Exception as exc:  # noqa: BLE001 - every failure becomes one readable line
-            message = describe_error(exc)
-            tracker.log_text(run_id, traceback.format_exc(), "error.txt")
-            tracker.set_tags(run_id, {"hvae.error": message[:5000]})
-            tracker.finish(run_id, "FAILED")
-            tracker.finish(parent_id, "FAILED")
-            shutdown()  # flush the workers' log lines before the error line
-            hint = "" if isinstance(exc, StageError) else f" (full traceback: the 'error.txt' artifact of run {run_id})"
-            print(f"error: stage {st.name} failed: {message}{hint}")
-            return 1
-        tracker.finish(run_id)
+        with FileLock(str(locks / f"{planned.checkpoint_name}.lock")):
+            # ---- reuse ------------------------------------------------------------------
+            found = None if st.name in forced else tracker.find_finished(st.name, planned.fingerprint)
+            if found is not None:
+                try:
+                    outputs[st.name] = fetch(found.info.run_id)
+                    run_ids[st.name] = found.info.run_id
+                    tracker.set_tags(parent_id, {f"hvae.reused_from.{st.name}": found.info.run_id})
+                    print(f"[hvae] {st.name}: reuse MLflow run {found.info.run_id} (fingerprint {planned.fingerprint})")
+                    rows.append((st.name, "REUSED", found.info.run_id, None, found.data.metrics))
+                    continue
+                except ManifestError as exc:
+                    tracker.set_tags(found.info.run_id, {TAG_CORRUPT: str(exc)})
+                    print(f"[hvae] {st.name}: not reusing run {found.info.run_id}: artifact {exc}; "
+                          f"running {st.name} again")
+
+            # ---- run or resume ----------------------------------------------------------
+            resume_epoch = None if st.name in forced else latest_checkpoint_epoch(
+                cfg.cluster.storage_path, planned.checkpoint_name)
+            if st.name in forced:
+                _clear_checkpoints(cfg.cluster.storage_path, planned.checkpoint_name)
+            params = {s: getattr(cfg, s).model_dump(mode="json") for s in st.sections}
+            tags = {**driver, **{f"hvae.upstream.{u}": run_ids[u] for u in st.upstream}}
+            run_id = tracker.start_child(parent_id, st.name, planned.fingerprint, params, tags)
+            if resume_epoch is not None:
+                _continue_curve(tracker, st.name, planned.fingerprint, run_id, resume_epoch)
+            out_dir = work / st.name
+            out_dir.mkdir(parents=True, exist_ok=True)
+            how = f"resume after epoch {resume_epoch}" if resume_epoch is not None else "run"
+            print(f"[hvae] {st.name}: {how} as MLflow run {run_id} (fingerprint {planned.fingerprint})")
+            s0 = time.perf_counter()
+            try:
+                if st.name in TRAINING or st.name == "extract":
+                    connect(cfg.cluster)
+                ctx = StageContext(
+                    name=st.name, config=cfg, output_dir=out_dir, storage_path=cfg.cluster.storage_path,
+                    checkpoint_name=planned.checkpoint_name, data=splits, report=tracker.reporter(run_id),
+                    # inputs are the upstream runs' artifacts, downloaded by run id and verified
+                    upstream={u: fetch(run_ids[u]) for u in st.upstream},
+                )
+                result = importlib.import_module(st.module).run(ctx)
+                secs = time.perf_counter() - s0
+                result.metrics[f"{st.name}_seconds"] = secs
+                if st.name in TRAINING:
+                    starts = tracker.metric_history(run_id, "worker_group_start_epoch")
+                    result.metrics["worker_restarts"] = float(max(len(starts) - 1, 0))
+                _log_result(tracker, run_id, result)
+            except KeyboardInterrupt:
+                tracker.finish(run_id, "KILLED")
+                tracker.finish(parent_id, "KILLED")
+                print(f"\n[hvae] interrupted during {st.name}; runs marked KILLED")
+                return 130
+            except Exception as exc:  # noqa: BLE001 - every failure becomes one readable line
+                message = describe_error(exc)
+                tracker.log_text(run_id, traceback.format_exc(), "error.txt")
+                tracker.set_tags(run_id, {"hvae.error": message[:5000]})
+                tracker.finish(run_id, "FAILED")
+                tracker.finish(parent_id, "FAILED")
+                shutdown()  # flush the workers' log lines before the error line
+                hint = "" if isinstance(exc, StageError) else f" (full traceback: the 'error.txt' artifact of run {run_id})"
+                print(f"error: stage {st.name} failed: {message}{hint}")
+                return 1
+            tracker.finish(run_id)
         tracker.set_tags(parent_id, {f"hvae.run.{st.name}": run_id})
-        outputs[st.name] = result.output_dir
+        outputs[st.name] = out_dir
         run_ids[st.name] = run_id
         rows.append((st.name, "FINISHED", run_id, secs, result.metrics))
 
@@ -198,3 +309,22 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     tracker.finish(parent_id)
     _print_summary(rows, tracker, parent_id, outputs)
     return 0
+
+
+TRAINING = ("stage1", "priors")
+
+
+def _clear_checkpoints(storage_path: str, name: str) -> None:
+    """--force starts the stage's training afresh: move its old checkpoints aside."""
+    folder = Path(storage_path) / name
+    if folder.exists():
+        folder.rename(folder.with_name(f"{name}.forced-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"))
+
+
+def _continue_curve(tracker, stage: str, fingerprint: str, run_id: str, epoch: int) -> None:
+    """A resumed stage's new run starts with the curve of the run that was cut."""
+    cut = tracker.find_cut(stage, fingerprint)
+    tracker.set_tags(run_id, {"hvae.resumed_from_epoch": str(epoch),
+                              **({"hvae.resumed_from_run": cut.info.run_id} if cut else {})})
+    if cut is not None:
+        tracker.copy_history(cut.info.run_id, run_id, epoch)

@@ -18,6 +18,7 @@ TAG_STAGE = "hvae.stage"
 TAG_FINGERPRINT = "hvae.fingerprint"
 TAG_PIPELINE = "hvae.pipeline_run"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_CORRUPT = "hvae.corrupt"
 
 
 def resolve_uri(uri: str, base: Path | None = None) -> str:
@@ -62,20 +63,27 @@ class MetricsReporter:
 
 
 class Tracker:
-    def __init__(self, tracking_cfg):
+    def __init__(self, tracking_cfg, create: bool = True):
+        from contextlib import nullcontext
+
+        from filelock import FileLock
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_uri(tracking_cfg.uri)
-        self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(tracking_cfg.experiment)
-        if exp is None:
-            self.experiment_id = self.client.create_experiment(
-                tracking_cfg.experiment,
-                artifact_location=resolve_artifact_location(tracking_cfg.artifact_location),
-            )
-        else:
-            self.experiment_id = exp.experiment_id
         self.experiment_name = tracking_cfg.experiment
+        # Two pipelines starting at once on a new SQLite file would both create its tables
+        # (and the experiment): the first to take the lock does it, the second finds it done.
+        sqlite = self.uri.startswith("sqlite:///")
+        with FileLock(self.uri[len("sqlite:///"):] + ".lock") if sqlite else nullcontext():
+            self.client = MlflowClient(self.uri)  # creates and migrates the database
+            exp = self.client.get_experiment_by_name(tracking_cfg.experiment)
+            if exp is None and create:
+                self.client.create_experiment(
+                    tracking_cfg.experiment,
+                    artifact_location=resolve_artifact_location(tracking_cfg.artifact_location),
+                )
+                exp = self.client.get_experiment_by_name(tracking_cfg.experiment)
+        self.experiment_id = exp.experiment_id if exp is not None else None
 
     # ---- runs ------------------------------------------------------------------------
     def start_run(self, name: str, tags: dict[str, str], params: dict | None = None) -> str:
@@ -87,9 +95,52 @@ class Tracker:
     def start_parent(self, name: str, config: dict, tags: dict[str, str]) -> str:
         return self.start_run(name, tags, params=config)
 
-    def start_child(self, parent_id: str, stage: str, fingerprint: str, params: dict) -> str:
-        tags = {TAG_PARENT: parent_id, TAG_STAGE: stage, TAG_FINGERPRINT: fingerprint, TAG_PIPELINE: parent_id}
+    def start_child(self, parent_id: str, stage: str, fingerprint: str, params: dict,
+                    extra_tags: dict[str, str] | None = None) -> str:
+        tags = {TAG_PARENT: parent_id, TAG_STAGE: stage, TAG_FINGERPRINT: fingerprint, TAG_PIPELINE: parent_id,
+                **(extra_tags or {})}
         return self.start_run(stage, tags, params=params)
+
+    # ---- finding earlier work -------------------------------------------------------
+    def _search(self, filters: list[str], order: str = "attributes.start_time DESC"):
+        if self.experiment_id is None:
+            return []
+        return self.client.search_runs([self.experiment_id], " AND ".join(filters), order_by=[order],
+                                       max_results=50)
+
+    def find_finished(self, stage: str, fingerprint: str):
+        """The newest FINISHED, uncorrupted child run of ``stage`` with this fingerprint, or None."""
+        for run in self._search([f"tags.`{TAG_STAGE}` = '{stage}'", f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}'",
+                                 "attributes.status = 'FINISHED'"]):
+            if TAG_CORRUPT not in run.data.tags:
+                return run
+        return None
+
+    def find_cut(self, stage: str, fingerprint: str):
+        """The newest KILLED or FAILED child run of ``stage`` with this fingerprint, or None."""
+        runs = [r for status in ("KILLED", "FAILED")
+                for r in self._search([f"tags.`{TAG_STAGE}` = '{stage}'", f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}'",
+                                       f"attributes.status = '{status}'"])]
+        return max(runs, key=lambda r: r.info.start_time) if runs else None
+
+    def metric_history(self, run_id: str, key: str) -> list:
+        return self.client.get_metric_history(run_id, key)
+
+    def running_runs(self):
+        return self._search(["attributes.status = 'RUNNING'"])
+
+    def copy_history(self, src_run: str, dst_run: str, last_step: int) -> int:
+        """Copy the per-epoch curves of ``src_run`` up to ``last_step`` into ``dst_run``."""
+        from mlflow.entities import Metric
+
+        keys = [k for k in self.client.get_run(src_run).data.metrics]
+        batch = []
+        for k in keys:
+            batch += [Metric(k, m.value, m.timestamp, m.step) for m in self.client.get_metric_history(src_run, k)
+                      if m.step <= last_step]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(dst_run, metrics=batch[i : i + 1000])
+        return len(batch)
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param

@@ -35,6 +35,7 @@ class Encoder:
         out = {f"level{l}": c.cpu().numpy().astype(np.int16) for l, c in enumerate(codes)}
         out["label"] = batch["label"].astype(np.int64)
         out["index"] = batch["index"].astype(np.int64)
+        out["split"] = batch["split"]
         return out
 
 
@@ -62,26 +63,29 @@ def run(ctx: StageContext) -> StageResult:
         raise StageError(f"extract: codebook of {max(model.codebook_sizes)} codes does not fit int16 columns")
     ecfg, cluster = ctx.config.extract, ctx.config.cluster
     codes_dir = ctx.output_dir / "codes"
-    rows = {}
-    shapes = None
-    for split in ("train", "val", "test"):
-        data = ctx.data[split]
-        items = [{"image": img, "label": int(lab), "index": int(idx)}
-                 for img, lab, idx in zip(data.images, data.labels, data.index)]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(8, len(items) // ecfg.batch_size)))
-        encoded = ds.map_batches(
-            Encoder,
-            fn_constructor_kwargs={"model_dir": str(model_dir), "use_gpu": cluster.use_gpu},
-            batch_size=ecfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
-            num_gpus=1 if cluster.use_gpu else 0,
-            num_cpus=1,
-        )
-        encoded.write_parquet(str(codes_dir / split), min_rows_per_file=len(items))
-        rows[split] = len(items)
-        if shapes is None:
-            with torch.no_grad():
-                shapes = [list(c.shape[1:]) for c in model.encode(torch.from_numpy(data.images[:1]))]
+    splits = ("train", "val", "test")
+    rows = {s: len(ctx.data[s]) for s in splits}
+    # one dataset over all splits, so one actor pool encodes everything
+    items = [{"image": img, "label": int(lab), "index": int(idx), "split": split}
+             for split in splits
+             for img, lab, idx in zip(ctx.data[split].images, ctx.data[split].labels, ctx.data[split].index)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(16, len(items) // ecfg.batch_size)))
+    encoded = ds.map_batches(
+        Encoder,
+        fn_constructor_kwargs={"model_dir": str(model_dir), "use_gpu": cluster.use_gpu},
+        batch_size=ecfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
+        num_gpus=1 if cluster.use_gpu else 0,
+        num_cpus=1,
+    )
+    staging = ctx.output_dir / "_partitioned"
+    encoded.write_parquet(str(staging), partition_cols=["split"], min_rows_per_file=len(items))
+    codes_dir.mkdir(parents=True, exist_ok=True)
+    for split in splits:  # Hive folders split=train/ -> codes/train/
+        (staging / f"split={split}").rename(codes_dir / split)
+    staging.rmdir()
+    with torch.no_grad():
+        shapes = [list(c.shape[1:]) for c in model.encode(torch.from_numpy(ctx.data["train"].images[:1]))]
     schema = {
         "levels": model.levels,
         "columns": [f"level{l}" for l in range(model.levels)] + ["label", "index"],

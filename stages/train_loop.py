@@ -93,6 +93,21 @@ def save_state(folder: Path, state: dict, meta: dict) -> None:
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def latest_checkpoint_epoch(storage_path: str, name: str) -> int | None:
+    """The last epoch with a checkpoint on disk under storage_path/name (None: nothing to resume).
+
+    Ray Train restores from the latest checkpoint its snapshot registered, which can lag the
+    disk by one epoch.
+    """
+    epochs = []
+    for meta in Path(storage_path, name).glob(f"checkpoint_*/{META_FILE}"):
+        try:
+            epochs.append(int(json.loads(meta.read_text())["epoch"]))
+        except (ValueError, KeyError, OSError):
+            continue
+    return max(epochs) if epochs else None
+
+
 def load_state(folder: Path) -> tuple[dict, dict]:
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     meta = json.loads((folder / META_FILE).read_text())
@@ -138,6 +153,11 @@ def train_worker(spec: LoopSpec) -> dict:
         start_epoch = int(meta["epoch"]) + 1
         if rank == 0:
             log(f"[{spec.stage}] resuming from the checkpoint of epoch {meta['epoch']}")
+            if spec.report is not None:  # one point per restore: after a crash or a lost worker
+                spec.report({"restored_from_epoch": float(meta["epoch"])}, int(meta["epoch"]))
+    if rank == 0 and spec.report is not None:
+        # one point per start of the worker group: more than one means Ray Train restarted it
+        spec.report({"worker_group_start_epoch": float(start_epoch)}, start_epoch)
 
     # The codebooks keep themselves in sync (all-reduced EMA statistics): DDP must not
     # overwrite every rank's buffers with rank 0's at each forward.

@@ -1,28 +1,11 @@
 """End to end through the CLI on configs/smoke.yaml: Ray Train, Ray Data, MLflow on SQLite, real artifacts."""
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
-
-
-def hvae(cwd, *args, timeout=600):
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
-    return proc
-
-
-def runs(cwd, experiment="hvae"):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{cwd}/mlruns.db")
-    exp = client.get_experiment_by_name(experiment)
-    return client, client.search_runs([exp.experiment_id])
+from conftest import SMOKE, hvae, runs
 
 
 @pytest.fixture(scope="module")
