@@ -2,6 +2,9 @@
 
     hvae run [CONFIG] [key=value ...] [--dry-run] [--force STAGE]
     hvae resume PARENT_RUN_ID [--uri sqlite:///mlruns.db] [key=value ...]
+    hvae submit CONFIG --address http://HEAD:8265 [key=value ...] [--no-wait]
+    hvae status JOB_ID [--address ...] [--logs]
+    hvae stop JOB_ID [--address ...]
     hvae ui [--port 5000] [--uri sqlite:///mlruns.db]
 """
 from __future__ import annotations
@@ -21,7 +24,14 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
     return None, items
 
 
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (e.g. `hvae stop`, a job stop): mark the runs KILLED, then exit
+
+
 def cmd_run(args) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     config_path, overrides = _split_args(args.items)
     cfg = load_config(config_path, overrides)
     from .runner import run_pipeline
@@ -55,6 +65,28 @@ def cmd_resume(args) -> int:
     return run_pipeline(cfg, force=args.force, extra_tags={"hvae.resumes": args.parent_run_id})
 
 
+def cmd_submit(args) -> int:
+    from . import jobs
+
+    config_path, overrides = _split_args(args.items)
+    if config_path is None:
+        print("error: hvae submit needs a config file inside the project (e.g. configs/default.yaml)", file=sys.stderr)
+        return 2
+    return jobs.submit(config_path, overrides, args.address, wait=not args.no_wait)
+
+
+def cmd_status(args) -> int:
+    from . import jobs
+
+    return jobs.status(args.job_id, args.address, logs=args.logs)
+
+
+def cmd_stop(args) -> int:
+    from . import jobs
+
+    return jobs.stop(args.job_id, args.address)
+
+
 def cmd_ui(args) -> int:
     from .tracking import resolve_uri
 
@@ -85,6 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--force", action="append", default=[], metavar="STAGE")
     resume.set_defaults(func=cmd_resume)
 
+    from .jobs import default_address
+
+    submit = sub.add_parser("submit", help="run the pipeline as a Ray job on a cluster (Ray Jobs API)")
+    submit.add_argument("items", nargs="*", metavar="CONFIG | key=value")
+    submit.add_argument("--address", default=default_address(),
+                        help="the cluster's dashboard/jobs address (default: $RAY_API_SERVER_ADDRESS or %(default)s)")
+    submit.add_argument("--no-wait", action="store_true",
+                        help="return once the job's MLflow parent run exists instead of streaming its logs to the end")
+    submit.set_defaults(func=cmd_submit)
+    for name, func, text in (("status", cmd_status, "show a submitted job's status"),
+                             ("stop", cmd_stop, "stop a submitted job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id")
+        p.add_argument("--address", default=default_address())
+        if name == "status":
+            p.add_argument("--logs", action="store_true", help="print the job's logs too")
+        p.set_defaults(func=func)
+
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: ./mlruns.db)")
@@ -92,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may follow options (hvae run CONFIG --dry-run a.b=1): argparse leaves them over
@@ -100,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         args.items += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as exc:

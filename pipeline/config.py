@@ -41,6 +41,7 @@ class ClusterConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     storage_path: str = "ray_results"  # Ray Train checkpoints; must be shared storage on a multi-node cluster
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray Train workers over nodes
 
 
 class TrackingConfig(_Section):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 
 def _quiet_ray_data() -> None:
@@ -15,19 +16,24 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def connect(cluster_cfg) -> None:
+def connect(cluster_cfg) -> int:
+    """Start or join Ray (once per process); returns the number of alive nodes."""
     import ray
 
     _quiet_ray_data()
     if ray.is_initialized():
-        return
+        return len([n for n in ray.nodes() if n.get("Alive")])
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every worker's epoch lines
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # inherited by the local Ray Data actors
-    if cluster_cfg.address is None:
-        # the dashboard serves the State API that Ray Train's controller polls; keep it on loopback
-        ray.init(dashboard_host="127.0.0.1", logging_level="WARNING")
+    if cluster_cfg.address is None and os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level="WARNING")  # inside a Ray job: the job's cluster
+    elif cluster_cfg.address is None:
+        # a new local Ray, never a stale one named in /tmp/ray/ray_current_cluster; the dashboard
+        # serves the State API that Ray Train's controller polls: keep it on loopback
+        ray.init(address="local", dashboard_host="127.0.0.1", logging_level="WARNING")
     else:
         ray.init(address=cluster_cfg.address, logging_level="WARNING")
+    return len([n for n in ray.nodes() if n.get("Alive")])
 
 
 def shutdown() -> None:
@@ -35,3 +41,44 @@ def shutdown() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+class StorageError(RuntimeError):
+    """cluster.storage_path cannot be seen from every node of the cluster."""
+
+
+def check_shared_storage(storage_path: str) -> int:
+    """On a multi-node cluster, prove that every alive node sees ``storage_path``.
+
+    Writes a marker file there and asks a tiny task pinned to each node to read it back.
+    Returns the number of nodes checked; raises StorageError naming the first node that
+    cannot see it (a node-local path on a multi-node cluster loses checkpoints).
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2 or "://" in storage_path:
+        return len(nodes)
+    marker = Path(storage_path) / f".hvae-shared-{uuid.uuid4().hex}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("hvae")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return os.path.isfile(path)
+
+    try:
+        checks = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                  .remote(str(marker)) for n in nodes]
+        for node, ok in zip(nodes, ray.get(checks, timeout=120)):
+            if not ok:
+                raise StorageError(
+                    f"cluster.storage_path={storage_path} is not visible from node {node['NodeManagerAddress']}: "
+                    f"a multi-node run needs storage every node shares (NFS, EFS, a ReadWriteMany volume, "
+                    f"or an s3:// / gs:// URI)")
+    finally:
+        marker.unlink(missing_ok=True)
+    return len(nodes)

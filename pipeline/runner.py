@@ -36,6 +36,8 @@ class StageDef:
     upstream: tuple[str, ...] = field(default=())
 
 
+TRAINING = ("stage1", "priors")  # stages that run a TorchTrainer
+
 # The DAG in execution order. Sections: the config that shapes a stage's output (batch
 # sizes of inference-only stages do not, so they are left out of the fingerprint).
 STAGES = (
@@ -194,7 +196,7 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
                  force: list[str] = (), extra_tags: dict[str, str] | None = None) -> int:
     from filelock import FileLock
 
-    from .raycluster import connect, shutdown
+    from .raycluster import check_shared_storage, connect, shutdown
     from .tracking import TAG_CORRUPT, Tracker
 
     cfg = resolve_paths(cfg)
@@ -270,7 +272,8 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
             s0 = time.perf_counter()
             try:
                 if st.name in TRAINING or st.name == "extract":
-                    connect(cfg.cluster)
+                    if connect(cfg.cluster) > 1:  # a multi-node cluster: checkpoints must be on shared storage
+                        check_shared_storage(cfg.cluster.storage_path)
                 ctx = StageContext(
                     name=st.name, config=cfg, output_dir=out_dir, storage_path=cfg.cluster.storage_path,
                     checkpoint_name=planned.checkpoint_name, data=splits, report=tracker.reporter(run_id),
@@ -310,8 +313,6 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     _print_summary(rows, tracker, parent_id, outputs)
     return 0
 
-
-TRAINING = ("stage1", "priors")
 
 
 def _clear_checkpoints(storage_path: str, name: str) -> None:

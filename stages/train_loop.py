@@ -169,6 +169,7 @@ def train_worker(spec: LoopSpec) -> dict:
         optimizer.load_state_dict(restored["optimizer"])
         scheduler.load_state_dict(restored["scheduler"])
 
+    nodes = _worker_nodes()
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, spec.epochs):
         torch.manual_seed(spec.seed * 100003 + epoch * 7919 + rank)
@@ -220,11 +221,31 @@ def train_worker(spec: LoopSpec) -> dict:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
-    return metrics
+    return {"metrics": metrics, "nodes": nodes}
+
+
+def _worker_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order (the same list on every rank)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [node]
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+def placement_tags(result) -> dict[str, str]:
+    """Tags saying where a fit's workers ran (from rank 0's return value)."""
+    value = getattr(result, "return_value", None) or {}
+    nodes = value.get("nodes") if isinstance(value, dict) else None
+    return {"hvae.worker_nodes": ",".join(nodes)} if nodes else {}
 
 
 def fit(spec: LoopSpec, *, name: str, storage_path: str, num_workers: int, use_gpu: bool,
-        cpus_per_worker: float, max_failures: int, datasets: dict | None = None):
+        cpus_per_worker: float, max_failures: int, datasets: dict | None = None,
+        placement_strategy: str = "PACK"):
     """Run ``train_worker`` on a TorchTrainer and return the Ray Train Result."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -236,7 +257,7 @@ def fit(spec: LoopSpec, *, name: str, storage_path: str, num_workers: int, use_g
         datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=placement_strategy),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,

@@ -1,9 +1,12 @@
 """Helpers for the end-to-end tests: run the real CLI in a folder, read its MLflow store."""
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -41,3 +44,22 @@ def runs(cwd, experiment="hvae"):
 
 def stage_runs(all_runs, stage):
     return [r for r in all_runs if r.data.tags.get("hvae.stage") == stage]
+
+
+@pytest.fixture(scope="session")
+def smoke_store(tmp_path_factory):
+    """One finished smoke pipeline, shared: the end-to-end checks read it, the reuse tests build on it.
+
+    Returns (folder, completed process, parent run id)."""
+    cwd = tmp_path_factory.mktemp("smoke")
+    proc = hvae(cwd, "run", SMOKE)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parent = re.search(r"MLflow parent run ([0-9a-f]{32})", proc.stdout).group(1)
+    return cwd, proc, parent
+
+
+def pipeline_runs(cwd, parent_id):
+    """{stage: run} of the child runs that one pipeline (parent run) created."""
+    _, all_runs = runs(cwd)
+    return {r.data.tags["hvae.stage"]: r for r in all_runs
+            if r.data.tags.get("hvae.pipeline_run") == parent_id and "hvae.stage" in r.data.tags}

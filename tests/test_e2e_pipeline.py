@@ -5,24 +5,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SMOKE, hvae, runs
+from conftest import SMOKE, hvae, pipeline_runs, runs
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("smoke")
-    proc = hvae(cwd, "run", SMOKE)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return cwd, proc
+def smoke_run(smoke_store):
+    return smoke_store
 
 
 def test_stage1_child_run_is_tracked_with_tags_metrics_and_artifacts(smoke_run):
-    cwd, proc = smoke_run
-    client, all_runs = runs(cwd)
-    parents = [r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline"]
-    children = [r for r in all_runs if r.data.tags.get("hvae.stage") == "stage1"]
-    assert len(parents) == 1 and len(children) == 1
-    parent, child = parents[0], children[0]
+    cwd, proc, parent_id = smoke_run
+    client, _ = runs(cwd)
+    parent, child = client.get_run(parent_id), pipeline_runs(cwd, parent_id)["stage1"]
     assert parent.info.status == "FINISHED" and child.info.status == "FINISHED"
     tags = child.data.tags
     assert tags["mlflow.parentRunId"] == parent.info.run_id
@@ -43,9 +37,8 @@ def test_stage1_child_run_is_tracked_with_tags_metrics_and_artifacts(smoke_run):
 def test_checkpoint_loads_with_weights_only(smoke_run):
     import mlflow
 
-    cwd, _ = smoke_run
-    client, all_runs = runs(cwd)
-    child = next(r for r in all_runs if r.data.tags.get("hvae.stage") == "stage1")
+    cwd, _, parent_id = smoke_run
+    child = pipeline_runs(cwd, parent_id)["stage1"]
     mlflow.set_tracking_uri(f"sqlite:///{cwd}/mlruns.db")
     folder = Path(mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path="model",
                                                       dst_path=str(cwd / "dl")))
@@ -95,10 +88,10 @@ def _artifact_paths(client, run_id, path=None):
 
 
 def test_five_stages_finish_under_one_parent_each_consuming_the_one_before(smoke_run):
-    cwd, proc = smoke_run
-    client, all_runs = runs(cwd)
-    parent = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline")
-    children = {r.data.tags["hvae.stage"]: r for r in all_runs if "hvae.stage" in r.data.tags}
+    cwd, proc, parent_id = smoke_run
+    client, _ = runs(cwd)
+    parent = client.get_run(parent_id)
+    children = pipeline_runs(cwd, parent_id)
     assert sorted(children) == sorted(STAGES)
     for name, run in children.items():
         assert run.info.status == "FINISHED", name
@@ -132,9 +125,8 @@ def test_decoding_extracted_codes_reproduces_the_reconstructions(smoke_run):
     from stages.extract import read_codes
     from stages.stage1 import load_model
 
-    cwd, _ = smoke_run
-    client, all_runs = runs(cwd)
-    run_of = {r.data.tags["hvae.stage"]: r.info.run_id for r in all_runs if "hvae.stage" in r.data.tags}
+    cwd, _, parent_id = smoke_run
+    run_of = {stage: r.info.run_id for stage, r in pipeline_runs(cwd, parent_id).items()}
     mlflow.set_tracking_uri(f"sqlite:///{cwd}/mlruns.db")
     codes_dir = Path(mlflow.artifacts.download_artifacts(run_id=run_of["extract"], artifact_path="codes",
                                                          dst_path=str(cwd / "dl_codes")))

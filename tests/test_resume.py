@@ -24,10 +24,8 @@ def _actions(stdout: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("reuse")
-    proc = hvae(cwd, "run", SMOKE)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+def finished(smoke_store):
+    cwd, proc, _ = smoke_store
     return cwd, proc
 
 

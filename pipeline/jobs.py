@@ -1,0 +1,142 @@
+"""Cluster submission through the Ray Jobs API: `hvae submit`, `hvae status`, `hvae stop`.
+
+The job runs `python -m pipeline run CONFIG key=value ...` on the cluster with this
+checkout as its working directory (runtime_env working_dir), so the cluster runs exactly
+this code; the cluster's Python environment provides torch, ray and mlflow.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .fingerprint import ROOT
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+RUNTIME_ENV = ROOT / "cluster" / "runtime_env.yaml"
+PARENT_RE = re.compile(r"\[hvae\] MLflow parent run ([0-9a-f]{32})")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def default_address() -> str:
+    return os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+
+
+def client(address: str):
+    # Ray 2.60 clusters use token authentication by default; the token lives in ~/.ray/auth_token
+    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def job_overrides(config_path: str, overrides: list[str]) -> list[str]:
+    """Validate the config here, and pin local paths that the job must share with this machine."""
+    cfg = load_config(config_path, overrides)
+    extra = []
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        absolute = "sqlite:///" + str((Path.cwd() / uri[len("sqlite:///"):]).resolve())
+        extra.append(f"tracking.uri={absolute}")
+        print(f"[hvae] note: tracking.uri is a local file; the job writes to {absolute}, which only a cluster "
+              f"sharing this filesystem can reach (use an MLflow server, http://..., on a real cluster)")
+    location = cfg.tracking.artifact_location
+    if "://" not in location and not Path(location).is_absolute():
+        extra.append(f"tracking.artifact_location={(Path.cwd() / location).resolve()}")
+    if "://" not in cfg.cluster.storage_path and not Path(cfg.cluster.storage_path).is_absolute():
+        extra.append(f"cluster.storage_path={(Path.cwd() / cfg.cluster.storage_path).resolve()}")
+    if cfg.data.dataset != "mnist5k" and not Path(cfg.data.root).is_absolute():
+        extra.append(f"data.root={(Path.cwd() / cfg.data.root).resolve()}")
+    return list(overrides) + extra
+
+
+def runtime_env() -> dict:
+    """cluster/runtime_env.yaml with this checkout as the working directory."""
+    import yaml
+
+    env = yaml.safe_load(RUNTIME_ENV.read_text()) or {}
+    return {**env, "working_dir": str(ROOT)}
+
+
+def entrypoint(config_path: str, overrides: list[str]) -> str:
+    cfg_file = Path(config_path).resolve()
+    try:
+        rel = cfg_file.relative_to(ROOT)
+    except ValueError:
+        raise ConfigError(f"config {config_path} must be inside the project folder {ROOT} "
+                          f"(the job uploads that folder)") from None
+    return " ".join(["python", "-m", "pipeline", "run", shlex.quote(rel.as_posix()),
+                     *(shlex.quote(o) for o in overrides)])
+
+
+def submit(config_path: str, overrides: list[str], address: str, wait: bool = True) -> int:
+    overrides = job_overrides(config_path, overrides)
+    command = entrypoint(config_path, overrides)
+    jobs = client(address)
+    deadline = time.time() + 120
+    while True:
+        try:
+            job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env(),
+                                     metadata={"hvae.config": Path(config_path).name})
+            break
+        except RuntimeError as exc:  # a head that has just started has no job agent yet
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(3)
+    print(f"[hvae] submitted job {job_id} to {address}")
+    print(f"[hvae] entrypoint: {command}")
+    print(f"[hvae] logs: hvae status {job_id} --logs --address {address}   (or the Ray dashboard)")
+    return follow(jobs, job_id, stream=wait)
+
+
+def follow(jobs, job_id: str, stream: bool = True, timeout: float | None = None) -> int:
+    """Stream the job's logs (or only wait for its MLflow parent run) until it ends."""
+    shown, parent, start = 0, None, time.time()
+    while True:
+        status = str(jobs.get_job_status(job_id).value)
+        logs = jobs.get_job_logs(job_id)
+        if stream and len(logs) > shown:
+            sys.stdout.write(logs[shown:])
+            sys.stdout.flush()
+        shown = len(logs)
+        if parent is None and (m := PARENT_RE.search(logs)):
+            parent = m.group(1)
+            print(f"[hvae] job {job_id}: MLflow parent run {parent}", flush=True)
+            if not stream:
+                return 0
+        if status in TERMINAL:
+            print(f"[hvae] job {job_id}: {status}" + (f" (MLflow parent run {parent})" if parent else ""))
+            return 0 if status == "SUCCEEDED" else 1
+        if timeout is not None and time.time() - start > timeout:
+            print(f"[hvae] job {job_id}: still {status} after {timeout:.0f} s")
+            return 1
+        time.sleep(2)
+
+
+def status(job_id: str, address: str, logs: bool = False) -> int:
+    jobs = client(address)
+    info = jobs.get_job_info(job_id)
+    text = jobs.get_job_logs(job_id)
+    m = PARENT_RE.search(text)
+    print(f"job {job_id}: {info.status}" + (f"  MLflow parent run {m.group(1)}" if m else ""))
+    if info.message:
+        print(info.message)
+    if logs:
+        print(text, end="")
+    return 0
+
+
+def stop(job_id: str, address: str, wait_s: float = 60) -> int:
+    jobs = client(address)
+    jobs.stop_job(job_id)
+    deadline = time.time() + wait_s
+    while str(jobs.get_job_status(job_id).value) not in TERMINAL and time.time() < deadline:
+        time.sleep(1)
+    final = str(jobs.get_job_status(job_id).value)
+    print(f"job {job_id}: {final}")
+    return 0 if final in TERMINAL else 1

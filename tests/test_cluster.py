@@ -1,0 +1,74 @@
+"""The cluster manifests parse, and the commands in them name real configs and valid CLI options."""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import parse_args
+from pipeline.config import load_config
+from pipeline.jobs import runtime_env
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "cluster"
+
+
+def check_command(command: str) -> None:
+    """A `hvae ...` / `python -m pipeline ...` command line: the CLI accepts it, its config validates."""
+    words = shlex.split(command)
+    if words[:3] == ["python", "-m", "pipeline"]:
+        words = words[3:]
+    else:
+        assert words[0] == "hvae", command
+        words = words[1:]
+    args = parse_args(words)  # argparse exits on an unknown option
+    assert args.command in ("run", "submit")
+    config, overrides = args.items[0], args.items[1:]
+    assert (ROOT / config).is_file(), f"{config} does not exist"
+    load_config(ROOT / config, overrides)
+
+
+def test_rayjob_runs_a_real_config_on_gpu_workers_with_shared_storage():
+    job = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    check_command(job["spec"]["entrypoint"])
+    cluster = job["spec"]["rayClusterSpec"]
+    workers = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert workers["resources"]["limits"]["nvidia.com/gpu"] == 1
+    storage = re.search(r"cluster.storage_path=(\S+)", job["spec"]["entrypoint"]).group(1)
+    for spec in (cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]):
+        mounts = [m["mountPath"] for c in spec["containers"] for m in c.get("volumeMounts", [])]
+        assert any(storage.startswith(m) for m in mounts), "checkpoints must be on the shared volume"
+    yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+
+
+def test_cluster_launcher_yaml_and_its_commands():
+    text = (CLUSTER / "launcher.yaml").read_text()
+    spec = yaml.safe_load(text)
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "setup_commands"):
+        assert key in spec
+    assert spec["head_node_type"] in spec["available_node_types"]
+    assert any("g5" in t["node_config"]["InstanceType"] for t in spec["available_node_types"].values())
+    commands = re.findall(r"(hvae (?:run|submit) [^'\n]+)", text)
+    assert len(commands) >= 2
+    for command in commands:
+        check_command(command)
+
+
+def test_runtime_env_keeps_the_venv_and_stores_out_of_the_upload():
+    env = runtime_env()
+    assert Path(env["working_dir"]) == ROOT
+    assert {".venv", ".git", "mlartifacts", "ray_results"} <= set(env["excludes"])
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "launcher.yaml", "runtime_env.yaml", "Dockerfile"])
+def test_each_manifest_starts_with_the_command_that_uses_it(name):
+    first = (CLUSTER / name).read_text().splitlines()[0]
+    assert first.startswith("# ") and any(w in first for w in ("kubectl", "ray up", "docker build", "Ray runtime"))
+
+
+def test_dockerfile_copies_what_the_pipeline_imports():
+    text = (CLUSTER / "Dockerfile").read_text()
+    for folder in ("models", "stages", "pipeline", "configs"):
+        assert f"COPY --chown=ray:users {folder} {folder}" in text
