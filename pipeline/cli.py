@@ -1,8 +1,9 @@
 """The ``hvae`` command line (also ``python -m pipeline``).
 
-    hvae run [CONFIG] [key=value ...] [--dry-run] [--force STAGE]
+    hvae run [CONFIG] [key=value ...] [--dry-run] [--force STAGE] [--until STAGE]
+    hvae sweep CONFIG [key=value ...]
     hvae resume PARENT_RUN_ID [--uri sqlite:///mlruns.db] [key=value ...]
-    hvae submit CONFIG --address http://HEAD:8265 [key=value ...] [--no-wait]
+    hvae submit CONFIG --address http://HEAD:8265 [key=value ...] [--no-wait] [--sweep]
     hvae status JOB_ID [--address ...] [--logs]
     hvae stop JOB_ID [--address ...]
     hvae ui [--port 5000] [--uri sqlite:///mlruns.db]
@@ -15,6 +16,8 @@ import subprocess
 import sys
 
 from .config import ConfigError, load_config
+
+STAGE_NAMES = ("stage1", "extract", "priors", "sample", "evaluate")  # runner.STAGES, without importing torch
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -36,7 +39,21 @@ def cmd_run(args) -> int:
     cfg = load_config(config_path, overrides)
     from .runner import run_pipeline
 
-    return run_pipeline(cfg, dry_run=args.dry_run, config_path=config_path, force=args.force)
+    return run_pipeline(cfg, dry_run=args.dry_run, config_path=config_path, force=args.force, until=args.until).code
+
+
+def cmd_sweep(args) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    config_path, overrides = _split_args(args.items)
+    cfg = load_config(config_path, overrides)
+    if cfg.sweep is None:
+        raise ConfigError(f"config error: sweep: missing: {config_path or 'the config'} has no sweep section "
+                          f"(see configs/sweep.yaml)")
+    from .sweep import run_sweep
+
+    return run_sweep(cfg, config_path=config_path)
 
 
 def cmd_resume(args) -> int:
@@ -62,7 +79,8 @@ def cmd_resume(args) -> int:
         path = client.download_artifacts(args.parent_run_id, "config.yaml", tmp)
         cfg = load_config(path, args.items)
     print(f"[hvae] resuming pipeline {args.parent_run_id} ({run.info.status}) from its recorded config")
-    return run_pipeline(cfg, force=args.force, extra_tags={"hvae.resumes": args.parent_run_id})
+    return run_pipeline(cfg, force=args.force, extra_tags={"hvae.resumes": args.parent_run_id},
+                        until=args.until).code
 
 
 def cmd_submit(args) -> int:
@@ -72,7 +90,7 @@ def cmd_submit(args) -> int:
     if config_path is None:
         print("error: hvae submit needs a config file inside the project (e.g. configs/default.yaml)", file=sys.stderr)
         return 2
-    return jobs.submit(config_path, overrides, args.address, wait=not args.no_wait)
+    return jobs.submit(config_path, overrides, args.address, wait=not args.no_wait, sweep=args.sweep)
 
 
 def cmd_status(args) -> int:
@@ -108,13 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and the stages, run nothing")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="re-run STAGE and every stage after it instead of reusing them")
+    run.add_argument("--until", choices=STAGE_NAMES, metavar="STAGE",
+                     help="stop after STAGE (e.g. --until stage1 trains and checks the autoencoder only)")
     run.set_defaults(func=cmd_run)
+
+    sweep = sub.add_parser("sweep", help="search a training stage's settings with Ray Tune (the config's sweep section)")
+    sweep.add_argument("items", nargs="*", metavar="CONFIG | key=value")
+    sweep.set_defaults(func=cmd_sweep)
 
     resume = sub.add_parser("resume", help="re-run an earlier pipeline from its recorded config")
     resume.add_argument("parent_run_id")
     resume.add_argument("items", nargs="*", metavar="key=value", help="overrides on top of the recorded config")
     resume.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: ./mlruns.db)")
     resume.add_argument("--force", action="append", default=[], metavar="STAGE")
+    resume.add_argument("--until", choices=STAGE_NAMES, metavar="STAGE", help="stop after STAGE")
     resume.set_defaults(func=cmd_resume)
 
     from .jobs import default_address
@@ -125,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the cluster's dashboard/jobs address (default: $RAY_API_SERVER_ADDRESS or %(default)s)")
     submit.add_argument("--no-wait", action="store_true",
                         help="return once the job's MLflow parent run exists instead of streaming its logs to the end")
+    submit.add_argument("--sweep", action="store_true", help="run `hvae sweep CONFIG` as the job instead of `hvae run`")
     submit.set_defaults(func=cmd_submit)
     for name, func, text in (("status", cmd_status, "show a submitted job's status"),
                              ("stop", cmd_stop, "stop a submitted job")):

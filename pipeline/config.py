@@ -111,6 +111,55 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(256, ge=1)
 
 
+# What each sweepable stage reports every epoch (the names a sweep's metric may take).
+SWEEP_METRICS = {
+    "stage1": re.compile(r"^(train|val)_(loss|bpd|nll_nats|commit|perplexity_level\d|dead_codes_level\d)$"),
+    "priors": re.compile(r"^(train|val)_(loss|bits_per_code|bits_per_code_level\d|nll_nats_level\d)$"),
+}
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
+
+
+class SweepConfig(_Section):
+    """A Ray Tune search over config keys of one training stage (``hvae sweep``)."""
+
+    stage: Literal["stage1", "priors"] = "stage1"  # the stage each trial trains; its upstream stages run once
+    # dotted key -> one of {grid: [..]}, {choice: [..]}, {uniform: [low, high]}, {loguniform: [low, high]}
+    space: dict[str, dict[str, list]] = Field(default_factory=dict)
+    metric: str = "val_loss"  # reported by the stage every epoch; ASHA compares trials on it
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(1, ge=1)  # samples of the random dimensions (each repeats the whole grid)
+    scheduler: Literal["asha", "fifo"] = "asha"  # asha stops poor trials early; fifo runs all to the end
+    grace_period: int = Field(1, ge=1)  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1)  # ASHA: keep the best 1/reduction_factor at each rung
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)  # None: as many as the cluster's CPUs/GPUs fit
+    seed: Optional[int] = None  # seeds the random search (None: a different draw each sweep)
+    then: Literal["none", "pipeline"] = "none"  # pipeline: run the stages after the sweep from the best trial
+
+    @model_validator(mode="after")
+    def _space(self):
+        if not self.space:
+            raise ValueError("the search space is empty: add keys such as stage1.lr: {loguniform: [1e-4, 3e-3]}")
+        for key, spec in self.space.items():
+            if not key.startswith(self.stage + "."):
+                raise ValueError(f"space key {key!r} is not a {self.stage} setting (sweep.stage={self.stage})")
+            if len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+                raise ValueError(f"space.{key} must be one of {{grid|choice|uniform|loguniform: [...]}} (got {spec!r})")
+            kind, values = next(iter(spec.items()))
+            if not values:
+                raise ValueError(f"space.{key}.{kind} is empty")
+            if kind in ("uniform", "loguniform"):
+                if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+                    raise ValueError(f"space.{key}.{kind} must be [low, high] with low < high (got {values!r})")
+                if kind == "loguniform" and values[0] <= 0:
+                    raise ValueError(f"space.{key}.loguniform needs low > 0 (got {values!r})")
+        if not SWEEP_METRICS[self.stage].match(self.metric):
+            raise ValueError(f"metric {self.metric!r} is not reported by {self.stage} each epoch "
+                             f"(e.g. val_loss, {'val_bpd' if self.stage == 'stage1' else 'val_bits_per_code'})")
+        if self.num_samples > 1 and all(next(iter(s)) == "grid" for s in self.space.values()):
+            raise ValueError("num_samples > 1 with a grid-only space repeats identical trials: set num_samples: 1")
+        return self
+
+
 class PipelineConfig(_Section):
     data: DataConfig = DataConfig()
     cluster: ClusterConfig = ClusterConfig()
@@ -120,6 +169,7 @@ class PipelineConfig(_Section):
     priors: PriorsConfig = PriorsConfig()
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    sweep: Optional[SweepConfig] = None  # read by `hvae sweep` only
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -130,6 +180,38 @@ class PipelineConfig(_Section):
                 f"for stage1.levels={self.stage1.levels}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _sweep_values(self):
+        """Every value a sweep can give a key must make a valid config (checked before any trial)."""
+        if self.sweep is None:
+            return self
+        base = self.model_dump(mode="json", exclude={"sweep"})
+        for key, spec in self.sweep.space.items():
+            kind, values = next(iter(spec.items()))
+            if kind in ("uniform", "loguniform"):  # draws are floats: an integer setting takes grid or choice
+                values = [*values, (values[0] + values[1]) / 2.0]
+            for value in values:
+                try:
+                    PipelineConfig.model_validate(set_key(base, key.split("."), value))
+                except ValidationError as err:
+                    detail = _format_error(err).removeprefix("config error: ")
+                    raise ValueError(f"sweep.space.{key}.{kind} value {value!r}: {detail}") from None
+        return self
+
+
+def set_key(raw: dict, path: list[str], value) -> dict:
+    """A deep copy of ``raw`` with the dotted ``path`` set to ``value``."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    node = out
+    for i, part in enumerate(path[:-1]):
+        if not isinstance(node.get(part, {}), dict):
+            raise ConfigError(f"config error: {'.'.join(path[: i + 1])} is not a section")
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    return out
 
 
 # ---- loading -------------------------------------------------------------------------
@@ -151,7 +233,11 @@ def _yaml(text: str):
 def _format_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "config"
+        key = ".".join(str(p) for p in e["loc"])
+        if not key and e["type"] == "value_error":  # a check across sections names its keys itself
+            parts.append(e["msg"].removeprefix("Value error, "))
+            continue
+        key = key or "config"
         if e["type"] == "extra_forbidden":
             parts.append(f"{key}: unknown key")
         else:
@@ -187,19 +273,36 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping, with ``extends: other.yaml`` (relative to it) merged underneath."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (extended by {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} extends itself (through {', '.join(map(str, seen))})")
+    try:
+        raw = _yaml(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"config error: extends: must be a file name (in {path})")
+    return _merge(_read(path.parent / parent, (*seen, path.resolve())), raw)
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> PipelineConfig:
     """Read a YAML config (or the defaults when path is None), apply key=value overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = _yaml(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections")
+    raw: dict = _read(Path(path)) if path is not None else {}
     raw = apply_overrides(raw, list(overrides))
     try:
         return PipelineConfig.model_validate(raw)

@@ -18,7 +18,7 @@ from .fingerprint import ROOT
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 RUNTIME_ENV = ROOT / "cluster" / "runtime_env.yaml"
-PARENT_RE = re.compile(r"\[hvae\] MLflow parent run ([0-9a-f]{32})")
+PARENT_RE = re.compile(r"\[hvae\] MLflow (?:parent|sweep) run ([0-9a-f]{32})")  # a pipeline's or a sweep's
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -35,9 +35,11 @@ def client(address: str):
     return JobSubmissionClient(address)
 
 
-def job_overrides(config_path: str, overrides: list[str]) -> list[str]:
+def job_overrides(config_path: str, overrides: list[str], sweep: bool = False) -> list[str]:
     """Validate the config here, and pin local paths that the job must share with this machine."""
     cfg = load_config(config_path, overrides)
+    if sweep and cfg.sweep is None:
+        raise ConfigError(f"config error: sweep: missing: {config_path} has no sweep section (see configs/sweep.yaml)")
     extra = []
     uri = cfg.tracking.uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -63,20 +65,20 @@ def runtime_env() -> dict:
     return {**env, "working_dir": str(ROOT)}
 
 
-def entrypoint(config_path: str, overrides: list[str]) -> str:
+def entrypoint(config_path: str, overrides: list[str], command: str = "run") -> str:
     cfg_file = Path(config_path).resolve()
     try:
         rel = cfg_file.relative_to(ROOT)
     except ValueError:
         raise ConfigError(f"config {config_path} must be inside the project folder {ROOT} "
                           f"(the job uploads that folder)") from None
-    return " ".join(["python", "-m", "pipeline", "run", shlex.quote(rel.as_posix()),
+    return " ".join(["python", "-m", "pipeline", command, shlex.quote(rel.as_posix()),
                      *(shlex.quote(o) for o in overrides)])
 
 
-def submit(config_path: str, overrides: list[str], address: str, wait: bool = True) -> int:
-    overrides = job_overrides(config_path, overrides)
-    command = entrypoint(config_path, overrides)
+def submit(config_path: str, overrides: list[str], address: str, wait: bool = True, sweep: bool = False) -> int:
+    overrides = job_overrides(config_path, overrides, sweep=sweep)
+    command = entrypoint(config_path, overrides, "sweep" if sweep else "run")
     jobs = client(address)
     deadline = time.time() + 120
     while True:

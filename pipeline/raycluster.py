@@ -30,10 +30,27 @@ def connect(cluster_cfg) -> int:
     elif cluster_cfg.address is None:
         # a new local Ray, never a stale one named in /tmp/ray/ray_current_cluster; the dashboard
         # serves the State API that Ray Train's controller polls: keep it on loopback
-        ray.init(address="local", dashboard_host="127.0.0.1", logging_level="WARNING")
+        # Ray's own processes reach the State API at RAY_API_SERVER_ADDRESS when it is set, and
+        # otherwise at the cluster named in /tmp/ray/ray_current_cluster, which may be another,
+        # long dead one: then Ray Train cannot see that a controller died and never frees its
+        # workers' placement group (what a Tune trial stopped by ASHA leaves behind). Pick the
+        # dashboard port and tell every process this cluster starts.
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        # (tune_driver: slots for Tune trial drivers, which must not hold a CPU of their own)
+        ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, logging_level="WARNING",
+                 resources={"tune_driver": 64})
     else:
         ray.init(address=cluster_cfg.address, logging_level="WARNING")
     return len([n for n in ray.nodes() if n.get("Alive")])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def shutdown() -> None:

@@ -74,8 +74,13 @@ def plan(cfg: PipelineConfig, data_fp: str) -> list[PlannedStage]:
 
 
 def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
-    """Make storage and data paths absolute: Ray workers run with another working directory."""
+    """Make tracking, storage and data paths absolute: Ray workers run in other working directories."""
+    from .tracking import resolve_artifact_location, resolve_uri
+
     cfg = cfg.model_copy(deep=True)
+    # (Tune runs each trial in its own working directory: a relative path would mean another file)
+    cfg.tracking.uri = resolve_uri(cfg.tracking.uri)
+    cfg.tracking.artifact_location = resolve_artifact_location(cfg.tracking.artifact_location)
     if "://" not in cfg.cluster.storage_path:
         cfg.cluster.storage_path = str(Path(cfg.cluster.storage_path).resolve())
     cfg.data.root = str(Path(cfg.data.root).resolve())
@@ -192,12 +197,86 @@ class _Fetcher:
         return self.cache[run_id]
 
 
+class StageFailed(RuntimeError):
+    """A stage failed; its child run is already marked FAILED with the traceback attached."""
+
+    def __init__(self, stage: str, run_id: str, message: str, shown: bool):
+        hint = "" if shown else f" (full traceback: the 'error.txt' artifact of run {run_id})"
+        super().__init__(f"stage {stage} failed: {message}{hint}")
+        self.stage, self.run_id = stage, run_id
+
+
+def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent_id: str, splits: dict,
+                  upstream: dict[str, tuple[str, Path]], out_dir: Path, tags: dict[str, str],
+                  forced: bool = False, callbacks: list | None = None) -> tuple[str, object, float]:
+    """Run (or resume from its checkpoints) one stage as a child run of ``parent_id``.
+
+    ``upstream`` maps each upstream stage to (its run id, its verified output folder). Returns
+    (run id, StageResult, seconds). A failure marks the run FAILED and raises StageFailed; an
+    interrupt marks it KILLED and propagates. Used by the pipeline and by every sweep trial.
+    """
+    from .raycluster import check_shared_storage, connect
+
+    st = planned.stage
+    resume_epoch = None if forced else latest_checkpoint_epoch(cfg.cluster.storage_path, planned.checkpoint_name)
+    if forced:
+        _clear_checkpoints(cfg.cluster.storage_path, planned.checkpoint_name)
+    params = {s: getattr(cfg, s).model_dump(mode="json") for s in st.sections}
+    tags = {**tags, **{f"hvae.upstream.{u}": upstream[u][0] for u in st.upstream}}
+    run_id = tracker.start_child(parent_id, st.name, planned.fingerprint, params, tags)
+    if resume_epoch is not None:
+        _continue_curve(tracker, st.name, planned.fingerprint, run_id, resume_epoch)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    how = f"resume after epoch {resume_epoch}" if resume_epoch is not None else "run"
+    print(f"[hvae] {st.name}: {how} as MLflow run {run_id} (fingerprint {planned.fingerprint})", flush=True)
+    s0 = time.perf_counter()
+    try:
+        if st.name in TRAINING or st.name == "extract":
+            if connect(cfg.cluster) > 1:  # a multi-node cluster: checkpoints must be on shared storage
+                check_shared_storage(cfg.cluster.storage_path)
+        ctx = StageContext(
+            name=st.name, config=cfg, output_dir=out_dir, storage_path=cfg.cluster.storage_path,
+            checkpoint_name=planned.checkpoint_name, data=splits, report=tracker.reporter(run_id),
+            upstream={u: upstream[u][1] for u in st.upstream}, train_callbacks=list(callbacks or []),
+        )
+        result = importlib.import_module(st.module).run(ctx)
+        secs = time.perf_counter() - s0
+        result.metrics[f"{st.name}_seconds"] = secs
+        if st.name in TRAINING:
+            starts = tracker.metric_history(run_id, "worker_group_start_epoch")
+            result.metrics["worker_restarts"] = float(max(len(starts) - 1, 0))
+        _log_result(tracker, run_id, result)
+    except KeyboardInterrupt:
+        tracker.finish(run_id, "KILLED")
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one readable line
+        message = describe_error(exc)
+        tracker.log_text(run_id, traceback.format_exc(), "error.txt")
+        tracker.set_tags(run_id, {"hvae.error": message[:5000]})
+        tracker.finish(run_id, "FAILED")
+        raise StageFailed(st.name, run_id, message, shown=isinstance(exc, StageError)) from exc
+    tracker.finish(run_id)
+    return run_id, result, secs
+
+
+@dataclass
+class Outcome:
+    """What a pipeline run ended with: its exit code, parent run and each stage's run."""
+
+    code: int
+    parent_id: str | None = None
+    run_ids: dict[str, str] = field(default_factory=dict)
+
+
 def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str | None = None,
-                 force: list[str] = (), extra_tags: dict[str, str] | None = None) -> int:
+                 force: list[str] = (), extra_tags: dict[str, str] | None = None,
+                 until: str | None = None, parent_of: str | None = None) -> Outcome:
+    """Run the DAG (up to and including ``until`` when given) under a new parent run
+    (itself nested under ``parent_of`` when given, e.g. a sweep's parent run)."""
     from filelock import FileLock
 
-    from .raycluster import check_shared_storage, connect, shutdown
-    from .tracking import TAG_CORRUPT, Tracker
+    from .raycluster import shutdown
+    from .tracking import TAG_CORRUPT, TAG_PARENT, Tracker
 
     cfg = resolve_paths(cfg)
     forced = {name for f in force for name in stages_from(f)}
@@ -206,9 +285,11 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
         splits = datasets.load_splits(cfg.data)
     except datasets.DataError as exc:
         print(f"error: {exc}")
-        return 2
+        return Outcome(2)
     data_fp = datasets.fingerprint(splits)
     stages = plan(cfg, data_fp)
+    if until is not None:
+        stages = stages[: [p.stage.name for p in stages].index(until) + 1]
     if dry_run:
         tracker = Tracker(cfg.tracking, create=False) if _tracking_exists(cfg.tracking.uri) else None
         print(to_yaml(cfg), end="")
@@ -216,7 +297,7 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
         print("# stages:")
         for line in describe_plan(cfg, stages, forced, tracker):
             print(f"#   {line}")
-        return 0
+        return Outcome(0)
 
     print(f"[hvae] data {cfg.data.dataset}: {datasets.describe(splits)} ({time.perf_counter() - t0:.1f} s)")
     tracker = Tracker(cfg.tracking)
@@ -224,10 +305,11 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
         print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
     driver = {TAG_DRIVER: this_driver()}
     parent_id = tracker.start_parent(
-        f"pipeline-{datetime.now():%Y%m%d-%H%M%S}", cfg.model_dump(mode="json"),
+        f"pipeline-{datetime.now():%Y%m%d-%H%M%S}", cfg.model_dump(mode="json", exclude={"sweep"}),
         tags={"hvae.kind": "pipeline", "hvae.dataset": cfg.data.dataset, "hvae.model": cfg.stage1.model,
               "hvae.data_fingerprint": data_fp, **driver, **(extra_tags or {}),
-              **({"hvae.config_file": config_path} if config_path else {})},
+              **({"hvae.config_file": config_path} if config_path else {}),
+              **({TAG_PARENT: parent_of} if parent_of else {})},
     )
     tracker.log_text(parent_id, to_yaml(cfg), "config.yaml")
     print(f"[hvae] MLflow parent run {parent_id} in experiment '{tracker.experiment_name}' ({tracker.uri})")
@@ -256,63 +338,30 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
                           f"running {st.name} again")
 
             # ---- run or resume ----------------------------------------------------------
-            resume_epoch = None if st.name in forced else latest_checkpoint_epoch(
-                cfg.cluster.storage_path, planned.checkpoint_name)
-            if st.name in forced:
-                _clear_checkpoints(cfg.cluster.storage_path, planned.checkpoint_name)
-            params = {s: getattr(cfg, s).model_dump(mode="json") for s in st.sections}
-            tags = {**driver, **{f"hvae.upstream.{u}": run_ids[u] for u in st.upstream}}
-            run_id = tracker.start_child(parent_id, st.name, planned.fingerprint, params, tags)
-            if resume_epoch is not None:
-                _continue_curve(tracker, st.name, planned.fingerprint, run_id, resume_epoch)
-            out_dir = work / st.name
-            out_dir.mkdir(parents=True, exist_ok=True)
-            how = f"resume after epoch {resume_epoch}" if resume_epoch is not None else "run"
-            print(f"[hvae] {st.name}: {how} as MLflow run {run_id} (fingerprint {planned.fingerprint})")
-            s0 = time.perf_counter()
             try:
-                if st.name in TRAINING or st.name == "extract":
-                    if connect(cfg.cluster) > 1:  # a multi-node cluster: checkpoints must be on shared storage
-                        check_shared_storage(cfg.cluster.storage_path)
-                ctx = StageContext(
-                    name=st.name, config=cfg, output_dir=out_dir, storage_path=cfg.cluster.storage_path,
-                    checkpoint_name=planned.checkpoint_name, data=splits, report=tracker.reporter(run_id),
+                run_id, result, secs = execute_stage(
+                    tracker, cfg, planned, parent_id=parent_id, splits=splits,
                     # inputs are the upstream runs' artifacts, downloaded by run id and verified
-                    upstream={u: fetch(run_ids[u]) for u in st.upstream},
-                )
-                result = importlib.import_module(st.module).run(ctx)
-                secs = time.perf_counter() - s0
-                result.metrics[f"{st.name}_seconds"] = secs
-                if st.name in TRAINING:
-                    starts = tracker.metric_history(run_id, "worker_group_start_epoch")
-                    result.metrics["worker_restarts"] = float(max(len(starts) - 1, 0))
-                _log_result(tracker, run_id, result)
+                    upstream={u: (run_ids[u], fetch(run_ids[u])) for u in st.upstream},
+                    out_dir=work / st.name, tags=driver, forced=st.name in forced)
             except KeyboardInterrupt:
-                tracker.finish(run_id, "KILLED")
                 tracker.finish(parent_id, "KILLED")
                 print(f"\n[hvae] interrupted during {st.name}; runs marked KILLED")
-                return 130
-            except Exception as exc:  # noqa: BLE001 - every failure becomes one readable line
-                message = describe_error(exc)
-                tracker.log_text(run_id, traceback.format_exc(), "error.txt")
-                tracker.set_tags(run_id, {"hvae.error": message[:5000]})
-                tracker.finish(run_id, "FAILED")
+                return Outcome(130, parent_id, run_ids)
+            except StageFailed as exc:
                 tracker.finish(parent_id, "FAILED")
                 shutdown()  # flush the workers' log lines before the error line
-                hint = "" if isinstance(exc, StageError) else f" (full traceback: the 'error.txt' artifact of run {run_id})"
-                print(f"error: stage {st.name} failed: {message}{hint}")
-                return 1
-            tracker.finish(run_id)
+                print(f"error: {exc}")
+                return Outcome(1, parent_id, run_ids)
         tracker.set_tags(parent_id, {f"hvae.run.{st.name}": run_id})
-        outputs[st.name] = out_dir
+        outputs[st.name] = work / st.name
         run_ids[st.name] = run_id
         rows.append((st.name, "FINISHED", run_id, secs, result.metrics))
 
     tracker.log_metrics(parent_id, {"pipeline_seconds": time.perf_counter() - t0})
     tracker.finish(parent_id)
     _print_summary(rows, tracker, parent_id, outputs)
-    return 0
-
+    return Outcome(0, parent_id, run_ids)
 
 
 def _clear_checkpoints(storage_path: str, name: str) -> None:

@@ -102,11 +102,15 @@ class Tracker:
         return self.start_run(stage, tags, params=params)
 
     # ---- finding earlier work -------------------------------------------------------
-    def _search(self, filters: list[str], order: str = "attributes.start_time DESC"):
+    def _search(self, filters: list[str], order: str = "attributes.start_time DESC", max_results: int = 50):
         if self.experiment_id is None:
             return []
         return self.client.search_runs([self.experiment_id], " AND ".join(filters), order_by=[order],
-                                       max_results=50)
+                                       max_results=max_results)
+
+    def search(self, filters: list[str]):
+        """Every run of the experiment matching all ``filters`` (MLflow search syntax), newest first."""
+        return self._search(filters, max_results=10000)
 
     def find_finished(self, stage: str, fingerprint: str):
         """The newest FINISHED, uncorrupted child run of ``stage`` with this fingerprint, or None."""

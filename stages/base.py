@@ -26,6 +26,7 @@ class StageContext:
     data: Optional[dict] = None  # {"train"|"val"|"test": ImageData}, loaded once by the runner
     upstream: dict[str, Path] = field(default_factory=dict)  # stage name -> its downloaded output folder
     report: Callable[[dict, int], None] = _no_report
+    train_callbacks: list = field(default_factory=list)  # extra Ray Train callbacks (a sweep's Tune reporter)
 
     @property
     def cluster(self):

@@ -15,9 +15,9 @@ import torch
 
 from models.pixelcnn import HierarchicalPrior
 
-from .base import StageContext, StageError, StageResult
+from .base import StageContext, StageResult
 from .extract import SCHEMA_FILE
-from .train_loop import LoopSpec, TrainTask, fit, load_state, placement_tags
+from .train_loop import LoopSpec, TrainTask, final_state, fit, placement_tags
 
 CODE = ["stages/priors.py", "stages/train_loop.py", "stages/base.py", "models/pixelcnn.py"]
 CONFIG_FILE = "priors.json"
@@ -118,15 +118,12 @@ def run(ctx: StageContext) -> StageResult:
     result = fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path, num_workers=cluster.num_workers,
                  use_gpu=cluster.use_gpu, cpus_per_worker=cluster.cpus_per_worker,
                  max_failures=cluster.max_failures, datasets=datasets,
-                 placement_strategy=cluster.placement_strategy)
-    if result.checkpoint is None:
-        raise StageError(f"{ctx.name}: training ended without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        state, meta = load_state(Path(folder))
+                 placement_strategy=cluster.placement_strategy, callbacks=ctx.train_callbacks)
+    state, meta, checkpoint = final_state(result, ctx.storage_path, ctx.checkpoint_name)
     model = HierarchicalPrior(**config)
     model.load_state_dict(state["model"])
     save_priors(model, config, ctx.output_dir / "model")
     metrics = {k: float(v) for k, v in meta["metrics"].items()}
     metrics["num_params"] = float(sum(p.numel() for p in model.parameters()))
     return StageResult(metrics=metrics, output_dir=ctx.output_dir,
-                       tags={"hvae.checkpoint": str(result.checkpoint.path), **placement_tags(result)})
+                       tags={"hvae.checkpoint": checkpoint, **placement_tags(result)})

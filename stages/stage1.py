@@ -17,8 +17,8 @@ import torch
 
 from models.vqvae2 import VQVAE2
 
-from .base import StageContext, StageError, StageResult
-from .train_loop import LoopSpec, TrainTask, fit, load_state, placement_tags
+from .base import StageContext, StageResult
+from .train_loop import LoopSpec, TrainTask, final_state, fit, placement_tags
 
 # the source this stage runs: part of its fingerprint
 CODE = ["stages/stage1.py", "stages/train_loop.py", "stages/base.py", "models/vqvae2.py",
@@ -178,11 +178,8 @@ def run(ctx: StageContext) -> StageResult:
     result = fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path,
                  num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                  cpus_per_worker=cfg.cluster.cpus_per_worker, max_failures=cfg.cluster.max_failures,
-                 placement_strategy=cfg.cluster.placement_strategy)
-    if result.checkpoint is None:
-        raise StageError(f"{ctx.name}: training ended without a checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        state, meta = load_state(Path(folder))
+                 placement_strategy=cfg.cluster.placement_strategy, callbacks=ctx.train_callbacks)
+    state, meta, checkpoint = final_state(result, ctx.storage_path, ctx.checkpoint_name)
 
     model_dir = ctx.output_dir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -193,4 +190,4 @@ def run(ctx: StageContext) -> StageResult:
     metrics.update(_figures(model, ctx.data["val"].images, s1.recon_images, ctx.output_dir / "figures"))
     metrics["num_params"] = float(sum(p.numel() for p in model.parameters()))
     return StageResult(metrics=metrics, output_dir=ctx.output_dir,
-                       tags={"hvae.checkpoint": str(result.checkpoint.path), **placement_tags(result)})
+                       tags={"hvae.checkpoint": checkpoint, **placement_tags(result)})

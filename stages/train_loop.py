@@ -18,7 +18,8 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+import zipfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -69,6 +70,7 @@ class LoopSpec:
     stage: str = "train"
     report: Callable[[dict, int], None] | None = None  # called on rank 0 once per epoch
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    resume_dir: str | None = None  # newest checkpoint on disk when the fit started (set by fit)
 
 
 def _reduce_sums(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -93,19 +95,32 @@ def save_state(folder: Path, state: dict, meta: dict) -> None:
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def latest_checkpoint_epoch(storage_path: str, name: str) -> int | None:
-    """The last epoch with a checkpoint on disk under storage_path/name (None: nothing to resume).
+def newest_checkpoint(storage_path: str, name: str) -> tuple[int, Path] | None:
+    """(epoch, folder) of the newest complete checkpoint on disk under storage_path/name.
 
-    Ray Train restores from the latest checkpoint its snapshot registered, which can lag the
-    disk by one epoch.
+    Ray Train restores from the latest checkpoint its controller snapshot registered, and
+    after a killed driver that snapshot can lag the disk by an epoch or more: the loop
+    resumes from whichever of the two is newer. A checkpoint cut while being written (its
+    state file unreadable as a zip archive) is skipped.
     """
-    epochs = []
+    if "://" in storage_path:  # remote storage: rely on Ray's snapshot alone
+        return None
+    found = []
     for meta in Path(storage_path, name).glob(f"checkpoint_*/{META_FILE}"):
         try:
-            epochs.append(int(json.loads(meta.read_text())["epoch"]))
-        except (ValueError, KeyError, OSError):
+            epoch = int(json.loads(meta.read_text())["epoch"])
+            with zipfile.ZipFile(meta.parent / STATE_FILE):
+                pass
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile):
             continue
-    return max(epochs) if epochs else None
+        found.append((epoch, meta.parent))
+    return max(found, key=lambda f: f[0]) if found else None
+
+
+def latest_checkpoint_epoch(storage_path: str, name: str) -> int | None:
+    """The epoch a resume of storage_path/name continues after (None: nothing to resume)."""
+    newest = newest_checkpoint(storage_path, name)
+    return newest[0] if newest else None
 
 
 def load_state(folder: Path) -> tuple[dict, dict]:
@@ -121,6 +136,25 @@ def log(message: str) -> None:
 
 def _worker_entry(config: dict) -> dict:
     return train_worker(config["spec"])
+
+
+def _restore(spec: LoopSpec) -> tuple[dict | None, dict | None]:
+    """The state to start from: the newer of Ray Train's checkpoint and the newest on disk."""
+    import ray.train
+
+    candidates = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            candidates.append(load_state(Path(folder)))
+    if spec.resume_dir is not None:
+        try:  # gone when Ray Train has since kept only newer ones: its own checkpoint is newer then
+            candidates.append(load_state(Path(spec.resume_dir)))
+        except (OSError, RuntimeError, ValueError):
+            pass
+    if not candidates:
+        return None, None
+    return max(candidates, key=lambda c: int(c[1]["epoch"]))
 
 
 def train_worker(spec: LoopSpec) -> dict:
@@ -145,10 +179,8 @@ def train_worker(spec: LoopSpec) -> dict:
     torch.manual_seed(spec.seed)
     model = task.build_model()
     start_epoch, restored = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            restored, meta = load_state(Path(folder))
+    restored, meta = _restore(spec)
+    if restored is not None:
         model.load_state_dict(restored["model"])
         start_epoch = int(meta["epoch"]) + 1
         if rank == 0:
@@ -245,11 +277,16 @@ def placement_tags(result) -> dict[str, str]:
 
 def fit(spec: LoopSpec, *, name: str, storage_path: str, num_workers: int, use_gpu: bool,
         cpus_per_worker: float, max_failures: int, datasets: dict | None = None,
-        placement_strategy: str = "PACK"):
-    """Run ``train_worker`` on a TorchTrainer and return the Ray Train Result."""
+        placement_strategy: str = "PACK", callbacks: list | None = None):
+    """Run ``train_worker`` on a TorchTrainer and return the Ray Train Result.
+
+    ``callbacks``: extra Ray Train callbacks, e.g. Tune's reporter when the fit is a sweep trial.
+    """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    newest = newest_checkpoint(storage_path, name)
+    spec = replace(spec, resume_dir=str(newest[1]) if newest else None)
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         _worker_entry,
@@ -264,6 +301,22 @@ def fit(spec: LoopSpec, *, name: str, storage_path: str, num_workers: int, use_g
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks or []),
         ),
     )
     return trainer.fit()
+
+
+def final_state(result, storage_path: str, name: str) -> tuple[dict, dict, str]:
+    """(state, meta, checkpoint path) of the last epoch a fit reached: its result's checkpoint, or the newest on
+    disk when the fit had nothing left to train (a resume after the last epoch was saved)."""
+    candidates = []
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as folder:
+            candidates.append((*load_state(Path(folder)), str(result.checkpoint.path)))
+    newest = newest_checkpoint(storage_path, name)
+    if newest is not None:
+        candidates.append((*load_state(newest[1]), str(newest[1])))
+    if not candidates:
+        raise RuntimeError(f"training {name} ended without a checkpoint")
+    return max(candidates, key=lambda c: int(c[1]["epoch"]))

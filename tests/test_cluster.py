@@ -72,3 +72,18 @@ def test_dockerfile_copies_what_the_pipeline_imports():
     text = (CLUSTER / "Dockerfile").read_text()
     for folder in ("models", "stages", "pipeline", "configs"):
         assert f"COPY --chown=ray:users {folder} {folder}" in text
+
+
+def test_a_sweep_is_submitted_as_hvae_sweep():
+    from pipeline.config import ConfigError
+    from pipeline.jobs import entrypoint, job_overrides
+
+    overrides = job_overrides(str(ROOT / "configs" / "sweep.yaml"), ["sweep.num_samples=4"], sweep=True)
+    command = entrypoint(str(ROOT / "configs" / "sweep.yaml"), overrides, "sweep")
+    assert command.startswith("python -m pipeline sweep configs/sweep.yaml sweep.num_samples=4")
+    assert parse_args(shlex.split(command)[3:]).command == "sweep"
+    with pytest.raises(ConfigError, match="has no sweep section"):
+        job_overrides(str(ROOT / "configs" / "smoke.yaml"), [], sweep=True)
+    # the cluster manifests give sweeps' trial drivers their own resource
+    assert "tune_driver" in (CLUSTER / "rayjob.yaml").read_text()
+    assert "tune_driver" in (CLUSTER / "launcher.yaml").read_text()

@@ -78,3 +78,39 @@ def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
     p.write_text("stage1:\n  lr: 1e-3\n")
     assert load_config(p).stage1.lr == 1e-3
     assert load_config(None, ["stage1.lr=2e-4"]).stage1.lr == 2e-4
+
+
+def test_extends_merges_the_base_file_underneath(tmp_path):
+    (tmp_path / "base.yaml").write_text("stage1:\n  epochs: 7\n  hidden: 32\npriors:\n  epochs: 2\n")
+    (tmp_path / "top.yaml").write_text("extends: base.yaml\nstage1:\n  hidden: 16\n")
+    cfg = load_config(tmp_path / "top.yaml", ["priors.epochs=3"])
+    assert (cfg.stage1.epochs, cfg.stage1.hidden, cfg.priors.epochs) == (7, 16, 3)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*nowhere.yaml \(extended by"):
+        load_config(tmp_path / "orphan.yaml")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sweep.space={stage1.lr: {grid: [-1]}}", "sweep.space.stage1.lr.grid value -1: stage1.lr: Input should be greater than 0"),
+    ("sweep.space={priors.lr: {grid: [0.1]}}", "space key 'priors.lr' is not a stage1 setting"),
+    ("sweep.space={stage1.lr: {normal: [0, 1]}}", "must be one of {grid|choice|uniform|loguniform"),
+    ("sweep.space={stage1.lr: {loguniform: [0, 1]}}", "loguniform needs low > 0"),
+    ("sweep.space={stage1.lr: {uniform: [2, 1]}}", "must be [low, high] with low < high"),
+    ("sweep.space={stage1.hidden: {uniform: [8, 64]}}", "stage1.hidden: Input should be a valid integer"),
+    ("sweep.num_samples=3", "num_samples > 1 with a grid-only space"),
+    ("sweep.stage=priors", "space key 'stage1.lr' is not a priors setting"),
+])
+def test_sweep_sections_are_checked_before_any_trial(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "sweep_smoke.yaml", [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_cli_knows_the_runners_stages():
+    from pipeline.cli import STAGE_NAMES
+    from pipeline.runner import STAGES
+
+    assert STAGE_NAMES == tuple(st.name for st in STAGES)

@@ -100,7 +100,7 @@ def _wait_for(predicate, timeout, what):
 
 
 def test_driver_killed_during_stage1_resumes_from_its_checkpoint(tmp_path):
-    args = ["run", SMOKE, "data.limit=1024", "stage1.epochs=8"]
+    args = ["run", SMOKE, "data.limit=1024", "stage1.epochs=8", "--until", "stage1"]
     proc = hvae_background(tmp_path, *args)
     metas = lambda: list(tmp_path.glob("ray_results/stage1-*/checkpoint_*/meta.json"))  # noqa: E731
     try:
@@ -112,12 +112,12 @@ def test_driver_killed_during_stage1_resumes_from_its_checkpoint(tmp_path):
     cut_parent = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline")
     assert cut_parent.info.status == "RUNNING"  # its driver died without a word
     t0 = time.perf_counter()
-    again = hvae(tmp_path, "resume", cut_parent.info.run_id)  # the recorded config, run again
+    again = hvae(tmp_path, "resume", cut_parent.info.run_id, "--until", "stage1")  # the recorded config, again
     assert again.returncode == 0, again.stdout[-3000:]
     m = re.search(r"\[hvae\] stage1: resume after epoch (\d+)", again.stdout)
     assert m and int(m.group(1)) >= 0
     restored = re.search(r"\[stage1\] resuming from the checkpoint of epoch (\d+)", again.stdout)
-    assert restored and int(restored.group(1)) >= int(m.group(1)) - 1  # Ray's snapshot may lag one epoch
+    assert restored and restored.group(1) == m.group(1)  # the newest checkpoint on disk, even if Ray never registered it
     client, all_runs = runs(tmp_path)
     s1 = sorted(stage_runs(all_runs, "stage1"), key=lambda r: r.info.start_time)
     assert [r.info.status for r in s1] == ["KILLED", "FINISHED"]
@@ -129,7 +129,7 @@ def test_driver_killed_during_stage1_resumes_from_its_checkpoint(tmp_path):
     steps = sorted({p.step for p in client.get_metric_history(s1[1].info.run_id, "val_loss")})
     assert steps == list(range(8))
     assert s1[1].data.tags["hvae.resumed_from_run"] == s1[0].info.run_id
-    print(f"resume after the driver kill, to the end of the pipeline: {time.perf_counter() - t0:.1f} s")
+    print(f"resume after the driver kill, to the end of stage 1: {time.perf_counter() - t0:.1f} s")
 
 
 def _train_worker_pids():
@@ -141,7 +141,7 @@ def test_a_lost_worker_restarts_from_the_last_checkpoint(tmp_path):
     import os
     import signal
 
-    args = ["run", SMOKE, "data.limit=2048", "stage1.epochs=10", "cluster.max_failures=2"]
+    args = ["run", SMOKE, "data.limit=2048", "stage1.epochs=10", "cluster.max_failures=2", "--until", "stage1"]
     proc = hvae_background(tmp_path, *args)
     try:
         # Ray Train registers a reported checkpoint when its controller next polls the workers

@@ -1,0 +1,300 @@
+"""``hvae sweep``: a Ray Tune search over the settings of one training stage.
+
+The sweep's upstream stages (stage 1 and extract, for a prior sweep) run once through the
+normal pipeline, reused when they exist. Each trial is a Tune function trainable that runs
+the swept stage exactly as the pipeline would (``runner.execute_stage``): one TorchTrainer
+whose Ray Train callback forwards rank 0's epoch metrics to Tune, so ASHA can stop it; its
+MLflow child run sits under the sweep's parent run and carries the stage's usual
+fingerprint. Because of that fingerprint, ``sweep.then: pipeline`` simply runs the pipeline
+on the best trial's config: the runner finds the best trial's finished run and reuses its
+model instead of training it again.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from . import datasets
+from .config import PipelineConfig, set_key, to_yaml
+from .liveness import TAG_DRIVER, this_driver
+from .runner import STAGES, StageFailed, _Fetcher, execute_stage, mark_dead_runs_killed, plan, resolve_paths, run_pipeline
+
+TAG_TRIAL = "hvae.trial_id"
+TAG_SWEEP = "hvae.sweep"
+TAG_EARLY = "hvae.early_stopped"
+DRIVER_RESOURCE = "tune_driver"  # a custom resource for trial drivers (they need no CPU of their own)
+
+
+@dataclass
+class TrialContext:
+    """What every trial needs from the sweep driver (shipped once through the object store)."""
+
+    base: dict  # the resolved config, without its sweep section
+    stage: str
+    sweep_run: str
+    data_fingerprint: str
+    upstream: dict  # upstream stage -> (run id, output folder on shared storage)
+    work: str
+
+
+def search_space(sweep) -> dict:
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice,
+            "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
+    return {key: make[kind](values) for key, spec in sweep.space.items() for kind, values in spec.items()}
+
+
+def trial_config(base: dict, params: dict) -> PipelineConfig:
+    raw = base
+    for key, value in params.items():
+        raw = set_key(raw, key.split("."), value)
+    return PipelineConfig.model_validate(raw)
+
+
+def _epochs(cfg: PipelineConfig, stage: str) -> int:
+    return int(getattr(cfg, stage).epochs)
+
+
+def run_trial(params: dict, ctx: TrialContext) -> None:
+    """One trial (runs inside a Tune trial actor)."""
+    from filelock import FileLock
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .tracking import Tracker
+
+    cfg = trial_config(ctx.base, params)
+    trial_id = tune.get_context().get_trial_id()
+    planned = next(p for p in plan(cfg, ctx.data_fingerprint) if p.stage.name == ctx.stage)
+    tracker = Tracker(cfg.tracking)
+    locks = Path(cfg.cluster.storage_path) / "locks"
+    with FileLock(str(locks / f"{planned.checkpoint_name}.lock")):
+        found = tracker.find_finished(ctx.stage, planned.fingerprint)
+        if found is not None:  # the same settings were trained before: replay its curve to Tune
+            metric = {k for k in found.data.metrics if k.startswith(("val_", "train_"))}
+            steps: dict[int, dict] = {}
+            for key in metric:
+                for m in tracker.metric_history(found.info.run_id, key):
+                    steps.setdefault(m.step, {})[key] = m.value
+            for step in sorted(steps):
+                tune.report({**steps[step], "epoch": step})
+            tracker.set_tags(found.info.run_id, {f"{TAG_TRIAL}.{ctx.sweep_run}": trial_id})
+            return
+        splits = datasets.load_splits(cfg.data)
+        try:
+            execute_stage(
+                tracker, cfg, planned, parent_id=ctx.sweep_run, splits=splits, upstream=ctx.upstream,
+                out_dir=Path(ctx.work) / trial_id / ctx.stage, callbacks=[TuneReportCallback()],
+                tags={TAG_DRIVER: this_driver(), TAG_TRIAL: trial_id, TAG_SWEEP: ctx.sweep_run,
+                      "hvae.trial_params": json.dumps(params, sort_keys=True)})
+        except StageFailed as exc:
+            raise RuntimeError(str(exc)) from None
+
+
+def _driver_resources(cluster_cfg) -> tuple[dict, int]:
+    """(resources of one trial driver, how many trials fit on the cluster at once)."""
+    import ray
+
+    total = ray.cluster_resources()
+    per_trial = {"CPU": cluster_cfg.num_workers * cluster_cfg.cpus_per_worker}
+    if cluster_cfg.use_gpu:
+        per_trial["GPU"] = float(cluster_cfg.num_workers)
+    driver = {DRIVER_RESOURCE: 1} if total.get(DRIVER_RESOURCE, 0) >= 1 else {"CPU": 0.01}
+    need = dict(per_trial)
+    for k, v in driver.items():
+        need[k] = need.get(k, 0) + v
+    fits = min(math.floor(total.get(k, 0) / v + 1e-9) for k, v in need.items())
+    return driver, fits
+
+
+def _trial_runs(tracker, sweep_run: str) -> dict[str, object]:
+    """trial id -> its MLflow run (including earlier runs a trial reused)."""
+    found = {}
+    for run in tracker.search([f"tags.`{TAG_SWEEP}` = '{sweep_run}'", f"tags.`{TAG_TRIAL}` != ''"]):
+        found[run.data.tags.get(TAG_TRIAL)] = run
+    for run in tracker.search([f"tags.`{TAG_TRIAL}.{sweep_run}` != ''"]):
+        found[run.data.tags[f"{TAG_TRIAL}.{sweep_run}"]] = run
+    return found
+
+
+def _rows(results, runs: dict, sweep, base: dict, tracker) -> list[dict]:
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        params = {k: v for k, v in (result.config or {}).items()}
+        epochs = _epochs(trial_config(base, params), sweep.stage)
+        run = runs.get(trial_id)
+        done = int(metrics.get("epoch", -1)) + 1  # (not Tune's iteration count: a resumed trial reports fewer)
+        if result.error is not None:
+            status = "ERROR"
+        elif run is not None and run.data.tags.get(TAG_SWEEP) is None:
+            status = "REUSED"
+        elif done < epochs:
+            status = "EARLY_STOPPED"
+        else:
+            status = "FINISHED"
+        rows.append({"trial": trial_id, "params": params, "epochs": done, "of": epochs, "status": status,
+                     "value": metrics.get(sweep.metric), "run": run.info.run_id if run else None,
+                     "error": str(result.error).strip().splitlines()[-1] if result.error else None})
+    return rows
+
+
+def _table(rows: list[dict], sweep) -> str:
+    keys = list(sweep.space)
+    head = ["trial", *keys, "epochs", sweep.metric, "status", "MLflow run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        value = f"{r['value']:.4f}" if isinstance(r["value"], (int, float)) else "-"
+        cells = [r["trial"], *(_fmt(r["params"].get(k)) for k in keys), f"{r['epochs']}/{r['of']}",
+                 value, r["status"], r["run"] or "-"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    """A value for the table (short)."""
+    return f"{v:.4g}" if isinstance(v, float) else json.dumps(v, separators=(",", ":"))
+
+
+def _override(key: str, v) -> str:
+    """key=value exactly as sampled, so `hvae run ... key=value` has the trial's fingerprint."""
+    return f"{key}={repr(v) if isinstance(v, float) else json.dumps(v, separators=(',', ':'))}"
+
+
+def _best(rows: list[dict], mode: str) -> dict | None:
+    done = [r for r in rows if r["status"] in ("FINISHED", "REUSED") and isinstance(r["value"], (int, float))]
+    if not done:
+        return None
+    return (min if mode == "min" else max)(done, key=lambda r: r["value"])
+
+
+def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
+    from ray import tune
+
+    from .raycluster import connect
+    from .tracking import TAG_PARENT, Tracker
+
+    sweep = cfg.sweep
+    cfg = resolve_paths(cfg)
+    base = cfg.model_dump(mode="json", exclude={"sweep"})
+    t0 = time.perf_counter()
+    try:
+        splits = datasets.load_splits(cfg.data)
+    except datasets.DataError as exc:
+        print(f"error: {exc}")
+        return 2
+    data_fp = datasets.fingerprint(splits)
+    del splits  # every trial loads its own copy
+
+    tracker = Tracker(cfg.tracking)
+    for run_id in mark_dead_runs_killed(tracker):
+        print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
+    sweep_run = tracker.start_parent(
+        f"sweep-{sweep.stage}-{datetime.now():%Y%m%d-%H%M%S}", {"sweep": sweep.model_dump(mode="json")},
+        tags={"hvae.kind": "sweep", "hvae.sweep_stage": sweep.stage, "hvae.dataset": cfg.data.dataset,
+              "hvae.model": cfg.stage1.model, TAG_DRIVER: this_driver(),
+              **({"hvae.config_file": config_path} if config_path else {})})
+    tracker.log_text(sweep_run, to_yaml(cfg), "config.yaml")
+    print(f"[hvae] MLflow sweep run {sweep_run} in experiment '{tracker.experiment_name}' ({tracker.uri})")
+
+    # ---- the stages before the swept one: once, reused when they exist --------------------
+    upstream_names = [st.name for st in STAGES][: [st.name for st in STAGES].index(sweep.stage)]
+    upstream: dict = {}
+    work = Path(cfg.cluster.storage_path) / "outputs" / sweep_run
+    if upstream_names:
+        print(f"[hvae] sweep: the fixed stages before {sweep.stage} ({', '.join(upstream_names)})")
+        fixed = run_pipeline(cfg, until=upstream_names[-1], parent_of=sweep_run, extra_tags={TAG_SWEEP: sweep_run})
+        if fixed.code != 0:
+            tracker.finish(sweep_run, "FAILED")
+            return fixed.code
+        fetch = _Fetcher(tracker, work / "inputs")
+        upstream = {name: (fixed.run_ids[name], fetch(fixed.run_ids[name])) for name in upstream_names}
+
+    # ---- the trials -------------------------------------------------------------------
+    connect(cfg.cluster)
+    driver, fits = _driver_resources(cfg.cluster)
+    if fits < 1:
+        tracker.finish(sweep_run, "FAILED")
+        print(f"error: one trial needs {cfg.cluster.num_workers} x {cfg.cluster.cpus_per_worker} CPUs plus its driver, "
+              f"more than the cluster has: lower cluster.num_workers or cluster.cpus_per_worker, or give the "
+              f"cluster a '{DRIVER_RESOURCE}' resource (ray start --resources='{{\"{DRIVER_RESOURCE}\": 16}}')")
+        return 2
+    concurrent = min(sweep.max_concurrent_trials or fits, fits)
+    swept_epochs = [max(v) for k, s in sweep.space.items() if k == f"{sweep.stage}.epochs" for v in s.values()]
+    max_t = max([_epochs(cfg, sweep.stage), *swept_epochs])
+    # (max_t one past the last epoch: ASHA stops a trial that reaches max_t, and a finished trial
+    # must be left to save its model and close its run)
+    scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=max_t + 1,
+                                               grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+                 if sweep.scheduler == "asha" else tune.schedulers.FIFOScheduler())
+    search = tune.search.BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrent)
+    ctx = TrialContext(base=base, stage=sweep.stage, sweep_run=sweep_run, data_fingerprint=data_fp,
+                       upstream=upstream, work=str(work))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), driver)
+    print(f"[hvae] sweep: {sweep.stage} over {', '.join(sweep.space)}; {sweep.scheduler} on {sweep.metric} ({sweep.mode}); "
+          f"up to {concurrent} trial(s) at once")
+    tuner = tune.Tuner(
+        trainable, param_space=search_space(sweep),
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+                                    scheduler=scheduler, search_alg=search),
+        run_config=tune.RunConfig(name=f"sweep-{sweep_run}", storage_path=cfg.cluster.storage_path, verbose=0),
+    )
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        _close_runs(tracker, sweep_run, "KILLED")
+        print("\n[hvae] sweep interrupted; runs marked KILLED")
+        return 130
+
+    # ---- close every trial's run, print the table, pick the best ----------------------
+    runs = _trial_runs(tracker, sweep_run)
+    rows = _rows(list(results), runs, sweep, base, tracker)
+    for r in rows:
+        run = runs.get(r["trial"])
+        if run is None or run.info.status != "RUNNING":
+            continue
+        if r["status"] == "EARLY_STOPPED":  # Tune ended the trial's actor: its run could not close itself
+            tracker.set_tags(run.info.run_id, {TAG_EARLY: f"{sweep.scheduler} after epoch {r['epochs']} of {r['of']}"})
+        tracker.finish(run.info.run_id, "KILLED")
+    table = _table(rows, sweep)
+    tracker.log_text(sweep_run, table, "sweep_table.md")
+    print("\n" + table)
+    best = _best(rows, sweep.mode)
+    if best is None:
+        tracker.finish(sweep_run, "FAILED")
+        errors = [r["error"] for r in rows if r["error"]]
+        print("error: no trial finished" + (f"; first error: {errors[0]}" if errors else ""))
+        return 1
+    overrides = " ".join(_override(k, v) for k, v in best["params"].items())
+    tracker.set_tags(sweep_run, {"hvae.best_trial": best["trial"], "hvae.best_run": best["run"] or "",
+                                 "hvae.best_overrides": overrides})
+    tracker.log_metrics(sweep_run, {f"best_{sweep.metric}": best["value"], "sweep_seconds": time.perf_counter() - t0,
+                                    "trials": float(len(rows)),
+                                    "early_stopped": float(sum(r["status"] == "EARLY_STOPPED" for r in rows))})
+    print(f"best trial {best['trial']} ({sweep.metric}={best['value']:.4f}, MLflow run {best['run']}): {overrides}")
+    print(f"the same as a pipeline: hvae run {config_path or ''} {overrides}".replace("  ", " "))
+    tracker.finish(sweep_run)
+
+    if sweep.then == "pipeline":
+        print(f"[hvae] sweep.then=pipeline: the rest of the pipeline from the best trial ({best['run']})")
+        best_cfg = trial_config(base, best["params"])
+        out = run_pipeline(best_cfg, config_path=config_path, parent_of=sweep_run,
+                           extra_tags={TAG_SWEEP: sweep_run, "hvae.sweep_best_run": best["run"] or ""})
+        if out.code == 0 and best["run"] and out.run_ids.get(sweep.stage) != best["run"]:
+            print(f"error: the pipeline did not reuse the best trial's {sweep.stage} run {best['run']}")
+            return 1
+        return out.code
+    return 0
+
+
+def _close_runs(tracker, sweep_run: str, status: str) -> None:
+    for run in _trial_runs(tracker, sweep_run).values():
+        if run.info.status == "RUNNING":
+            tracker.finish(run.info.run_id, status)
+    tracker.finish(sweep_run, status)

@@ -1,0 +1,94 @@
+"""NVAE model checks: the residual-normal KL, the importance-weighted bound, temperature sampling."""
+import math
+
+import pytest
+import torch
+
+from models.nvae import NVAE, iw_bound, kl_balance, normal_log_prob, residual_normal_kl
+
+
+def test_residual_normal_kl_is_the_closed_form_and_matches_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    mu_p, log_sigma_p, d_mu, d_log_sigma = (torch.randn(4, 64, generator=g) * 0.5).unbind(0)
+    kl = residual_normal_kl(d_mu, d_log_sigma, log_sigma_p)
+    # the notes: 1/2 sum (d_mu^2 / sigma_p^2 + d_sigma^2 - log d_sigma^2 - 1)
+    sigma_p, d_sigma = log_sigma_p.exp(), d_log_sigma.exp()
+    closed = 0.5 * (d_mu ** 2 / sigma_p ** 2 + d_sigma ** 2 - torch.log(d_sigma ** 2) - 1)
+    torch.testing.assert_close(kl, closed)
+    # and a Monte-Carlo estimate E_q[log q - log p] with q = N(mu_p + d_mu, sigma_p d_sigma)
+    mu_q, log_sigma_q = mu_p + d_mu, log_sigma_p + d_log_sigma
+    z = mu_q + log_sigma_q.exp() * torch.randn(200_000, 64, generator=g)
+    mc = (normal_log_prob(z, mu_q, log_sigma_q) - normal_log_prob(z, mu_p, log_sigma_p)).mean(0)
+    torch.testing.assert_close(mc, kl, atol=0.02, rtol=0.02)
+
+
+@pytest.fixture(scope="module")
+def trained_batch():
+    torch.manual_seed(0)
+    model = NVAE(hidden=16, latent_channels=4, scales=2, groups_per_scale=2)
+    x = torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(5):  # a few steps: posterior and prior no longer coincide
+        out = model(x)
+        opt.zero_grad()
+        (out["nll"] + out["kl"].sum(0)).mean().backward()
+        opt.step()
+    return model.eval(), x
+
+
+def test_iw_bound_with_one_sample_is_the_elbo_and_grows_with_k(trained_batch):
+    model, x = trained_batch
+    # K = 1: exactly the single-sample ELBO log p(x|z) + log p(z) - log q(z|x) of the same draw
+    w1 = model.log_weights(x, 1, generator=torch.Generator().manual_seed(3))
+    out = model(x, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(iw_bound(w1), -out["nll"] + out["log_p"] - out["log_q"])
+    # the analytic ELBO (closed-form KL) is the expectation of that estimate
+    elbo = -(out["nll"] + out["kl"].sum(0))
+    w = model.log_weights(x, 64, generator=torch.Generator().manual_seed(4))
+    assert (iw_bound(w) >= w.mean(0)).all()  # Jensen, draw by draw
+    assert iw_bound(w).mean() > elbo.mean()
+    # in expectation the bound tightens with K: average over repeats
+    g = torch.Generator().manual_seed(5)
+    means = [torch.stack([iw_bound(model.log_weights(x, k, generator=g)).mean() for _ in range(4)]).mean()
+             for k in (1, 4, 16)]
+    assert means[0] < means[1] < means[2], means
+
+
+def test_temperature_zero_is_deterministic_given_the_top_latent(trained_batch):
+    model, _ = trained_batch
+    top = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    a = model.sample(3, temperature=0.0, top=top, generator=torch.Generator().manual_seed(1))
+    b = model.sample(3, temperature=0.0, top=top, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == (3, 1, 32, 32)
+    c = model.sample(3, temperature=1.0, top=top, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(a, c)
+
+
+def test_plain_vae_is_one_group_with_a_standard_normal_prior():
+    model = NVAE(hidden=16, latent_channels=4, scales=1, groups_per_scale=1, residual_posterior=False)
+    x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    out = model(x)
+    assert out["kl"].shape == (1, 4) and model.group_sizes() == [4 * 16 * 16]
+    z = torch.zeros(2, 4, 16, 16)
+    assert model.sample(2, temperature=0.0, top=z).shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="plain VAE"):
+        NVAE(scales=2, residual_posterior=False)
+
+
+def test_kl_balancing_keeps_the_total_once_warm_and_reweights_groups_before():
+    kl = torch.tensor([[4.0, 4.0], [0.1, 0.1]])
+    assert torch.equal(kl_balance(kl, [10, 10], beta=1.0), kl.sum(0))
+    warm = kl_balance(kl, [10, 10], beta=0.5)
+    assert torch.all(warm < kl.sum(0))  # warm-up scales it down
+    assert math.isfinite(float(warm.sum()))
+
+
+def test_spectral_loss_converges_to_the_largest_singular_value():
+    model = NVAE(hidden=8, latent_channels=2, scales=1, groups_per_scale=1).train()
+    conv = model.stem
+    for _ in range(50):
+        loss = model.spectral_loss()
+    sigma = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2)
+    estimate = torch.dot(conv.sr_u, conv.weight.detach().flatten(1) @ conv.sr_v)
+    torch.testing.assert_close(estimate, sigma, rtol=1e-3, atol=1e-4)
+    assert loss.requires_grad and "stem.sr_u" in model.state_dict()

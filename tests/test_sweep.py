@@ -1,0 +1,100 @@
+"""hvae sweep through the CLI: Ray Tune trials over TorchTrainers, ASHA, MLflow nesting, then the pipeline."""
+import re
+
+import pytest
+
+from conftest import ROOT, hvae, runs, stage_runs
+
+SWEEP = str(ROOT / "configs" / "sweep_smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("sweep")
+    proc = hvae(cwd, "sweep", SWEEP, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return cwd, proc
+
+
+def test_trials_are_nested_under_the_sweep_run_and_asha_stops_the_bad_one(sweep_run):
+    cwd, proc = sweep_run
+    client, all_runs = runs(cwd)
+    sweeps = [r for r in all_runs if r.data.tags.get("hvae.kind") == "sweep"]
+    assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
+    sweep = sweeps[0]
+    trials = [r for r in stage_runs(all_runs, "stage1") if r.data.tags.get("hvae.sweep") == sweep.info.run_id]
+    assert len(trials) == 2
+    assert all(r.data.tags["mlflow.parentRunId"] == sweep.info.run_id for r in trials)
+    by_lr = {r.data.params["stage1.lr"]: r for r in trials}
+    good, bad = by_lr["0.003"], by_lr["1e-06"]
+    assert good.info.status == "FINISHED" and "hvae.early_stopped" not in good.data.tags
+    # the hopeless learning rate was stopped by ASHA at its first rung; its run says so
+    assert bad.info.status == "KILLED"
+    assert bad.data.tags["hvae.early_stopped"].startswith("asha after epoch 1 of 3")
+    assert sorted(m.step for m in client.get_metric_history(good.info.run_id, "val_loss")) == [0, 1, 2]
+    bad_steps = sorted(m.step for m in client.get_metric_history(bad.info.run_id, "val_loss"))
+    assert bad_steps[0] == 0 and len(bad_steps) < 3  # (it may log the epoch it was in when stopped)
+    # the table and the best config are printed, and recorded on the sweep run
+    table = re.findall(r"^\| (\S+) \| (\S+) \| (\d/3) \| ([\d.]+|-) \| (\w+) \| (\w+|-) \|$", proc.stdout, re.M)
+    assert sorted(row[4] for row in table) == ["EARLY_STOPPED", "FINISHED"]
+    assert sweep.data.tags["hvae.best_run"] == good.info.run_id
+    assert sweep.data.tags["hvae.best_overrides"] == "stage1.lr=0.003"
+    assert f"best trial {sweep.data.tags['hvae.best_trial']}" in proc.stdout
+    assert {a.path for a in client.list_artifacts(sweep.info.run_id)} >= {"sweep_table.md", "config.yaml"}
+    assert sweep.data.metrics["early_stopped"] == 1 and sweep.data.metrics["trials"] == 2
+
+
+def test_then_pipeline_reuses_the_best_trials_model(sweep_run):
+    cwd, proc = sweep_run
+    client, all_runs = runs(cwd)
+    sweep = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "sweep")
+    best = sweep.data.tags["hvae.best_run"]
+    pipeline = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline")
+    assert pipeline.info.status == "FINISHED"
+    assert pipeline.data.tags["mlflow.parentRunId"] == sweep.info.run_id
+    assert pipeline.data.tags["hvae.reused_from.stage1"] == best  # not trained again
+    assert len(stage_runs(all_runs, "stage1")) == 2  # the two trials, nothing else
+    evaluate = stage_runs(all_runs, "evaluate")
+    assert len(evaluate) == 1 and evaluate[0].info.status == "FINISHED"
+    assert evaluate[0].data.tags["hvae.upstream.stage1"] == best
+    assert evaluate[0].data.metrics["test_nll_bpd"] > 0
+
+
+def test_sweep_config_errors_name_the_key(tmp_path):
+    bad = hvae(tmp_path, "sweep", SWEEP, "sweep.metric=val_accuracy")
+    assert bad.returncode == 2 and "sweep: metric 'val_accuracy' is not reported by stage1" in bad.stderr
+    none = hvae(tmp_path, "sweep", str(ROOT / "configs" / "smoke.yaml"))
+    assert none.returncode == 2 and "no sweep section" in none.stderr
+    assert not (tmp_path / "mlruns.db").exists()  # nothing started
+
+
+def test_a_prior_sweep_keeps_stage1_fixed_and_continues_from_the_best_prior(sweep_run):
+    # in the first sweep's folder, with its best stage-1 settings: stage 1 and extract are reused
+    cwd, _ = sweep_run
+    proc = hvae(cwd, "sweep", SWEEP, "stage1.lr=0.003", "sweep.stage=priors", "sweep.scheduler=fifo",
+                "sweep.space={priors.lr: {grid: [0.003, 0.00001]}}",
+                # one 1-CPU worker per trial: the sweep fits two trials at once on this 2-CPU machine
+                "cluster.num_workers=1", "cluster.cpus_per_worker=1", "sweep.max_concurrent_trials=null", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "up to 2 trial(s) at once" in proc.stdout
+    client, all_runs = runs(cwd)
+    first = next(r for r in all_runs if r.data.tags.get("hvae.sweep_stage") == "stage1")
+    sweep = next(r for r in all_runs if r.data.tags.get("hvae.sweep_stage") == "priors")
+    in_sweep = [r for r in all_runs if r.data.tags.get("hvae.sweep") == sweep.info.run_id]
+    # the fixed stages: a pipeline run nested under the sweep that reused the first sweep's best model
+    fixed = next(r for r in in_sweep if r.data.tags.get("hvae.kind") == "pipeline" and "hvae.sweep_best_run" not in r.data.tags)
+    assert fixed.data.tags["mlflow.parentRunId"] == sweep.info.run_id
+    assert fixed.data.tags["hvae.reused_from.stage1"] == first.data.tags["hvae.best_run"]
+    extract = fixed.data.tags["hvae.reused_from.extract"]
+    trials = [r for r in in_sweep if r.data.tags.get("hvae.stage") == "priors"]
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    assert all(t.data.tags["mlflow.parentRunId"] == sweep.info.run_id for t in trials)
+    assert {t.data.tags["hvae.upstream.extract"] for t in trials} == {extract}
+    best = min(trials, key=lambda t: t.data.metrics["val_loss"])
+    assert sweep.data.tags["hvae.best_run"] == best.info.run_id
+    assert best.data.params["priors.lr"] == "0.003"
+    # then: the pipeline reused stage1, extract and the best prior, and evaluated them
+    then = next(r for r in in_sweep if r.data.tags.get("hvae.sweep_best_run"))
+    assert then.data.tags["hvae.reused_from.priors"] == best.info.run_id
+    evaluate = next(r for r in stage_runs(all_runs, "evaluate") if r.data.tags["hvae.pipeline_run"] == then.info.run_id)
+    assert evaluate.info.status == "FINISHED" and evaluate.data.tags["hvae.upstream.priors"] == best.info.run_id
