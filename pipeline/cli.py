@@ -6,6 +6,7 @@
     hvae submit CONFIG --address http://HEAD:8265 [key=value ...] [--no-wait] [--sweep]
     hvae status JOB_ID [--address ...] [--logs]
     hvae stop JOB_ID [--address ...]
+    hvae report [--dataset D] [--model M] [--tag KEY=VALUE] [--out report.md] [--uri ...]
     hvae ui [--port 5000] [--uri sqlite:///mlruns.db]
 """
 from __future__ import annotations
@@ -105,6 +106,26 @@ def cmd_stop(args) -> int:
     return jobs.stop(args.job_id, args.address)
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .config import TrackingConfig
+    from .report import report
+    from .tracking import Tracker, resolve_uri
+
+    tags = {}
+    for item in args.tag:
+        if "=" not in item:
+            raise ConfigError(f"--tag {item!r} must look like KEY=VALUE (e.g. hvae.sweep=<run id>)")
+        key, value = item.split("=", 1)
+        tags[key] = value
+    tracker = Tracker(TrackingConfig(uri=resolve_uri(args.uri), experiment=args.experiment), create=False)
+    if tracker.experiment_id is None:
+        print(f"error: no experiment '{args.experiment}' in {tracker.uri}", file=sys.stderr)
+        return 2
+    return report(tracker, dataset=args.dataset, model=args.model, tags=tags, out=Path(args.out))
+
+
 def cmd_ui(args) -> int:
     from .tracking import resolve_uri
 
@@ -160,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             p.add_argument("--logs", action="store_true", help="print the job's logs too")
         p.set_defaults(func=func)
+
+    rep = sub.add_parser("report", help="the NLL table of every finished evaluate run (printed, Markdown, MLflow)")
+    rep.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: ./mlruns.db)")
+    rep.add_argument("--experiment", default="hvae")
+    rep.add_argument("--dataset", help="only this data.dataset (e.g. mnist5k)")
+    rep.add_argument("--model", choices=("vqvae2", "nvae"), help="only this stage1.model")
+    rep.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag")
+    rep.add_argument("--out", default="report.md", help="the Markdown file to write (default: %(default)s)")
+    rep.set_defaults(func=cmd_report)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)

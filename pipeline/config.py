@@ -51,7 +51,8 @@ class TrackingConfig(_Section):
 
 
 class Stage1Config(_Section):
-    model: Literal["vqvae2"] = "vqvae2"
+    model: Literal["vqvae2", "nvae"] = "vqvae2"  # nvae: its architecture is the nvae section
+    # ---- VQ-VAE / VQ-VAE-2 (model: vqvae2) ----
     levels: int = Field(2, ge=1, le=3)  # 1 = VQ-VAE, 2 = VQ-VAE-2, 3 = three maps
     hidden: int = Field(64, ge=4)
     res_hidden: int = Field(32, ge=1)
@@ -62,6 +63,7 @@ class Stage1Config(_Section):
     decay: float = Field(0.99, gt=0, lt=1)  # EMA gamma of the codebook
     kmeans_init: bool = True  # initialise each codebook by k-means on its first batch
     dead_code_threshold: float = Field(0.0, ge=0)  # restart codes whose EMA count falls below this (0: off)
+    # ---- both families ----
     likelihood: Literal["dlogistic", "bernoulli"] = "dlogistic"
     num_mixtures: int = Field(5, ge=1)  # discretized logistic mixture components
     epochs: int = Field(10, ge=1)
@@ -84,6 +86,28 @@ class Stage1Config(_Section):
         return self
 
 
+class NVAEConfig(_Section):
+    """The NVAE of stage 1 (stage1.model: nvae); training keys (epochs, lr, ...) stay in stage1."""
+
+    hidden: int = Field(32, ge=4)  # channels of both towers
+    latent_channels: int = Field(8, ge=1)  # channels of each latent group
+    scales: int = Field(2, ge=1, le=4)  # latent scales: image/2 (finest) down to image/2^scales
+    groups_per_scale: int = Field(2, ge=1)
+    cells_per_group: int = Field(1, ge=1)  # residual cells per group in each tower
+    residual_posterior: bool = True  # false (one scale, one group): the plain Gaussian VAE
+    kl_warmup: float = Field(0.3, ge=0, le=1)  # fraction of training over which the KL weight rises to 1
+    kl_min: float = Field(1e-2, ge=0, le=1)  # the KL weight at the start of warm-up
+    kl_balance: bool = True  # NVAE's per-group KL balancing during warm-up
+    spectral_weight: float = Field(1e-2, ge=0)  # spectral regularisation of the conv weights
+    inject_nan_at_step: Optional[int] = Field(None, ge=0)  # testing: make the KL non-finite at this global step
+
+    @model_validator(mode="after")
+    def _plain(self):
+        if not self.residual_posterior and (self.scales, self.groups_per_scale) != (1, 1):
+            raise ValueError("residual_posterior=false is the plain VAE: it needs scales=1 and groups_per_scale=1")
+        return self
+
+
 class ExtractConfig(_Section):
     batch_size: int = Field(256, ge=1)
     num_actors: int = Field(1, ge=1)  # Ray Data actors holding the encoder
@@ -102,18 +126,20 @@ class PriorsConfig(_Section):
 
 class SampleConfig(_Section):
     num_samples: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)  # prior logits are divided by this
+    temperature: float = Field(1.0, gt=0)  # VQ: prior logits are divided by it; NVAE: prior sigmas multiplied
     seed: int = 0
     pixels: Literal["mean", "sample"] = "mean"  # decoder mean, or a draw from the pixel likelihood
 
 
 class EvaluateConfig(_Section):
     batch_size: int = Field(256, ge=1)
+    iw_samples: int = Field(16, ge=1)  # NVAE: importance samples per test image (1 = the ELBO)
 
 
 # What each sweepable stage reports every epoch (the names a sweep's metric may take).
 SWEEP_METRICS = {
-    "stage1": re.compile(r"^(train|val)_(loss|bpd|nll_nats|commit|perplexity_level\d|dead_codes_level\d)$"),
+    "stage1": re.compile(r"^(train|val)_(loss|bpd|nll_nats|commit|perplexity_level\d|dead_codes_level\d"
+                         r"|recon_bpd|kl_bpd|kl_nats_group\d+)$"),
     "priors": re.compile(r"^(train|val)_(loss|bits_per_code|bits_per_code_level\d|nll_nats_level\d)$"),
 }
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
@@ -140,7 +166,7 @@ class SweepConfig(_Section):
         if not self.space:
             raise ValueError("the search space is empty: add keys such as stage1.lr: {loguniform: [1e-4, 3e-3]}")
         for key, spec in self.space.items():
-            if not key.startswith(self.stage + "."):
+            if not key.startswith(self.stage + ".") and not (self.stage == "stage1" and key.startswith("nvae.")):
                 raise ValueError(f"space key {key!r} is not a {self.stage} setting (sweep.stage={self.stage})")
             if len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
                 raise ValueError(f"space.{key} must be one of {{grid|choice|uniform|loguniform: [...]}} (got {spec!r})")
@@ -165,6 +191,7 @@ class PipelineConfig(_Section):
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
     stage1: Stage1Config = Stage1Config()
+    nvae: NVAEConfig = NVAEConfig()
     extract: ExtractConfig = ExtractConfig()
     priors: PriorsConfig = PriorsConfig()
     sample: SampleConfig = SampleConfig()
@@ -173,12 +200,12 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _sizes(self):
-        factor = 2 ** (self.stage1.levels + 1)
+        if self.stage1.model == "nvae":
+            factor, why = 2 ** self.nvae.scales, f"nvae.scales={self.nvae.scales}"
+        else:
+            factor, why = 2 ** (self.stage1.levels + 1), f"stage1.levels={self.stage1.levels}"
         if self.data.image_size % factor:
-            raise ValueError(
-                f"data.image_size={self.data.image_size} must be a multiple of {factor} "
-                f"for stage1.levels={self.stage1.levels}"
-            )
+            raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of {factor} for {why}")
         return self
 
     @model_validator(mode="after")
@@ -186,6 +213,8 @@ class PipelineConfig(_Section):
         """Every value a sweep can give a key must make a valid config (checked before any trial)."""
         if self.sweep is None:
             return self
+        if self.sweep.stage == "priors" and self.stage1.model == "nvae":
+            raise ValueError("sweep.stage=priors: an NVAE has no separate priors stage (sweep stage1 and nvae.* keys)")
         base = self.model_dump(mode="json", exclude={"sweep"})
         for key, spec in self.sweep.space.items():
             kind, values = next(iter(spec.items()))

@@ -34,19 +34,24 @@ class StageDef:
     module: str  # defines run(ctx) and CODE (the source files it runs)
     sections: tuple[str, ...]  # config sections that shape its output
     upstream: tuple[str, ...] = field(default=())
+    models: tuple[str, ...] = ("vqvae2", "nvae")  # the stage-1 families it applies to
 
 
 TRAINING = ("stage1", "priors")  # stages that run a TorchTrainer
+ALL_MODELS = ("vqvae2", "nvae")
 
 # The DAG in execution order. Sections: the config that shapes a stage's output (batch
-# sizes of inference-only stages do not, so they are left out of the fingerprint).
+# sizes of inference-only stages do not, so they are left out of the fingerprint). An NVAE
+# learns its prior in stage 1: extract and priors do not apply to it.
 STAGES = (
     StageDef("stage1", "stages.stage1", ("stage1",)),
-    StageDef("extract", "stages.extract", (), ("stage1",)),
-    StageDef("priors", "stages.priors", ("priors",), ("extract",)),
+    StageDef("extract", "stages.extract", (), ("stage1",), models=("vqvae2",)),
+    StageDef("priors", "stages.priors", ("priors",), ("extract",), models=("vqvae2",)),
     StageDef("sample", "stages.sample", ("sample",), ("stage1", "priors")),
-    StageDef("evaluate", "stages.evaluate", (), ("stage1", "priors")),
+    StageDef("evaluate", "stages.evaluate", ("evaluate",), ("stage1", "priors")),
 )
+MODEL_SECTIONS = {"nvae": ("nvae",)}  # extra sections of stage 1 for a family
+NOT_IN_FINGERPRINT = {"evaluate": {"batch_size"}}
 
 
 @dataclass
@@ -59,13 +64,23 @@ class PlannedStage:
         return f"{self.stage.name}-{self.fingerprint}"
 
 
+def not_applicable(cfg: PipelineConfig) -> list[str]:
+    return [st.name for st in STAGES if cfg.stage1.model not in st.models]
+
+
 def plan(cfg: PipelineConfig, data_fp: str) -> list[PlannedStage]:
+    """The stages that apply to this config's model, each with its fingerprint and upstream."""
     data_slice = cfg.data.model_dump(mode="json", exclude={"root", "download"})
+    model = cfg.stage1.model
     fps: dict[str, str] = {}
     out = []
     for st in STAGES:
+        if model not in st.models:
+            continue
+        sections = st.sections + (MODEL_SECTIONS.get(model, ()) if st.name == "stage1" else ())
+        st = StageDef(st.name, st.module, sections, tuple(u for u in st.upstream if u in fps), st.models)
         module = importlib.import_module(st.module)
-        cfg_slice = {s: getattr(cfg, s).model_dump(mode="json") for s in st.sections}
+        cfg_slice = {s: getattr(cfg, s).model_dump(mode="json", exclude=NOT_IN_FINGERPRINT.get(s)) for s in sections}
         cfg_slice["data"] = data_slice
         fp = stage_fingerprint(st.name, cfg_slice, [fps[u] for u in st.upstream], data_fp, code_hash(module.CODE))
         fps[st.name] = fp
@@ -289,7 +304,8 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     data_fp = datasets.fingerprint(splits)
     stages = plan(cfg, data_fp)
     if until is not None:
-        stages = stages[: [p.stage.name for p in stages].index(until) + 1]
+        order = [st.name for st in STAGES]
+        stages = [p for p in stages if order.index(p.stage.name) <= order.index(until)]
     if dry_run:
         tracker = Tracker(cfg.tracking, create=False) if _tracking_exists(cfg.tracking.uri) else None
         print(to_yaml(cfg), end="")
@@ -297,6 +313,8 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
         print("# stages:")
         for line in describe_plan(cfg, stages, forced, tracker):
             print(f"#   {line}")
+        for name in not_applicable(cfg):
+            print(f"#   {name:<9} not applicable to {cfg.stage1.model} (it learns its prior in stage 1)")
         return Outcome(0)
 
     print(f"[hvae] data {cfg.data.dataset}: {datasets.describe(splits)} ({time.perf_counter() - t0:.1f} s)")
@@ -319,6 +337,10 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     locks = Path(cfg.cluster.storage_path) / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     rows, outputs, run_ids = [], {}, {}
+    skipped = not_applicable(cfg)
+    if skipped:
+        print(f"[hvae] {', '.join(skipped)}: not applicable to {cfg.stage1.model} (it learns its prior in stage 1)")
+        tracker.set_tags(parent_id, {"hvae.not_applicable": ",".join(skipped)})
     for planned in stages:
         st = planned.stage
         with FileLock(str(locks / f"{planned.checkpoint_name}.lock")):

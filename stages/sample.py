@@ -1,7 +1,8 @@
 """Sample: ancestral sampling through the hierarchy, then the stage-1 decoder.
 
 Top codes from the top prior, each lower level from its prior conditioned on the level
-above, then the decoder; the logits are divided by ``sample.temperature``. A fixed
+above, then the decoder; the logits are divided by ``sample.temperature``. An NVAE samples
+its own top-down prior, each group's sigma multiplied by ``sample.temperature``. A fixed
 ``sample.seed`` gives identical samples. Output folder:
     samples/grid.png      the images in a grid (rows of 8)
     samples/samples.npz   images (uint8 [N, C, H, W]), codes per level (level0 = top), labels
@@ -18,7 +19,7 @@ from .priors import load_priors
 from .stage1 import load_model
 
 CODE = ["stages/sample.py", "stages/priors.py", "stages/stage1.py", "stages/base.py", "models/pixelcnn.py",
-        "models/vqvae2.py", "models/quantize.py", "models/likelihoods.py"]
+        "models/vqvae2.py", "models/quantize.py", "models/nvae.py", "models/likelihoods.py"]
 
 
 @torch.no_grad()
@@ -40,10 +41,14 @@ def run(ctx: StageContext) -> StageResult:
     from torchvision.utils import save_image
 
     scfg = ctx.config.sample
-    vq = load_model(ctx.upstream["stage1"] / "model")
-    priors = load_priors(ctx.upstream["priors"] / "model")
+    model = load_model(ctx.upstream["stage1"] / "model")
     torch.manual_seed(scfg.seed)
-    images, codes, labels = draw(vq, priors, scfg.num_samples, scfg.temperature, scfg.seed, scfg.pixels)
+    if "priors" in ctx.upstream:
+        priors = load_priors(ctx.upstream["priors"] / "model")
+        images, codes, labels = draw(model, priors, scfg.num_samples, scfg.temperature, scfg.seed, scfg.pixels)
+    else:  # an NVAE: its own prior, sigma_p scaled by the temperature
+        gen = torch.Generator().manual_seed(scfg.seed)
+        images, codes, labels = model.sample(scfg.num_samples, scfg.temperature, gen, pixels=scfg.pixels), [], None
     folder = ctx.output_dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     nrow = 10 if labels is not None else max(1, int(math.sqrt(scfg.num_samples)))

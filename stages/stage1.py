@@ -21,8 +21,8 @@ from .base import StageContext, StageResult
 from .train_loop import LoopSpec, TrainTask, final_state, fit, placement_tags
 
 # the source this stage runs: part of its fingerprint
-CODE = ["stages/stage1.py", "stages/train_loop.py", "stages/base.py", "models/vqvae2.py",
-        "models/quantize.py", "models/likelihoods.py", "pipeline/datasets.py"]
+CODE = ["stages/stage1.py", "stages/stage1_nvae.py", "stages/train_loop.py", "stages/base.py", "models/vqvae2.py",
+        "models/quantize.py", "models/nvae.py", "models/likelihoods.py", "pipeline/datasets.py"]
 MODEL_FILE = "vqvae2.pt"
 CONFIG_FILE = "config.json"
 
@@ -33,11 +33,16 @@ def model_config(stage_cfg, channels: int) -> dict:
     return {"in_channels": channels, **{k: getattr(stage_cfg, k) for k in keys}}
 
 
-def load_model(model_dir: Path) -> VQVAE2:
-    """Rebuild the trained model from a stage-1 ``model/`` folder."""
+def load_model(model_dir: Path):
+    """Rebuild the trained model (a VQVAE2, or an NVAE) from a stage-1 ``model/`` folder."""
     config = json.loads((Path(model_dir) / CONFIG_FILE).read_text())
-    model = VQVAE2(**config)
-    model.load_state_dict(torch.load(Path(model_dir) / MODEL_FILE, map_location="cpu", weights_only=True))
+    if config.pop("family", "vqvae2") == "nvae":
+        from models.nvae import NVAE
+
+        model, weights = NVAE(**config), "nvae.pt"
+    else:
+        model, weights = VQVAE2(**config), MODEL_FILE
+    model.load_state_dict(torch.load(Path(model_dir) / weights, map_location="cpu", weights_only=True))
     return model.eval()
 
 
@@ -46,13 +51,16 @@ def iterate(images: np.ndarray, batch_size: int):
         yield torch.from_numpy(np.array(images[i : i + batch_size]))
 
 
-class VQTask(TrainTask):
+class ImageTask(TrainTask):
+    """Batches of uint8 images from the object store, sharded over the workers (both families)."""
+
     def __init__(self, model_config: dict, data_ref, batch_size: int, world_hint: int, seed: int):
         self.model_config = model_config
         self.data_ref = data_ref
         self.batch_size = max(1, math.ceil(batch_size / world_hint))  # global batch split over workers
         self.seed = seed
         self._data = None
+        self.epoch, self.steps_per_epoch = 0, 1
 
     @property
     def data(self) -> dict:
@@ -62,19 +70,25 @@ class VQTask(TrainTask):
             self._data = ray.get(self.data_ref)
         return self._data
 
-    def build_model(self):
-        return VQVAE2(**self.model_config)
-
     def train_batches(self, epoch, rank, world):
         images = self.data["train"]
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed * 1009 + epoch)).numpy()
         per_rank = len(order) // world  # equal shards: every rank takes the same number of steps
         mine = order[rank::world][:per_rank]
+        self.epoch, self.steps_per_epoch = epoch, max(1, math.ceil(per_rank / self.batch_size))
         for i in range(0, per_rank, self.batch_size):
             yield torch.from_numpy(images[mine[i : i + self.batch_size]])  # fancy indexing copies
 
     def val_batches(self, rank, world):
         return iterate(self.data["val"][rank::world], self.batch_size)
+
+    def _image_dims(self) -> int:
+        return int(np.prod(self.data["train"].shape[1:]))
+
+
+class VQTask(ImageTask):
+    def build_model(self):
+        return VQVAE2(**self.model_config)
 
     def _sums(self, out, x):
         return {"count": torch.tensor(float(x.shape[0])), "nll": out["nll"].sum(), "commit": out["commit"].sum()}
@@ -99,7 +113,7 @@ class VQTask(TrainTask):
 
     def summarize(self, split, sums):
         n = float(sums["count"])
-        dims = self.model_config["in_channels"] * self._image_dims()
+        dims = self._image_dims()
         nll, commit = float(sums["nll"]) / n, float(sums["commit"]) / n
         out = {f"{split}_loss": (nll + commit) / dims, f"{split}_nll_nats": nll,
                f"{split}_bpd": nll / (dims * math.log(2)), f"{split}_commit": commit}
@@ -112,18 +126,12 @@ class VQTask(TrainTask):
                 out[f"{split}_dead_codes_level{key[-1]}"] = float((v == 0).sum())
         return out
 
-    def _image_dims(self) -> int:
-        return int(np.prod(self.data["train"].shape[2:]))
-
 
 # ---- figures ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def _figures(model: VQVAE2, val: np.ndarray, n_recon: int, folder: Path) -> dict[str, float]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def save_reconstructions(model, val: np.ndarray, n_recon: int, folder: Path) -> None:
+    """figures/reconstructions.png: validation images (odd rows) over their reconstructions."""
     from torchvision.utils import save_image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,6 +144,15 @@ def _figures(model: VQVAE2, val: np.ndarray, n_recon: int, folder: Path) -> dict
         rows += [x[i : i + per_row].float() / 255.0, recon[i : i + per_row]]
     save_image(torch.cat(rows), folder / "reconstructions.png", nrow=per_row, padding=2, pad_value=0.5)
 
+
+@torch.no_grad()
+def _figures(model: VQVAE2, val: np.ndarray, n_recon: int, folder: Path) -> dict[str, float]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    save_reconstructions(model, val, n_recon, folder)
     usage = [torch.zeros(k) for k in model.codebook_sizes]
     for batch in iterate(val, 256):
         for l, codes in enumerate(model.encode(batch)):
@@ -162,25 +179,14 @@ def _figures(model: VQVAE2, val: np.ndarray, n_recon: int, folder: Path) -> dict
 # ---- entry point -----------------------------------------------------------------------
 
 def run(ctx: StageContext) -> StageResult:
-    import ray
+    if ctx.config.stage1.model == "nvae":
+        from .stage1_nvae import run as run_nvae
 
-    cfg, s1 = ctx.config, ctx.config.stage1
-    channels = int(ctx.data["train"].images.shape[1])
-    mc = model_config(s1, channels)
-    data_ref = ray.put({"train": ctx.data["train"].images, "val": ctx.data["val"].images})
-    spec = LoopSpec(
-        make_task=VQTask,
-        task_args=dict(model_config=mc, data_ref=data_ref, batch_size=s1.batch_size,
-                       world_hint=cfg.cluster.num_workers, seed=s1.seed),
-        model_config=mc, epochs=s1.epochs, lr=s1.lr, weight_decay=s1.weight_decay,
-        grad_clip=s1.grad_clip, seed=s1.seed, stage=ctx.name, report=ctx.report,
-    )
-    result = fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path,
-                 num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-                 cpus_per_worker=cfg.cluster.cpus_per_worker, max_failures=cfg.cluster.max_failures,
-                 placement_strategy=cfg.cluster.placement_strategy, callbacks=ctx.train_callbacks)
-    state, meta, checkpoint = final_state(result, ctx.storage_path, ctx.checkpoint_name)
+        return run_nvae(ctx)
 
+    s1 = ctx.config.stage1
+    mc = model_config(s1, int(ctx.data["train"].images.shape[1]))
+    result, state, meta, checkpoint = train(ctx, VQTask, mc)
     model_dir = ctx.output_dir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(state["model"], model_dir / MODEL_FILE)
@@ -191,3 +197,23 @@ def run(ctx: StageContext) -> StageResult:
     metrics["num_params"] = float(sum(p.numel() for p in model.parameters()))
     return StageResult(metrics=metrics, output_dir=ctx.output_dir,
                        tags={"hvae.checkpoint": checkpoint, **placement_tags(result)})
+
+
+def train(ctx: StageContext, task_cls, mc: dict, **task_args):
+    """Fit ``task_cls`` (an ImageTask) on the shared loop -> (result, state, meta, checkpoint path)."""
+    import ray
+
+    cfg, s1 = ctx.config, ctx.config.stage1
+    data_ref = ray.put({"train": ctx.data["train"].images, "val": ctx.data["val"].images})
+    spec = LoopSpec(
+        make_task=task_cls,
+        task_args=dict(model_config=mc, data_ref=data_ref, batch_size=s1.batch_size,
+                       world_hint=cfg.cluster.num_workers, seed=s1.seed, **task_args),
+        model_config=mc, epochs=s1.epochs, lr=s1.lr, weight_decay=s1.weight_decay,
+        grad_clip=s1.grad_clip, seed=s1.seed, stage=ctx.name, report=ctx.report,
+    )
+    result = fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path,
+                 num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+                 cpus_per_worker=cfg.cluster.cpus_per_worker, max_failures=cfg.cluster.max_failures,
+                 placement_strategy=cfg.cluster.placement_strategy, callbacks=ctx.train_callbacks)
+    return (result, *final_state(result, ctx.storage_path, ctx.checkpoint_name))

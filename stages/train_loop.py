@@ -243,7 +243,7 @@ def train_worker(spec: LoopSpec) -> dict:
         if rank == 0:
             if spec.report is not None:
                 spec.report(metrics, epoch)
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("train_loss", "val_")) and "level" not in k)
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("train_loss", "val_")) and "level" not in k and "group" not in k)
             log(f"[{spec.stage}] epoch {epoch + 1}/{spec.epochs} {shown} {metrics['images_per_s']:.0f} items/s")
             with tempfile.TemporaryDirectory() as tmp:
                 state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),

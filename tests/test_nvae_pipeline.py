@@ -1,0 +1,72 @@
+"""NVAE through the CLI: stage1 -> sample -> evaluate, the NaN guard, and `hvae report` next to a VQ-VAE-2."""
+import json
+import re
+import shutil
+
+import torch
+
+from conftest import SMOKE, hvae, pipeline_runs, runs
+
+
+def test_nvae_runs_three_stages_and_the_report_compares_it_with_vqvae2(smoke_store, tmp_path):
+    # the shared smoke store already holds a finished VQ-VAE-2 pipeline: report across both
+    smoke_dir, _, _ = smoke_store
+    shutil.copy(smoke_dir / "mlruns.db", tmp_path / "mlruns.db")
+    proc = hvae(tmp_path, "run", SMOKE, "stage1.model=nvae", "evaluate.iw_samples=4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[hvae] extract, priors: not applicable to nvae" in proc.stdout
+    parent = re.search(r"MLflow parent run ([0-9a-f]{32})", proc.stdout).group(1)
+    children = pipeline_runs(tmp_path, parent)
+    assert sorted(children) == ["evaluate", "sample", "stage1"]
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    ev = children["evaluate"]
+    assert ev.data.tags["hvae.upstream.stage1"] == children["stage1"].info.run_id
+    assert "hvae.upstream.priors" not in ev.data.tags
+    m = ev.data.metrics
+    assert m["test_iw_samples"] == 4 and 0 < m["test_nll_bpd"] < 8 and m["test_kl_bpd"] >= 0
+    # the IW estimate is no worse than the ELBO it improves on (up to Monte-Carlo noise)
+    assert m["test_nll_nats"] <= m["test_elbo_nats"] + 1.0
+    assert ev.data.tags["hvae.bound"] == "≈"
+    client, _ = runs(tmp_path)
+    files = {f.path for f in client.list_artifacts(children["stage1"].info.run_id, "figures")}
+    assert files == {"figures/reconstructions.png", "figures/kl_per_group.png"}
+    assert {f.path for f in client.list_artifacts(children["sample"].info.run_id, "samples")} >= {"samples/grid.png"}
+
+    report = hvae(tmp_path, "report", "--dataset", "mnist5k")
+    assert report.returncode == 0, report.stdout + report.stderr
+    rows = [line for line in report.stdout.splitlines() if line.startswith("| ") and "Evaluate run" not in line]
+    assert any(r.startswith("| VQ-VAE-2") and "≤" in r for r in rows), report.stdout
+    nvae = [r for r in rows if r.startswith("| NVAE")]
+    assert len(nvae) == 1 and ev.info.run_id in nvae[0] and "≈" in nvae[0]
+    for row in rows:  # every NLL in the table is a finite number
+        nats = float(row.split("|")[4].split()[-1])
+        assert 0 < nats < 1e5
+    assert (tmp_path / "report.md").read_text().startswith("| Model |")
+    only = hvae(tmp_path, "report", "--model", "nvae", "--out", "nvae.md")
+    assert only.returncode == 0 and "VQ-VAE-2" not in (tmp_path / "nvae.md").read_text()
+
+
+def test_a_non_finite_term_stops_stage1_naming_step_and_term_and_keeps_the_checkpoint(tmp_path):
+    # 128 training images, global batch 64 over 2 workers: 2 steps per epoch; step 3 is in epoch 1
+    proc = hvae(tmp_path, "run", SMOKE, "stage1.model=nvae", "data.limit=128", "nvae.inject_nan_at_step=3")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert "stage stage1 failed: FloatingPointError: stage1: non-finite kl term at epoch 1 step 3" in errors[0]
+    client, all_runs = runs(tmp_path)
+    child = next(r for r in all_runs if r.data.tags.get("hvae.stage") == "stage1")
+    parent = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline")
+    assert child.info.status == "FAILED" and parent.info.status == "FAILED"
+    assert "non-finite kl term" in child.data.tags["hvae.error"]
+    assert "error.txt" in {f.path for f in client.list_artifacts(child.info.run_id)}
+    # the checkpoint of epoch 0, from before the bad step, is on disk and loads
+    from models.nvae import NVAE
+    from stages.train_loop import load_state, newest_checkpoint
+
+    epoch, folder = newest_checkpoint(str(tmp_path / "ray_results"), f"stage1-{child.data.tags['hvae.fingerprint']}")
+    assert epoch == 0
+    state, meta = load_state(folder)
+    model = NVAE(**{k: v for k, v in meta["model_config"].items()})
+    model.load_state_dict(state["model"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert json.loads((folder / "meta.json").read_text())["epoch"] == 0
