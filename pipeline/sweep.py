@@ -257,11 +257,17 @@ def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
     rows = _rows(list(results), runs, sweep, base, tracker)
     for r in rows:
         run = runs.get(r["trial"])
-        if run is None or run.info.status != "RUNNING":
+        if run is None:
             continue
-        if r["status"] == "EARLY_STOPPED":  # Tune ended the trial's actor: its run could not close itself
+        if r["status"] == "EARLY_STOPPED" and run.info.status in ("RUNNING", "FAILED"):
+            # Tune ended the trial: either its actor went before the run could close, or its
+            # TrainController went first (removed with the trial's placement group) and the
+            # trial saw that as a failure. Either way the run was stopped, not broken.
             tracker.set_tags(run.info.run_id, {TAG_EARLY: f"{sweep.scheduler} after epoch {r['epochs']} of {r['of']}"})
-        tracker.finish(run.info.run_id, "KILLED")
+            tracker.delete_tag(run.info.run_id, "hvae.error")
+            tracker.finish(run.info.run_id, "KILLED")
+        elif run.info.status == "RUNNING":
+            tracker.finish(run.info.run_id, "KILLED")
     table = _table(rows, sweep)
     tracker.log_text(sweep_run, table, "sweep_table.md")
     print("\n" + table)

@@ -165,6 +165,10 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
 
+    def delete_tag(self, run_id: str, key: str) -> None:
+        if key in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, key)
+
     def log_artifacts(self, run_id: str, folder: Path) -> None:
         self.client.log_artifacts(run_id, str(folder))
 

@@ -29,7 +29,7 @@ def test_trials_are_nested_under_the_sweep_run_and_asha_stops_the_bad_one(sweep_
     good, bad = by_lr["0.003"], by_lr["1e-06"]
     assert good.info.status == "FINISHED" and "hvae.early_stopped" not in good.data.tags
     # the hopeless learning rate was stopped by ASHA at its first rung; its run says so
-    assert bad.info.status == "KILLED"
+    assert bad.info.status == "KILLED" and "hvae.error" not in bad.data.tags
     assert bad.data.tags["hvae.early_stopped"].startswith("asha after epoch 1 of 3")
     assert sorted(m.step for m in client.get_metric_history(good.info.run_id, "val_loss")) == [0, 1, 2]
     bad_steps = sorted(m.step for m in client.get_metric_history(bad.info.run_id, "val_loss"))
