@@ -80,7 +80,7 @@ def submit(config_path: str, overrides: list[str], address: str, wait: bool = Tr
     overrides = job_overrides(config_path, overrides, sweep=sweep)
     command = entrypoint(config_path, overrides, "sweep" if sweep else "run")
     jobs = client(address)
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a head that has just started may take minutes to start its job agent
     while True:
         try:
             job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env(),

@@ -44,8 +44,12 @@ def head(tmp_path_factory):
     dash, port = _free_port(), _free_port()
     # the job's `python` is this venv's; nodes joining the token-authenticated head need the mode set
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    procs = [_start(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"],
-                    tmp, "head", env)]
+    # every node gets its own agent ports: the defaults may be taken by another Ray on this machine
+    own_ports = lambda: [f"--{flag}={_free_port()}" for flag in (  # noqa: E731
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
+    procs = [_start(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                     *own_ports()], tmp, "head", env)]
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
@@ -59,14 +63,10 @@ def head(tmp_path_factory):
                 assert procs[0].poll() is None, (tmp / "head.log").read_text()[-2000:]
                 assert time.time() < deadline, "the Ray head did not come up"
                 time.sleep(1)
-        # a second node on the same machine needs its own agent and manager ports
-        own_ports = [f"--{flag}={_free_port()}" for flag in (
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-            "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
         # and its own temp dir: two raylets sharing one session folder garbage-collect each other's
         # runtime-env packages (the job's working directory vanishes under its driver)
         node2_tmp = tempfile.mkdtemp(prefix="ray2_", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
-        procs.append(_start([f"--address=127.0.0.1:{port}", f"--temp-dir={node2_tmp}", *own_ports],
+        procs.append(_start([f"--address=127.0.0.1:{port}", f"--temp-dir={node2_tmp}", *own_ports()],
                             tmp, "node2", env))
         while _alive_nodes(f"127.0.0.1:{port}", env) < 2:
             assert procs[1].poll() is None, (tmp / "node2.log").read_text()[-2000:]
@@ -99,6 +99,7 @@ def test_submitted_pipeline_succeeds_on_both_nodes_with_logs_and_mlflow_runs(hea
     nodes = stage_runs(all_runs, "stage1")[0].data.tags["hvae.worker_nodes"].split(",")
     assert len(nodes) == 2 and len(set(nodes)) == 2, nodes
     print(f"stage-1 worker placement (rank 0, rank 1): {nodes}")
+    print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("[hvae]")))
     status = hvae(tmp_path, "status", job_id, "--address", head, "--logs")
     assert status.returncode == 0
     assert f"job {job_id}: SUCCEEDED" in status.stdout and "[hvae] evaluate" in status.stdout
