@@ -117,8 +117,9 @@ class NVAE(nn.Module):
         self.dec_up = nn.ModuleList(
             nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(hidden, hidden, 1))
             for _ in range(scales - 1))
+        # (the plain VAE's prior is a fixed N(0, I): no heads, so DDP sees no unused parameters)
         self.prior_heads = nn.ModuleList(nn.Conv2d(hidden, 2 * latent_channels, 3, padding=1)
-                                         for _ in range(self.num_groups))
+                                         for _ in range(self.num_groups if residual_posterior else 0))
         self.posterior_heads = nn.ModuleList(nn.Conv2d(2 * hidden, 2 * latent_channels, 3, padding=1)
                                              for _ in range(self.num_groups))
         self.merge = nn.ModuleList(nn.Conv2d(hidden + latent_channels, hidden, 1) for _ in range(self.num_groups))

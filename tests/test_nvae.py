@@ -92,3 +92,13 @@ def test_spectral_loss_converges_to_the_largest_singular_value():
     estimate = torch.dot(conv.sr_u, conv.weight.detach().flatten(1) @ conv.sr_v)
     torch.testing.assert_close(estimate, sigma, rtol=1e-3, atol=1e-4)
     assert loss.requires_grad and "stem.sr_u" in model.state_dict()
+
+
+@pytest.mark.parametrize("kwargs", [dict(scales=2, groups_per_scale=2), dict(scales=1, groups_per_scale=1,
+                                                                          residual_posterior=False)])
+def test_every_parameter_gets_a_gradient(kwargs):
+    """DDP (several Ray Train workers) fails on parameters the loss does not reach."""
+    model = NVAE(hidden=8, latent_channels=2, **kwargs)
+    out = model(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
+    (out["nll"] + out["kl"].sum(0)).mean().add(model.spectral_loss()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
