@@ -1,6 +1,8 @@
-# make run   - set up .venv if needed, then run the pipeline on the embedded default
-# make test  - set up .venv if needed, then run the test suite
-# make ui    - MLflow UI for ./mlruns.db on http://127.0.0.1:5000
+# make run            - set up .venv if needed, then run the pipeline on the embedded default
+# make test           - set up .venv if needed, then run the whole test suite (what CI runs)
+# make test-fast      - the tests to run while working: every unit test and one smoke pipeline (< 3 min)
+# make test-shuffled  - the whole suite in a shuffled order (SEED=<n>, default 1)
+# make ui             - MLflow UI for ./mlruns.db on http://127.0.0.1:5000
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
@@ -8,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test ui bench clean
+.PHONY: run test test-fast test-shuffled ui bench clean
 
 $(STAMP): pyproject.toml
 	@echo "[make] creating $(VENV) and installing hvae with torch, ray, mlflow (about 2-3 minutes, ~6.5 GB)"
@@ -21,6 +23,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+SEED ?= 1
+test-shuffled: $(STAMP)
+	HVAE_TEST_SHUFFLE=$(SEED) $(BIN)/python -m pytest -q -p no:cacheprovider
 
 ui: $(STAMP)
 	$(BIN)/hvae ui

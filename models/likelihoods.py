@@ -7,7 +7,7 @@ Images reach the model scaled to [-1, 1] (8-bit value v -> v / 127.5 - 1), so th
   with the channel-autoregressive means of that paper for multi-channel images.
 - ``Bernoulli``: independent Bernoulli pixels for binarized images (targets in {0, 1}).
 
-Both give log p(x | decoder output) in nats per image; ``bits_per_dim`` converts.
+Both give log p(x | decoder output) in nats per image; ``to_bits_per_dim`` converts.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 
-def bits_per_dim(nll_nats: torch.Tensor, num_dims: int) -> torch.Tensor:
-    """Negative log-likelihood in nats per image -> bits per dimension."""
+def to_bits_per_dim(nll_nats, num_dims: int):
+    """Negative log-likelihood in nats (per image, or summed over images) -> bits per dimension
+    (per code for a prior over code maps); a float or a tensor."""
     return nll_nats / (num_dims * math.log(2.0))
 
 

@@ -256,12 +256,13 @@ def iw_bound(log_weights: torch.Tensor) -> torch.Tensor:
 
 def kl_balance(kl: torch.Tensor, sizes: list[int], beta: float) -> torch.Tensor:
     """NVAE's KL balancing during warm-up: weight each group's KL [G, B] by a coefficient
-    proportional to its size times its batch-mean KL per dimension, normalised to mean 1,
-    so no group is switched off early; once beta reaches 1 every group counts as it is."""
+    proportional to its batch-mean KL *per latent dimension* (group KL / group size),
+    normalised to mean 1. A group that carries little information per dimension is pushed
+    to carry more, whatever its size, so no group is switched off early; once beta reaches
+    1 every group counts as it is."""
     if beta >= 1.0:
         return kl.sum(0)
     sizes_t = torch.tensor(sizes, dtype=kl.dtype, device=kl.device)
-    per_dim = kl.detach().mean(1) / sizes_t
-    gamma = sizes_t * per_dim + 1e-2
+    gamma = kl.detach().mean(1) / sizes_t + 1e-2
     gamma = gamma / gamma.mean()
     return beta * (gamma[:, None] * kl).sum(0)

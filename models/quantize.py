@@ -158,8 +158,13 @@ class VectorQuantizerEMA(nn.Module):
         if z.requires_grad:
             z_q = z + (z_q - z).detach()  # straight-through estimator
         # without gradients z_q stays the exact code vectors, so decoding codes reproduces it
-        probs = counts / counts.sum().clamp(min=1)
-        perplexity = torch.exp(-(probs * torch.log(probs.clamp(min=1e-10))).sum())
         # usage: code counts of this step (summed over ranks in training), for epoch statistics
-        stats = {"perplexity": perplexity.detach(), "usage": counts.detach()}
+        stats = {"perplexity": perplexity(counts).detach(), "usage": counts.detach()}
         return z_q, codes, loss, stats
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the code distribution given by ``counts``: the number of codes in
+    effective use (1 = collapse, K = uniform over a codebook of K)."""
+    probs = counts / counts.sum().clamp(min=1)
+    return torch.exp(-(probs * torch.log(probs.clamp(min=1e-12))).sum())

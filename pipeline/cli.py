@@ -16,9 +16,10 @@ import os
 import subprocess
 import sys
 
-from .config import ConfigError, load_config
+from stages import families
 
-STAGE_NAMES = ("stage1", "extract", "priors", "sample", "evaluate")  # runner.STAGES, without importing torch
+from . import graph
+from .config import ConfigError, load_config
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and the stages, run nothing")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="re-run STAGE and every stage after it instead of reusing them")
-    run.add_argument("--until", choices=STAGE_NAMES, metavar="STAGE",
+    run.add_argument("--until", choices=graph.names(), metavar="STAGE",
                      help="stop after STAGE (e.g. --until stage1 trains and checks the autoencoder only)")
     run.set_defaults(func=cmd_run)
 
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("items", nargs="*", metavar="key=value", help="overrides on top of the recorded config")
     resume.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: ./mlruns.db)")
     resume.add_argument("--force", action="append", default=[], metavar="STAGE")
-    resume.add_argument("--until", choices=STAGE_NAMES, metavar="STAGE", help="stop after STAGE")
+    resume.add_argument("--until", choices=graph.names(), metavar="STAGE", help="stop after STAGE")
     resume.set_defaults(func=cmd_resume)
 
     from .jobs import default_address
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: ./mlruns.db)")
     rep.add_argument("--experiment", default="hvae")
     rep.add_argument("--dataset", help="only this data.dataset (e.g. mnist5k)")
-    rep.add_argument("--model", choices=("vqvae2", "nvae"), help="only this stage1.model")
+    rep.add_argument("--model", choices=families.names(), help="only this model family (stage1.model)")
     rep.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag")
     rep.add_argument("--out", default="report.md", help="the Markdown file to write (default: %(default)s)")
     rep.set_defaults(func=cmd_report)

@@ -1,28 +1,30 @@
 """The one configuration schema of the pipeline (pydantic), YAML loading and overrides.
 
 Every section forbids unknown keys and checks types strictly, so a typo or a wrong type
-fails before any work starts, with one line naming the dotted key.
+fails before any work starts, with one line naming the dotted key. Each model family
+(``stages/families``) brings its own section (``vqvae2:``, ``nvae:``, ``vae:``); the stages'
+and the product's sections are here.
 """
 from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+
+from stages import families
+
+from . import graph
+from .schema import ConfigError, Section
+
+__all__ = ["ConfigError", "PipelineConfig", "load_config", "to_yaml", "set_key"]
 
 
-class ConfigError(ValueError):
-    """A configuration problem, reported to the user as one line."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
-
-
-class DataConfig(_Section):
+class DataConfig(Section):
     dataset: Literal["mnist5k", "mnist", "fashion_mnist", "cifar10", "imagefolder"] = "mnist5k"
     root: str = "data"  # where torchvision datasets live or are downloaded to; the folder for imagefolder
     image_size: int = Field(32, ge=8)  # images are padded (if smaller) or resized to this square size
@@ -34,7 +36,7 @@ class DataConfig(_Section):
     limit: Optional[int] = Field(None, ge=1)  # keep at most this many images per split (tiny runs)
 
 
-class ClusterConfig(_Section):
+class ClusterConfig(Section):
     address: Optional[str] = None  # None: start a local Ray; "auto" or "ray://host:10001": join one
     num_workers: int = Field(2, ge=1)  # Ray Train workers (DDP processes)
     use_gpu: bool = False  # NCCL + one GPU per worker when true, gloo on CPU otherwise
@@ -44,26 +46,17 @@ class ClusterConfig(_Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray Train workers over nodes
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     uri: str = "sqlite:///mlruns.db"  # MLflow tracking URI (relative sqlite paths are made absolute)
     experiment: str = "hvae"
     artifact_location: str = "mlartifacts"  # used when the experiment is created
 
 
-class Stage1Config(_Section):
-    model: Literal["vqvae2", "nvae"] = "vqvae2"  # nvae: its architecture is the nvae section
-    # ---- VQ-VAE / VQ-VAE-2 (model: vqvae2) ----
-    levels: int = Field(2, ge=1, le=3)  # 1 = VQ-VAE, 2 = VQ-VAE-2, 3 = three maps
-    hidden: int = Field(64, ge=4)
-    res_hidden: int = Field(32, ge=1)
-    res_blocks: int = Field(2, ge=0)
-    embed_dim: int = Field(64, ge=1)
-    codebook_size: Union[int, list[int]] = 512  # one per level (top first) or one for all
-    beta: float = Field(0.25, ge=0)  # commitment weight
-    decay: float = Field(0.99, gt=0, lt=1)  # EMA gamma of the codebook
-    kmeans_init: bool = True  # initialise each codebook by k-means on its first batch
-    dead_code_threshold: float = Field(0.0, ge=0)  # restart codes whose EMA count falls below this (0: off)
-    # ---- both families ----
+class Stage1Config(Section):
+    """Training keys every model family shares; the model's own keys are in its section
+    (``vqvae2:``, ``nvae:``, ``vae:``: the family named by ``model``)."""
+
+    model: str = families.DEFAULT  # the model family (stages/families/<model>.py) and its config section
     likelihood: Literal["dlogistic", "bernoulli"] = "dlogistic"
     num_mixtures: int = Field(5, ge=1)  # discretized logistic mixture components
     epochs: int = Field(10, ge=1)
@@ -74,46 +67,20 @@ class Stage1Config(_Section):
     seed: int = 0
     recon_images: int = Field(32, ge=1)  # validation images shown in figures/reconstructions.png
 
-    @model_validator(mode="after")
-    def _codebooks(self):
-        if isinstance(self.codebook_size, list) and len(self.codebook_size) != self.levels:
-            raise ValueError(
-                f"codebook_size lists {len(self.codebook_size)} sizes for {self.levels} levels"
-            )
-        sizes = self.codebook_size if isinstance(self.codebook_size, list) else [self.codebook_size]
-        if any(k < 2 for k in sizes):
-            raise ValueError("codebook_size must be >= 2")
-        return self
+    @field_validator("model")
+    @classmethod
+    def _family(cls, v):
+        if v not in families.names():
+            raise ValueError(f"unknown model family {v!r} (families: {', '.join(families.names())})")
+        return v
 
 
-class NVAEConfig(_Section):
-    """The NVAE of stage 1 (stage1.model: nvae); training keys (epochs, lr, ...) stay in stage1."""
-
-    hidden: int = Field(32, ge=4)  # channels of both towers
-    latent_channels: int = Field(8, ge=1)  # channels of each latent group
-    scales: int = Field(2, ge=1, le=4)  # latent scales: image/2 (finest) down to image/2^scales
-    groups_per_scale: int = Field(2, ge=1)
-    cells_per_group: int = Field(1, ge=1)  # residual cells per group in each tower
-    residual_posterior: bool = True  # false (one scale, one group): the plain Gaussian VAE
-    kl_warmup: float = Field(0.3, ge=0, le=1)  # fraction of training over which the KL weight rises to 1
-    kl_min: float = Field(1e-2, ge=0, le=1)  # the KL weight at the start of warm-up
-    kl_balance: bool = True  # NVAE's per-group KL balancing during warm-up
-    spectral_weight: float = Field(1e-2, ge=0)  # spectral regularisation of the conv weights
-    inject_nan_at_step: Optional[int] = Field(None, ge=0)  # testing: make the KL non-finite at this global step
-
-    @model_validator(mode="after")
-    def _plain(self):
-        if not self.residual_posterior and (self.scales, self.groups_per_scale) != (1, 1):
-            raise ValueError("residual_posterior=false is the plain VAE: it needs scales=1 and groups_per_scale=1")
-        return self
-
-
-class ExtractConfig(_Section):
+class ExtractConfig(Section):
     batch_size: int = Field(256, ge=1)
     num_actors: int = Field(1, ge=1)  # Ray Data actors holding the encoder
 
 
-class PriorsConfig(_Section):
+class PriorsConfig(Section):
     hidden: int = Field(64, ge=4)
     layers: int = Field(6, ge=1)
     kernel: int = Field(5, ge=3)
@@ -124,31 +91,25 @@ class PriorsConfig(_Section):
     seed: int = 0
 
 
-class SampleConfig(_Section):
+class SampleConfig(Section):
     num_samples: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)  # VQ: prior logits are divided by it; NVAE: prior sigmas multiplied
     seed: int = 0
     pixels: Literal["mean", "sample"] = "mean"  # decoder mean, or a draw from the pixel likelihood
 
 
-class EvaluateConfig(_Section):
+class EvaluateConfig(Section):
     batch_size: int = Field(256, ge=1)
-    iw_samples: int = Field(16, ge=1)  # NVAE: importance samples per test image (1 = the ELBO)
+    iw_samples: int = Field(16, ge=1)  # VAE families: importance samples per test image (1 = the ELBO)
 
 
-# What each sweepable stage reports every epoch (the names a sweep's metric may take).
-SWEEP_METRICS = {
-    "stage1": re.compile(r"^(train|val)_(loss|bpd|nll_nats|commit|perplexity_level\d|dead_codes_level\d"
-                         r"|recon_bpd|kl_bpd|kl_nats_group\d+)$"),
-    "priors": re.compile(r"^(train|val)_(loss|bits_per_code|bits_per_code_level\d|nll_nats_level\d)$"),
-}
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
 
 
-class SweepConfig(_Section):
+class SweepConfig(Section):
     """A Ray Tune search over config keys of one training stage (``hvae sweep``)."""
 
-    stage: Literal["stage1", "priors"] = "stage1"  # the stage each trial trains; its upstream stages run once
+    stage: str = "stage1"  # the training stage each trial runs; its upstream stages run once
     # dotted key -> one of {grid: [..]}, {choice: [..]}, {uniform: [low, high]}, {loguniform: [low, high]}
     space: dict[str, dict[str, list]] = Field(default_factory=dict)
     metric: str = "val_loss"  # reported by the stage every epoch; ASHA compares trials on it
@@ -161,13 +122,18 @@ class SweepConfig(_Section):
     seed: Optional[int] = None  # seeds the random search (None: a different draw each sweep)
     then: Literal["none", "pipeline"] = "none"  # pipeline: run the stages after the sweep from the best trial
 
+    @field_validator("stage")
+    @classmethod
+    def _training_stage(cls, v):
+        if v not in graph.training_stages():
+            raise ValueError(f"{v!r} is not a training stage (sweepable: {', '.join(graph.training_stages())})")
+        return v
+
     @model_validator(mode="after")
     def _space(self):
         if not self.space:
             raise ValueError("the search space is empty: add keys such as stage1.lr: {loguniform: [1e-4, 3e-3]}")
         for key, spec in self.space.items():
-            if not key.startswith(self.stage + ".") and not (self.stage == "stage1" and key.startswith("nvae.")):
-                raise ValueError(f"space key {key!r} is not a {self.stage} setting (sweep.stage={self.stage})")
             if len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
                 raise ValueError(f"space.{key} must be one of {{grid|choice|uniform|loguniform: [...]}} (got {spec!r})")
             kind, values = next(iter(spec.items()))
@@ -178,45 +144,86 @@ class SweepConfig(_Section):
                     raise ValueError(f"space.{key}.{kind} must be [low, high] with low < high (got {values!r})")
                 if kind == "loguniform" and values[0] <= 0:
                     raise ValueError(f"space.{key}.loguniform needs low > 0 (got {values!r})")
-        if not SWEEP_METRICS[self.stage].match(self.metric):
-            raise ValueError(f"metric {self.metric!r} is not reported by {self.stage} each epoch "
-                             f"(e.g. val_loss, {'val_bpd' if self.stage == 'stage1' else 'val_bits_per_code'})")
         if self.num_samples > 1 and all(next(iter(s)) == "grid" for s in self.space.values()):
             raise ValueError("num_samples > 1 with a grid-only space repeats identical trials: set num_samples: 1")
         return self
 
 
-class PipelineConfig(_Section):
-    data: DataConfig = DataConfig()
-    cluster: ClusterConfig = ClusterConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    stage1: Stage1Config = Stage1Config()
-    nvae: NVAEConfig = NVAEConfig()
-    extract: ExtractConfig = ExtractConfig()
-    priors: PriorsConfig = PriorsConfig()
-    sample: SampleConfig = SampleConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    sweep: Optional[SweepConfig] = None  # read by `hvae sweep` only
+_warned: set[str] = set()
+
+
+def _deprecated(message: str) -> None:
+    """One line on stderr, once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"config: {message}", file=sys.stderr)
+
+
+class _Checks(Section):
+    """Checks across sections (the fields come from create_model below, families included)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        """Keys older configs used: each family upgrades its own section, and model keys that
+        were kept in ``stage1:`` move to the family's section. One deprecation line each."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in families.names():
+            if isinstance(data.get(name), dict):
+                data[name], note = families.get(name).upgrade(dict(data[name]))
+                if note:
+                    _deprecated(note)
+        if not isinstance(data.get("stage1"), dict):
+            return data
+        stage1 = dict(data["stage1"])
+        name = stage1.get("model", families.DEFAULT)
+        if name not in families.names():
+            return data  # the field check names it
+        fields = families.get(name).Config.model_fields
+        moved = [k for k in stage1 if k not in Stage1Config.model_fields and k in fields]
+        if moved:
+            section = dict(data.get(name) or {})
+            for key in moved:
+                section.setdefault(key, stage1.pop(key))
+            data[name], data["stage1"] = section, stage1
+            _deprecated(f"deprecated: stage1.{{{','.join(moved)}}} are {name} settings now: read as "
+                        f"{name}.<key>; move them to the {name}: section")
+        return data
+
+    @property
+    def family(self):
+        return families.of(self)
 
     @model_validator(mode="after")
     def _sizes(self):
-        if self.stage1.model == "nvae":
-            factor, why = 2 ** self.nvae.scales, f"nvae.scales={self.nvae.scales}"
-        else:
-            factor, why = 2 ** (self.stage1.levels + 1), f"stage1.levels={self.stage1.levels}"
+        factor, why = self.family.downsampling(self)
         if self.data.image_size % factor:
             raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of {factor} for {why}")
         return self
 
     @model_validator(mode="after")
-    def _sweep_values(self):
-        """Every value a sweep can give a key must make a valid config (checked before any trial)."""
-        if self.sweep is None:
+    def _sweep(self):
+        """The sweep fits the family, and every value it can give a key makes a valid config."""
+        sweep = self.sweep
+        if sweep is None:
             return self
-        if self.sweep.stage == "priors" and self.stage1.model == "nvae":
-            raise ValueError("sweep.stage=priors: an NVAE has no separate priors stage (sweep stage1 and nvae.* keys)")
+        family = self.family
+        if sweep.stage not in family.stages:
+            raise ValueError(f"sweep.stage={sweep.stage}: {family.name} has no {sweep.stage} stage "
+                             f"(its stages: {', '.join(family.stages)})")
+        sections = graph.for_family(family)[[s.name for s in graph.for_family(family)].index(sweep.stage)].sections
+        for key in sweep.space:
+            if key.split(".")[0] not in sections:
+                raise ValueError(f"sweep.space: {key!r} is not a setting of {sweep.stage} "
+                                 f"(its sections: {', '.join(sections)})")
+        if not graph.epoch_metric(sweep.stage, family, sweep.metric):
+            example = "val_bpd" if sweep.stage == "stage1" else "val_bits_per_code"
+            raise ValueError(f"sweep.metric {sweep.metric!r} is not reported by {sweep.stage} each epoch "
+                             f"(e.g. val_loss, {example})")
         base = self.model_dump(mode="json", exclude={"sweep"})
-        for key, spec in self.sweep.space.items():
+        for key, spec in sweep.space.items():
             kind, values = next(iter(spec.items()))
             if kind in ("uniform", "loguniform"):  # draws are floats: an integer setting takes grid or choice
                 values = [*values, (values[0] + values[1]) / 2.0]
@@ -227,6 +234,20 @@ class PipelineConfig(_Section):
                     detail = _format_error(err).removeprefix("config error: ")
                     raise ValueError(f"sweep.space.{key}.{kind} value {value!r}: {detail}") from None
         return self
+
+
+def _section(cls):
+    return (cls, Field(default_factory=cls))
+
+
+# The one schema: the product's sections, each model family's section after stage1, the stages'.
+PipelineConfig = create_model(
+    "PipelineConfig", __base__=_Checks,
+    data=_section(DataConfig), cluster=_section(ClusterConfig), tracking=_section(TrackingConfig),
+    stage1=_section(Stage1Config), **{name: _section(families.get(name).Config) for name in families.names()},
+    extract=_section(ExtractConfig), priors=_section(PriorsConfig), sample=_section(SampleConfig),
+    evaluate=_section(EvaluateConfig), sweep=(Optional[SweepConfig], None),
+)
 
 
 def set_key(raw: dict, path: list[str], value) -> dict:

@@ -3,11 +3,15 @@
 The job runs `python -m pipeline run CONFIG key=value ...` on the cluster with this
 checkout as its working directory (runtime_env working_dir), so the cluster runs exactly
 this code; the cluster's Python environment provides torch, ray and mlflow.
+
+The job's MLflow parent run is found by its tag ``hvae.job_id`` (the driver reads the job id
+from ``HVAE_JOB_ID`` in the job's environment), in the tracking store the job's config names,
+which the submission records in the job's metadata.
 """
 from __future__ import annotations
 
 import os
-import re
+import secrets
 import shlex
 import sys
 import time
@@ -15,10 +19,10 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .fingerprint import ROOT
+from .tracking import JOB_ENV, TAG_JOB
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 RUNTIME_ENV = ROOT / "cluster" / "runtime_env.yaml"
-PARENT_RE = re.compile(r"\[hvae\] MLflow (?:parent|sweep) run ([0-9a-f]{32})")  # a pipeline's or a sweep's
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -35,8 +39,9 @@ def client(address: str):
     return JobSubmissionClient(address)
 
 
-def job_overrides(config_path: str, overrides: list[str], sweep: bool = False) -> list[str]:
-    """Validate the config here, and pin local paths that the job must share with this machine."""
+def job_overrides(config_path: str, overrides: list[str], sweep: bool = False) -> tuple[list[str], object]:
+    """Validate the config here, and pin local paths that the job must share with this machine
+    -> (the overrides the job runs with, its tracking section)."""
     cfg = load_config(config_path, overrides)
     if sweep and cfg.sweep is None:
         raise ConfigError(f"config error: sweep: missing: {config_path} has no sweep section (see configs/sweep.yaml)")
@@ -54,15 +59,41 @@ def job_overrides(config_path: str, overrides: list[str], sweep: bool = False) -
         extra.append(f"cluster.storage_path={(Path.cwd() / cfg.cluster.storage_path).resolve()}")
     if cfg.data.dataset != "mnist5k" and not Path(cfg.data.root).is_absolute():
         extra.append(f"data.root={(Path.cwd() / cfg.data.root).resolve()}")
-    return list(overrides) + extra
+    job_cfg = load_config(config_path, list(overrides) + extra)
+    return list(overrides) + extra, job_cfg.tracking
 
 
-def runtime_env() -> dict:
-    """cluster/runtime_env.yaml with this checkout as the working directory."""
+def runtime_env(job_id: str) -> dict:
+    """cluster/runtime_env.yaml with this checkout as the working directory and the job's id."""
     import yaml
 
     env = yaml.safe_load(RUNTIME_ENV.read_text()) or {}
-    return {**env, "working_dir": str(ROOT)}
+    return {**env, "working_dir": str(ROOT), "env_vars": {**env.get("env_vars", {}), JOB_ENV: job_id}}
+
+
+def parent_run(tracking: dict, job_id: str) -> str | None:
+    """The MLflow parent (pipeline or sweep) run the job opened, by its hvae.job_id tag; None until it exists."""
+    from .config import TrackingConfig
+    from .tracking import Tracker, store_exists
+
+    if not store_exists(tracking["uri"]):
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tracker = Tracker(TrackingConfig(uri=tracking["uri"], experiment=tracking["experiment"]), create=False)
+        found = [r for r in tracker.search([f"tags.`{TAG_JOB}` = '{job_id}'"])
+                 if r.data.tags.get("hvae.kind") in ("pipeline", "sweep")]
+    except MlflowException:  # a store the job has not set up yet
+        return None
+    return found[-1].info.run_id if found else None  # the first one it opened (a sweep's, before its pipelines)
+
+
+def _tracking_of(jobs, job_id: str) -> dict | None:
+    meta = jobs.get_job_info(job_id).metadata or {}
+    if "hvae.tracking_uri" not in meta:
+        return None
+    return {"uri": meta["hvae.tracking_uri"], "experiment": meta.get("hvae.experiment", "hvae")}
 
 
 def entrypoint(config_path: str, overrides: list[str], command: str = "run") -> str:
@@ -77,14 +108,18 @@ def entrypoint(config_path: str, overrides: list[str], command: str = "run") -> 
 
 
 def submit(config_path: str, overrides: list[str], address: str, wait: bool = True, sweep: bool = False) -> int:
-    overrides = job_overrides(config_path, overrides, sweep=sweep)
+    overrides, tracking_cfg = job_overrides(config_path, overrides, sweep=sweep)
     command = entrypoint(config_path, overrides, "sweep" if sweep else "run")
     jobs = client(address)
+    job_id = f"hvae_{secrets.token_hex(8)}"
+    tracking = {"uri": tracking_cfg.uri, "experiment": tracking_cfg.experiment}
+    metadata = {"hvae.config": Path(config_path).name, "hvae.tracking_uri": tracking["uri"],
+                "hvae.experiment": tracking["experiment"]}
     deadline = time.time() + 300  # a head that has just started may take minutes to start its job agent
     while True:
         try:
-            job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env(),
-                                     metadata={"hvae.config": Path(config_path).name})
+            job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env(job_id), submission_id=job_id,
+                                     metadata=metadata)
             break
         except RuntimeError as exc:  # a head that has just started has no job agent yet
             if "No available agent" not in str(exc) or time.time() > deadline:
@@ -93,10 +128,10 @@ def submit(config_path: str, overrides: list[str], address: str, wait: bool = Tr
     print(f"[hvae] submitted job {job_id} to {address}")
     print(f"[hvae] entrypoint: {command}")
     print(f"[hvae] logs: hvae status {job_id} --logs --address {address}   (or the Ray dashboard)")
-    return follow(jobs, job_id, stream=wait)
+    return follow(jobs, job_id, tracking, stream=wait)
 
 
-def follow(jobs, job_id: str, stream: bool = True, timeout: float | None = None) -> int:
+def follow(jobs, job_id: str, tracking: dict, stream: bool = True, timeout: float | None = None) -> int:
     """Stream the job's logs (or only wait for its MLflow parent run) until it ends."""
     shown, parent, start = 0, None, time.time()
     while True:
@@ -106,8 +141,7 @@ def follow(jobs, job_id: str, stream: bool = True, timeout: float | None = None)
             sys.stdout.write(logs[shown:])
             sys.stdout.flush()
         shown = len(logs)
-        if parent is None and (m := PARENT_RE.search(logs)):
-            parent = m.group(1)
+        if parent is None and (parent := parent_run(tracking, job_id)) is not None:
             print(f"[hvae] job {job_id}: MLflow parent run {parent}", flush=True)
             if not stream:
                 return 0
@@ -124,8 +158,9 @@ def status(job_id: str, address: str, logs: bool = False) -> int:
     jobs = client(address)
     info = jobs.get_job_info(job_id)
     text = jobs.get_job_logs(job_id)
-    m = PARENT_RE.search(text)
-    print(f"job {job_id}: {info.status}" + (f"  MLflow parent run {m.group(1)}" if m else ""))
+    tracking = _tracking_of(jobs, job_id)
+    parent = parent_run(tracking, job_id) if tracking else None
+    print(f"job {job_id}: {info.status}" + (f"  MLflow parent run {parent}" if parent else ""))
     if info.message:
         print(info.message)
     if logs:

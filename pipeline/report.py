@@ -12,15 +12,10 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
+from stages.nll_table import nll_table
+
+from . import graph
 from .tracking import TAG_STAGE, Tracker
-
-HEADER = ("| Model | Dataset | Structure | NLL (nats/image) | NLL (bits/dim) | recon (bits/dim) | prior/KL (bits/dim) "
-          "| Parameters | Training (s) | Evaluate run |")
-
-
-def _parts(metrics: dict) -> tuple[float, float]:
-    prior = metrics.get("test_prior_bpd", metrics.get("test_kl_bpd", float("nan")))
-    return metrics.get("test_recon_bpd", float("nan")), prior
 
 
 def collect(tracker: Tracker, dataset: str | None = None, model: str | None = None,
@@ -32,34 +27,20 @@ def collect(tracker: Tracker, dataset: str | None = None, model: str | None = No
         filters.append(f"tags.`hvae.model` = '{model}'")
     for key, value in (tags or {}).items():
         filters.append(f"tags.`{key}` = '{value}'")
+    trained_stages = graph.training_stages()
     rows = []
     for run in tracker.search(filters):
         t, m = run.data.tags, run.data.metrics
-        trained = [tracker.client.get_run(t[f"hvae.upstream.{s}"]) for s in ("stage1", "priors")
+        trained = [tracker.client.get_run(t[f"hvae.upstream.{s}"]) for s in trained_stages
                    if f"hvae.upstream.{s}" in t]
-        recon, prior = _parts(m)
         rows.append({
-            "model": t.get("hvae.model_name", t.get("hvae.model", "?")), "dataset": t.get("hvae.dataset_desc", "?"),
+            **m, "model": t.get("hvae.model_name", t.get("hvae.model", "?")), "dataset": t.get("hvae.dataset_desc", "?"),
             "structure": t.get("hvae.structure", ""), "bound": t.get("hvae.bound", "≤"),
-            "nats": m.get("test_nll_nats", float("nan")), "bpd": m.get("test_nll_bpd", float("nan")),
-            "recon": recon, "prior": prior,
             "params": sum(r.data.metrics.get("num_params", 0.0) for r in trained),
-            "seconds": sum(v for r in trained for k, v in r.data.metrics.items() if k.endswith("_seconds")
-                           and k.split("_")[0] in ("stage1", "priors")),
-            "run": run.info.run_id, "start": run.info.start_time,
+            "seconds": sum(r.data.metrics.get(f"{r.data.tags.get(TAG_STAGE)}_seconds", 0.0) for r in trained),
+            "run": run.info.run_id,
         })
-    return sorted(rows, key=lambda r: (r["dataset"], r["bpd"]))
-
-
-def table(rows: list[dict]) -> str:
-    lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['dataset']} | {r['structure']} | {r['bound']} {r['nats']:.2f} | {r['bound']} {r['bpd']:.4f} "
-            f"| {r['recon']:.4f} | {r['prior']:.4f} | {r['params'] / 1e6:.2f} M | {r['seconds']:.0f} | {r['run']} |")
-    lines += ["", "≤: an upper bound on −log p(x) (the VQ bound −log p(x|z_q(x)) − log p(z_q(x)), or the negative ELBO); "
-              "≈: the importance-weighted estimate with K samples (an upper bound that tightens as K grows)."]
-    return "\n".join(lines) + "\n"
+    return sorted(rows, key=lambda r: (r["dataset"], r.get("test_nll_bpd", float("nan"))))
 
 
 def report(tracker: Tracker, *, dataset: str | None, model: str | None, tags: dict[str, str], out: Path) -> int:
@@ -68,7 +49,7 @@ def report(tracker: Tracker, *, dataset: str | None, model: str | None, tags: di
         print(f"no finished evaluate runs in experiment '{tracker.experiment_name}' ({tracker.uri})"
               + (" matching the filters" if dataset or model or tags else ""))
         return 1
-    text = table(rows)
+    text = nll_table(rows)
     print(text)
     out.write_text(text)
     run_id = tracker.start_run(f"report-{datetime.now():%Y%m%d-%H%M%S}", {"hvae.kind": "report"},

@@ -18,75 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from stages import checkpoints, families
 from stages.base import StageContext, StageError
-from stages.train_loop import latest_checkpoint_epoch
 
-from . import datasets
-from .config import ConfigError, PipelineConfig, to_yaml
-from .fingerprint import code_hash, stage_fingerprint
+from . import datasets, graph
+from .config import PipelineConfig, to_yaml
 from .liveness import TAG_DRIVER, is_dead, this_driver
 from .manifest import ManifestError, verify_manifest, write_manifest
-
-
-@dataclass(frozen=True)
-class StageDef:
-    name: str
-    module: str  # defines run(ctx) and CODE (the source files it runs)
-    sections: tuple[str, ...]  # config sections that shape its output
-    upstream: tuple[str, ...] = field(default=())
-    models: tuple[str, ...] = ("vqvae2", "nvae")  # the stage-1 families it applies to
-
-
-TRAINING = ("stage1", "priors")  # stages that run a TorchTrainer
-ALL_MODELS = ("vqvae2", "nvae")
-
-# The DAG in execution order. Sections: the config that shapes a stage's output (batch
-# sizes of inference-only stages do not, so they are left out of the fingerprint). An NVAE
-# learns its prior in stage 1: extract and priors do not apply to it.
-STAGES = (
-    StageDef("stage1", "stages.stage1", ("stage1",)),
-    StageDef("extract", "stages.extract", (), ("stage1",), models=("vqvae2",)),
-    StageDef("priors", "stages.priors", ("priors",), ("extract",), models=("vqvae2",)),
-    StageDef("sample", "stages.sample", ("sample",), ("stage1", "priors")),
-    StageDef("evaluate", "stages.evaluate", ("evaluate",), ("stage1", "priors")),
-)
-MODEL_SECTIONS = {"nvae": ("nvae",)}  # extra sections of stage 1 for a family
-NOT_IN_FINGERPRINT = {"evaluate": {"batch_size"}}
-
-
-@dataclass
-class PlannedStage:
-    stage: StageDef
-    fingerprint: str
-
-    @property
-    def checkpoint_name(self) -> str:
-        return f"{self.stage.name}-{self.fingerprint}"
-
-
-def not_applicable(cfg: PipelineConfig) -> list[str]:
-    return [st.name for st in STAGES if cfg.stage1.model not in st.models]
-
-
-def plan(cfg: PipelineConfig, data_fp: str) -> list[PlannedStage]:
-    """The stages that apply to this config's model, each with its fingerprint and upstream."""
-    data_slice = cfg.data.model_dump(mode="json", exclude={"root", "download"})
-    model = cfg.stage1.model
-    fps: dict[str, str] = {}
-    out = []
-    for st in STAGES:
-        if model not in st.models:
-            continue
-        sections = st.sections + (MODEL_SECTIONS.get(model, ()) if st.name == "stage1" else ())
-        st = StageDef(st.name, st.module, sections, tuple(u for u in st.upstream if u in fps), st.models)
-        module = importlib.import_module(st.module)
-        cfg_slice = {s: getattr(cfg, s).model_dump(mode="json", exclude=NOT_IN_FINGERPRINT.get(s)) for s in sections}
-        cfg_slice["data"] = data_slice
-        fp = stage_fingerprint(st.name, cfg_slice, [fps[u] for u in st.upstream], data_fp, code_hash(module.CODE))
-        fps[st.name] = fp
-        out.append(PlannedStage(st, fp))
-    return out
-
+from .plan import PlannedStage, describe, plan, stages_from
 
 def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     """Make tracking, storage and data paths absolute: Ray workers run in other working directories."""
@@ -127,40 +66,6 @@ def describe_error(exc: BaseException) -> str:
     return line if line.startswith(name) or type(exc).__module__.startswith("ray") else f"{name}: {line}"
 
 
-SHOWN = ("val_bpd", "val_bits_per_code", "rows_train", "test_nll_bpd", "test_nll_nats")
-
-
-def stages_from(name: str) -> list[str]:
-    """``name`` and every stage after it (what ``--force name`` re-runs)."""
-    names = [st.name for st in STAGES]
-    if name not in names:
-        raise ConfigError(f"--force {name}: unknown stage (stages: {', '.join(names)})")
-    return names[names.index(name):]
-
-
-def _tracking_exists(uri: str) -> bool:
-    """A dry run must not create the tracking database just to look into it."""
-    from .tracking import resolve_uri
-
-    uri = resolve_uri(uri)
-    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
-
-
-def describe_plan(cfg: PipelineConfig, stages: list[PlannedStage], forced: set[str], tracker) -> list[str]:
-    lines = []
-    for p in stages:
-        found = None if (tracker is None or p.stage.name in forced) else tracker.find_finished(p.stage.name, p.fingerprint)
-        epoch = latest_checkpoint_epoch(cfg.cluster.storage_path, p.checkpoint_name)
-        if found is not None:
-            action = f"reuse {found.info.run_id}"
-        elif epoch is not None and p.stage.name not in forced:
-            action = f"resume from epoch {epoch + 1} (checkpoint of epoch {epoch})"
-        else:
-            action = "run" + (" (forced)" if p.stage.name in forced else "")
-        lines.append(f"{p.stage.name:<9} {action}  (fingerprint {p.fingerprint})")
-    return lines
-
-
 def mark_dead_runs_killed(tracker) -> list[str]:
     """Runs left RUNNING by a driver of this host that is gone are marked KILLED."""
     killed = []
@@ -175,7 +80,7 @@ def mark_dead_runs_killed(tracker) -> list[str]:
 def _print_summary(rows, tracker, parent_id, outputs):
     print("\n" + "=" * 72)
     for name, status, run_id, secs, metrics in rows:
-        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN if k in metrics)
+        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in graph.get(name).shown if k in metrics)
         timing = f"{secs:6.1f} s" if secs is not None else "       "
         print(f"{name:<9} {status:<9} run {run_id}  {timing}  {shown}")
     table = outputs.get("evaluate", Path("/nonexistent")) / "report" / "nll_table.md"
@@ -230,12 +135,10 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
     (run id, StageResult, seconds). A failure marks the run FAILED and raises StageFailed; an
     interrupt marks it KILLED and propagates. Used by the pipeline and by every sweep trial.
     """
-    from .raycluster import check_shared_storage, connect
-
     st = planned.stage
-    resume_epoch = None if forced else latest_checkpoint_epoch(cfg.cluster.storage_path, planned.checkpoint_name)
     if forced:
         _clear_checkpoints(cfg.cluster.storage_path, planned.checkpoint_name)
+    resume_epoch = checkpoints.resume_epoch(cfg.cluster.storage_path, planned.checkpoint_name)
     params = {s: getattr(cfg, s).model_dump(mode="json") for s in st.sections}
     tags = {**tags, **{f"hvae.upstream.{u}": upstream[u][0] for u in st.upstream}}
     run_id = tracker.start_child(parent_id, st.name, planned.fingerprint, params, tags)
@@ -246,20 +149,9 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
     print(f"[hvae] {st.name}: {how} as MLflow run {run_id} (fingerprint {planned.fingerprint})", flush=True)
     s0 = time.perf_counter()
     try:
-        if st.name in TRAINING or st.name == "extract":
-            if connect(cfg.cluster) > 1:  # a multi-node cluster: checkpoints must be on shared storage
-                check_shared_storage(cfg.cluster.storage_path)
-        ctx = StageContext(
-            name=st.name, config=cfg, output_dir=out_dir, storage_path=cfg.cluster.storage_path,
-            checkpoint_name=planned.checkpoint_name, data=splits, report=tracker.reporter(run_id),
-            upstream={u: upstream[u][1] for u in st.upstream}, train_callbacks=list(callbacks or []),
-        )
-        result = importlib.import_module(st.module).run(ctx)
+        result = _run_stage(tracker, cfg, planned, run_id, splits, upstream, out_dir, callbacks)
         secs = time.perf_counter() - s0
         result.metrics[f"{st.name}_seconds"] = secs
-        if st.name in TRAINING:
-            starts = tracker.metric_history(run_id, "worker_group_start_epoch")
-            result.metrics["worker_restarts"] = float(max(len(starts) - 1, 0))
         _log_result(tracker, run_id, result)
     except KeyboardInterrupt:
         tracker.finish(run_id, "KILLED")
@@ -274,6 +166,25 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
     return run_id, result, secs
 
 
+def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, splits, upstream, out_dir: Path, callbacks):
+    """The stage's own work: its module's run(ctx) with Ray up when it needs it."""
+    from .raycluster import check_shared_storage, connect
+
+    st = planned.stage
+    if st.on_ray and connect(cfg.cluster) > 1:  # a multi-node cluster: checkpoints must be on shared storage
+        check_shared_storage(cfg.cluster.storage_path)
+    ctx = StageContext(
+        name=st.name, config=cfg, output_dir=out_dir, storage_path=cfg.cluster.storage_path,
+        checkpoint_name=planned.checkpoint_name, data=splits, report=tracker.reporter(run_id),
+        upstream={u: upstream[u][1] for u in st.upstream}, train_callbacks=list(callbacks or []),
+    )
+    result = importlib.import_module(st.module).run(ctx)
+    if st.trains:
+        starts = tracker.metric_history(run_id, "worker_group_start_epoch")
+        result.metrics["worker_restarts"] = float(max(len(starts) - 1, 0))
+    return result
+
+
 @dataclass
 class Outcome:
     """What a pipeline run ended with: its exit code, parent run and each stage's run."""
@@ -283,15 +194,62 @@ class Outcome:
     run_ids: dict[str, str] = field(default_factory=dict)
 
 
+def _dry_run(cfg: PipelineConfig, stages: list[PlannedStage], forced: set[str], splits, data_fp: str) -> Outcome:
+    from .tracking import Tracker, store_exists
+
+    tracker = Tracker(cfg.tracking, create=False) if store_exists(cfg.tracking.uri) else None
+    print(to_yaml(cfg), end="")
+    print(f"# data: {cfg.data.dataset}: {datasets.describe(splits)} (fingerprint {data_fp})")
+    for line in describe(cfg, stages, forced, tracker):
+        print(f"# {line}")
+    return Outcome(0)
+
+
+def _open_parent(tracker, cfg: PipelineConfig, data_fp: str, config_path: str | None, extra_tags: dict,
+                 parent_of: str | None) -> str:
+    from .tracking import JOB_ENV, TAG_JOB, TAG_PARENT
+
+    family = families.of(cfg)
+    job = os.environ.get(JOB_ENV)
+    parent_id = tracker.start_parent(
+        f"pipeline-{datetime.now():%Y%m%d-%H%M%S}", cfg.model_dump(mode="json", exclude={"sweep"}),
+        tags={"hvae.kind": "pipeline", "hvae.dataset": cfg.data.dataset, "hvae.model": family.name,
+              "hvae.data_fingerprint": data_fp, TAG_DRIVER: this_driver(), **extra_tags,
+              **({"hvae.config_file": config_path} if config_path else {}),
+              **({TAG_JOB: job} if job else {}),
+              **({TAG_PARENT: parent_of} if parent_of else {})},
+    )
+    tracker.log_text(parent_id, to_yaml(cfg), "config.yaml")
+    print(f"[hvae] MLflow parent run {parent_id} in experiment '{tracker.experiment_name}' ({tracker.uri})")
+    skipped = graph.not_applicable(family)
+    if skipped:
+        print(f"[hvae] {', '.join(skipped)}: not applicable to {family.name} (it learns its prior in stage 1)")
+        tracker.set_tags(parent_id, {"hvae.not_applicable": ",".join(skipped)})
+    return parent_id
+
+
+def _reuse(tracker, planned: PlannedStage, fetch) -> tuple[str, Path, object] | None:
+    """A finished run of the same stage and fingerprint whose artifacts check out -> (run id, folder, run)."""
+    from .tracking import TAG_CORRUPT
+
+    found = tracker.find_finished(planned.name, planned.fingerprint)
+    if found is None:
+        return None
+    try:
+        return found.info.run_id, fetch(found.info.run_id), found
+    except ManifestError as exc:
+        tracker.set_tags(found.info.run_id, {TAG_CORRUPT: str(exc)})
+        print(f"[hvae] {planned.name}: not reusing run {found.info.run_id}: artifact {exc}; "
+              f"running {planned.name} again")
+        return None
+
+
 def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str | None = None,
                  force: list[str] = (), extra_tags: dict[str, str] | None = None,
                  until: str | None = None, parent_of: str | None = None) -> Outcome:
     """Run the DAG (up to and including ``until`` when given) under a new parent run
     (itself nested under ``parent_of`` when given, e.g. a sweep's parent run)."""
-    from filelock import FileLock
-
-    from .raycluster import shutdown
-    from .tracking import TAG_CORRUPT, TAG_PARENT, Tracker
+    from .tracking import Tracker
 
     cfg = resolve_paths(cfg)
     forced = {name for f in force for name in stages_from(f)}
@@ -302,88 +260,76 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
         print(f"error: {exc}")
         return Outcome(2)
     data_fp = datasets.fingerprint(splits)
-    stages = plan(cfg, data_fp)
-    if until is not None:
-        order = [st.name for st in STAGES]
-        stages = [p for p in stages if order.index(p.stage.name) <= order.index(until)]
+    stages = plan(cfg, data_fp, until)
     if dry_run:
-        tracker = Tracker(cfg.tracking, create=False) if _tracking_exists(cfg.tracking.uri) else None
-        print(to_yaml(cfg), end="")
-        print(f"# data: {cfg.data.dataset}: {datasets.describe(splits)} (fingerprint {data_fp})")
-        print("# stages:")
-        for line in describe_plan(cfg, stages, forced, tracker):
-            print(f"#   {line}")
-        for name in not_applicable(cfg):
-            print(f"#   {name:<9} not applicable to {cfg.stage1.model} (it learns its prior in stage 1)")
-        return Outcome(0)
+        return _dry_run(cfg, stages, forced, splits, data_fp)
 
     print(f"[hvae] data {cfg.data.dataset}: {datasets.describe(splits)} ({time.perf_counter() - t0:.1f} s)")
     tracker = Tracker(cfg.tracking)
     for run_id in mark_dead_runs_killed(tracker):
         print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
-    driver = {TAG_DRIVER: this_driver()}
-    parent_id = tracker.start_parent(
-        f"pipeline-{datetime.now():%Y%m%d-%H%M%S}", cfg.model_dump(mode="json", exclude={"sweep"}),
-        tags={"hvae.kind": "pipeline", "hvae.dataset": cfg.data.dataset, "hvae.model": cfg.stage1.model,
-              "hvae.data_fingerprint": data_fp, **driver, **(extra_tags or {}),
-              **({"hvae.config_file": config_path} if config_path else {}),
-              **({TAG_PARENT: parent_of} if parent_of else {})},
-    )
-    tracker.log_text(parent_id, to_yaml(cfg), "config.yaml")
-    print(f"[hvae] MLflow parent run {parent_id} in experiment '{tracker.experiment_name}' ({tracker.uri})")
+    parent_id = _open_parent(tracker, cfg, data_fp, config_path, extra_tags or {}, parent_of)
+    outcome = _run_stages(tracker, cfg, stages, forced, parent_id, splits)
+    if outcome.code == 0:
+        tracker.log_metrics(parent_id, {"pipeline_seconds": time.perf_counter() - t0})
+        tracker.finish(parent_id)
+        _print_summary(outcome.rows, tracker, parent_id, outcome.outputs)
+    return Outcome(outcome.code, parent_id, outcome.run_ids)
+
+
+@dataclass
+class _Progress:
+    code: int = 0
+    run_ids: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, Path] = field(default_factory=dict)
+    rows: list = field(default_factory=list)
+
+
+def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced: set[str], parent_id: str,
+                splits) -> _Progress:
+    """Each planned stage in order: reused when a finished run has its fingerprint, else run or resumed."""
+    from filelock import FileLock
+
+    from .raycluster import shutdown
 
     work = Path(cfg.cluster.storage_path) / "outputs" / parent_id
     fetch = _Fetcher(tracker, work / "inputs")
     locks = Path(cfg.cluster.storage_path) / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    rows, outputs, run_ids = [], {}, {}
-    skipped = not_applicable(cfg)
-    if skipped:
-        print(f"[hvae] {', '.join(skipped)}: not applicable to {cfg.stage1.model} (it learns its prior in stage 1)")
-        tracker.set_tags(parent_id, {"hvae.not_applicable": ",".join(skipped)})
+    done = _Progress()
+    driver = {TAG_DRIVER: this_driver()}
     for planned in stages:
-        st = planned.stage
+        name = planned.name
         with FileLock(str(locks / f"{planned.checkpoint_name}.lock")):
-            # ---- reuse ------------------------------------------------------------------
-            found = None if st.name in forced else tracker.find_finished(st.name, planned.fingerprint)
-            if found is not None:
-                try:
-                    outputs[st.name] = fetch(found.info.run_id)
-                    run_ids[st.name] = found.info.run_id
-                    tracker.set_tags(parent_id, {f"hvae.reused_from.{st.name}": found.info.run_id})
-                    print(f"[hvae] {st.name}: reuse MLflow run {found.info.run_id} (fingerprint {planned.fingerprint})")
-                    rows.append((st.name, "REUSED", found.info.run_id, None, found.data.metrics))
-                    continue
-                except ManifestError as exc:
-                    tracker.set_tags(found.info.run_id, {TAG_CORRUPT: str(exc)})
-                    print(f"[hvae] {st.name}: not reusing run {found.info.run_id}: artifact {exc}; "
-                          f"running {st.name} again")
-
-            # ---- run or resume ----------------------------------------------------------
+            reused = None if name in forced else _reuse(tracker, planned, fetch)
+            if reused is not None:
+                run_id, done.outputs[name], found = reused
+                done.run_ids[name] = run_id
+                tracker.set_tags(parent_id, {f"hvae.reused_from.{name}": run_id})
+                print(f"[hvae] {name}: reuse MLflow run {run_id} (fingerprint {planned.fingerprint})")
+                done.rows.append((name, "REUSED", run_id, None, found.data.metrics))
+                continue
             try:
                 run_id, result, secs = execute_stage(
                     tracker, cfg, planned, parent_id=parent_id, splits=splits,
                     # inputs are the upstream runs' artifacts, downloaded by run id and verified
-                    upstream={u: (run_ids[u], fetch(run_ids[u])) for u in st.upstream},
-                    out_dir=work / st.name, tags=driver, forced=st.name in forced)
+                    upstream={u: (done.run_ids[u], fetch(done.run_ids[u])) for u in planned.stage.upstream},
+                    out_dir=work / name, tags=driver, forced=name in forced)
             except KeyboardInterrupt:
                 tracker.finish(parent_id, "KILLED")
-                print(f"\n[hvae] interrupted during {st.name}; runs marked KILLED")
-                return Outcome(130, parent_id, run_ids)
+                print(f"\n[hvae] interrupted during {name}; runs marked KILLED")
+                done.code = 130
+                return done
             except StageFailed as exc:
                 tracker.finish(parent_id, "FAILED")
                 shutdown()  # flush the workers' log lines before the error line
                 print(f"error: {exc}")
-                return Outcome(1, parent_id, run_ids)
-        tracker.set_tags(parent_id, {f"hvae.run.{st.name}": run_id})
-        outputs[st.name] = work / st.name
-        run_ids[st.name] = run_id
-        rows.append((st.name, "FINISHED", run_id, secs, result.metrics))
-
-    tracker.log_metrics(parent_id, {"pipeline_seconds": time.perf_counter() - t0})
-    tracker.finish(parent_id)
-    _print_summary(rows, tracker, parent_id, outputs)
-    return Outcome(0, parent_id, run_ids)
+                done.code = 1
+                return done
+        tracker.set_tags(parent_id, {f"hvae.run.{name}": run_id})
+        done.outputs[name], done.run_ids[name] = work / name, run_id
+        done.rows.append((name, "FINISHED", run_id, secs, result.metrics))
+    return done
 
 
 def _clear_checkpoints(storage_path: str, name: str) -> None:

@@ -18,10 +18,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from . import datasets
+from stages import families
+
+from . import datasets, graph
 from .config import PipelineConfig, set_key, to_yaml
 from .liveness import TAG_DRIVER, this_driver
-from .runner import STAGES, StageFailed, _Fetcher, execute_stage, mark_dead_runs_killed, plan, resolve_paths, run_pipeline
+from .plan import plan
+from .runner import StageFailed, _Fetcher, execute_stage, mark_dead_runs_killed, resolve_paths, run_pipeline
+from .tracking import JOB_ENV, TAG_JOB
 
 TAG_TRIAL = "hvae.trial_id"
 TAG_SWEEP = "hvae.sweep"
@@ -70,7 +74,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
 
     cfg = trial_config(ctx.base, params)
     trial_id = tune.get_context().get_trial_id()
-    planned = next(p for p in plan(cfg, ctx.data_fingerprint) if p.stage.name == ctx.stage)
+    planned = plan(cfg, ctx.data_fingerprint, until=ctx.stage)[-1]
     tracker = Tracker(cfg.tracking)
     locks = Path(cfg.cluster.storage_path) / "locks"
     with FileLock(str(locks / f"{planned.checkpoint_name}.lock")):
@@ -174,58 +178,41 @@ def _best(rows: list[dict], mode: str) -> dict | None:
     return (min if mode == "min" else max)(done, key=lambda r: r["value"])
 
 
-def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
-    from ray import tune
-
-    from .raycluster import connect
-    from .tracking import TAG_PARENT, Tracker
+def _open_sweep(tracker, cfg: PipelineConfig, config_path: str | None) -> str:
+    import os
 
     sweep = cfg.sweep
-    cfg = resolve_paths(cfg)
-    base = cfg.model_dump(mode="json", exclude={"sweep"})
-    t0 = time.perf_counter()
-    try:
-        splits = datasets.load_splits(cfg.data)
-    except datasets.DataError as exc:
-        print(f"error: {exc}")
-        return 2
-    data_fp = datasets.fingerprint(splits)
-    del splits  # every trial loads its own copy
-
-    tracker = Tracker(cfg.tracking)
-    for run_id in mark_dead_runs_killed(tracker):
-        print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
+    job = os.environ.get(JOB_ENV)
     sweep_run = tracker.start_parent(
         f"sweep-{sweep.stage}-{datetime.now():%Y%m%d-%H%M%S}", {"sweep": sweep.model_dump(mode="json")},
         tags={"hvae.kind": "sweep", "hvae.sweep_stage": sweep.stage, "hvae.dataset": cfg.data.dataset,
-              "hvae.model": cfg.stage1.model, TAG_DRIVER: this_driver(),
+              "hvae.model": families.of(cfg).name, TAG_DRIVER: this_driver(),
+              **({TAG_JOB: job} if job else {}),
               **({"hvae.config_file": config_path} if config_path else {})})
     tracker.log_text(sweep_run, to_yaml(cfg), "config.yaml")
     print(f"[hvae] MLflow sweep run {sweep_run} in experiment '{tracker.experiment_name}' ({tracker.uri})")
+    return sweep_run
 
-    # ---- the stages before the swept one: once, reused when they exist --------------------
-    upstream_names = [st.name for st in STAGES][: [st.name for st in STAGES].index(sweep.stage)]
-    upstream: dict = {}
-    work = Path(cfg.cluster.storage_path) / "outputs" / sweep_run
-    if upstream_names:
-        print(f"[hvae] sweep: the fixed stages before {sweep.stage} ({', '.join(upstream_names)})")
-        fixed = run_pipeline(cfg, until=upstream_names[-1], parent_of=sweep_run, extra_tags={TAG_SWEEP: sweep_run})
-        if fixed.code != 0:
-            tracker.finish(sweep_run, "FAILED")
-            return fixed.code
-        fetch = _Fetcher(tracker, work / "inputs")
-        upstream = {name: (fixed.run_ids[name], fetch(fixed.run_ids[name])) for name in upstream_names}
 
-    # ---- the trials -------------------------------------------------------------------
-    connect(cfg.cluster)
-    driver, fits = _driver_resources(cfg.cluster)
-    if fits < 1:
-        tracker.finish(sweep_run, "FAILED")
-        print(f"error: one trial needs {cfg.cluster.num_workers} x {cfg.cluster.cpus_per_worker} CPUs plus its driver, "
-              f"more than the cluster has: lower cluster.num_workers or cluster.cpus_per_worker, or give the "
-              f"cluster a '{DRIVER_RESOURCE}' resource (ray start --resources='{{\"{DRIVER_RESOURCE}\": 16}}')")
-        return 2
-    concurrent = min(sweep.max_concurrent_trials or fits, fits)
+def _fixed_stages(tracker, cfg: PipelineConfig, sweep_run: str, work: Path) -> tuple[int, dict]:
+    """The stages before the swept one run once through the pipeline (reused when they exist)
+    -> (exit code, {stage: (run id, output folder)})."""
+    order = [st.name for st in graph.for_family(families.of(cfg))]
+    stages = order[: order.index(cfg.sweep.stage)]
+    if not stages:
+        return 0, {}
+    print(f"[hvae] sweep: the fixed stages before {cfg.sweep.stage} ({', '.join(stages)})")
+    fixed = run_pipeline(cfg, until=stages[-1], parent_of=sweep_run, extra_tags={TAG_SWEEP: sweep_run})
+    if fixed.code != 0:
+        return fixed.code, {}
+    fetch = _Fetcher(tracker, work / "inputs")
+    return 0, {name: (fixed.run_ids[name], fetch(fixed.run_ids[name])) for name in stages}
+
+
+def _tuner(cfg: PipelineConfig, ctx: TrialContext, driver: dict, concurrent: int):
+    from ray import tune
+
+    sweep = cfg.sweep
     swept_epochs = [max(v) for k, s in sweep.space.items() if k == f"{sweep.stage}.epochs" for v in s.values()]
     max_t = max([_epochs(cfg, sweep.stage), *swept_epochs])
     # (max_t one past the last epoch: ASHA stops a trial that reaches max_t, and a finished trial
@@ -234,27 +221,17 @@ def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
                                                grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
                  if sweep.scheduler == "asha" else tune.schedulers.FIFOScheduler())
     search = tune.search.BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrent)
-    ctx = TrialContext(base=base, stage=sweep.stage, sweep_run=sweep_run, data_fingerprint=data_fp,
-                       upstream=upstream, work=str(work))
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), driver)
-    print(f"[hvae] sweep: {sweep.stage} over {', '.join(sweep.space)}; {sweep.scheduler} on {sweep.metric} ({sweep.mode}); "
-          f"up to {concurrent} trial(s) at once")
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable, param_space=search_space(sweep),
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
                                     scheduler=scheduler, search_alg=search),
-        run_config=tune.RunConfig(name=f"sweep-{sweep_run}", storage_path=cfg.cluster.storage_path, verbose=0),
+        run_config=tune.RunConfig(name=f"sweep-{ctx.sweep_run}", storage_path=cfg.cluster.storage_path, verbose=0),
     )
-    try:
-        results = tuner.fit()
-    except KeyboardInterrupt:
-        _close_runs(tracker, sweep_run, "KILLED")
-        print("\n[hvae] sweep interrupted; runs marked KILLED")
-        return 130
 
-    # ---- close every trial's run, print the table, pick the best ----------------------
-    runs = _trial_runs(tracker, sweep_run)
-    rows = _rows(list(results), runs, sweep, base, tracker)
+
+def _close_trials(tracker, rows: list[dict], runs: dict, sweep) -> None:
+    """Every trial's run ends FINISHED, FAILED or KILLED; a trial ASHA stopped is KILLED and tagged."""
     for r in rows:
         run = runs.get(r["trial"])
         if run is None:
@@ -268,6 +245,10 @@ def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
             tracker.finish(run.info.run_id, "KILLED")
         elif run.info.status == "RUNNING":
             tracker.finish(run.info.run_id, "KILLED")
+
+
+def _record_best(tracker, sweep_run: str, rows: list[dict], sweep, config_path, seconds: float) -> dict | None:
+    """Log the trials' table and the best trial on the sweep run, print them -> the best row."""
     table = _table(rows, sweep)
     tracker.log_text(sweep_run, table, "sweep_table.md")
     print("\n" + table)
@@ -276,21 +257,71 @@ def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
         tracker.finish(sweep_run, "FAILED")
         errors = [r["error"] for r in rows if r["error"]]
         print("error: no trial finished" + (f"; first error: {errors[0]}" if errors else ""))
-        return 1
+        return None
     overrides = " ".join(_override(k, v) for k, v in best["params"].items())
     tracker.set_tags(sweep_run, {"hvae.best_trial": best["trial"], "hvae.best_run": best["run"] or "",
                                  "hvae.best_overrides": overrides})
-    tracker.log_metrics(sweep_run, {f"best_{sweep.metric}": best["value"], "sweep_seconds": time.perf_counter() - t0,
+    tracker.log_metrics(sweep_run, {f"best_{sweep.metric}": best["value"], "sweep_seconds": seconds,
                                     "trials": float(len(rows)),
                                     "early_stopped": float(sum(r["status"] == "EARLY_STOPPED" for r in rows))})
     print(f"best trial {best['trial']} ({sweep.metric}={best['value']:.4f}, MLflow run {best['run']}): {overrides}")
     print(f"the same as a pipeline: hvae run {config_path or ''} {overrides}".replace("  ", " "))
     tracker.finish(sweep_run)
+    return best
 
+
+def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
+    from .raycluster import connect
+    from .tracking import Tracker
+
+    sweep = cfg.sweep
+    cfg = resolve_paths(cfg)
+    base = cfg.model_dump(mode="json", exclude={"sweep"})
+    t0 = time.perf_counter()
+    try:
+        data_fp = datasets.fingerprint(datasets.load_splits(cfg.data))  # every trial loads its own copy
+    except datasets.DataError as exc:
+        print(f"error: {exc}")
+        return 2
+    tracker = Tracker(cfg.tracking)
+    for run_id in mark_dead_runs_killed(tracker):
+        print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
+    sweep_run = _open_sweep(tracker, cfg, config_path)
+    work = Path(cfg.cluster.storage_path) / "outputs" / sweep_run
+    code, upstream = _fixed_stages(tracker, cfg, sweep_run, work)
+    if code != 0:
+        tracker.finish(sweep_run, "FAILED")
+        return code
+
+    connect(cfg.cluster)
+    driver, fits = _driver_resources(cfg.cluster)
+    if fits < 1:
+        tracker.finish(sweep_run, "FAILED")
+        print(f"error: one trial needs {cfg.cluster.num_workers} x {cfg.cluster.cpus_per_worker} CPUs plus its driver, "
+              f"more than the cluster has: lower cluster.num_workers or cluster.cpus_per_worker, or give the "
+              f"cluster a '{DRIVER_RESOURCE}' resource (ray start --resources='{{\"{DRIVER_RESOURCE}\": 16}}')")
+        return 2
+    concurrent = min(sweep.max_concurrent_trials or fits, fits)
+    ctx = TrialContext(base=base, stage=sweep.stage, sweep_run=sweep_run, data_fingerprint=data_fp,
+                       upstream=upstream, work=str(work))
+    print(f"[hvae] sweep: {sweep.stage} over {', '.join(sweep.space)}; {sweep.scheduler} on {sweep.metric} ({sweep.mode}); "
+          f"up to {concurrent} trial(s) at once")
+    try:
+        results = _tuner(cfg, ctx, driver, concurrent).fit()
+    except KeyboardInterrupt:
+        _close_runs(tracker, sweep_run, "KILLED")
+        print("\n[hvae] sweep interrupted; runs marked KILLED")
+        return 130
+
+    runs = _trial_runs(tracker, sweep_run)
+    rows = _rows(list(results), runs, sweep, base, tracker)
+    _close_trials(tracker, rows, runs, sweep)
+    best = _record_best(tracker, sweep_run, rows, sweep, config_path, time.perf_counter() - t0)
+    if best is None:
+        return 1
     if sweep.then == "pipeline":
         print(f"[hvae] sweep.then=pipeline: the rest of the pipeline from the best trial ({best['run']})")
-        best_cfg = trial_config(base, best["params"])
-        out = run_pipeline(best_cfg, config_path=config_path, parent_of=sweep_run,
+        out = run_pipeline(trial_config(base, best["params"]), config_path=config_path, parent_of=sweep_run,
                            extra_tags={TAG_SWEEP: sweep_run, "hvae.sweep_best_run": best["run"] or ""})
         if out.code == 0 and best["run"] and out.run_ids.get(sweep.stage) != best["run"]:
             print(f"error: the pipeline did not reuse the best trial's {sweep.stage} run {best['run']}")

@@ -19,6 +19,14 @@ TAG_FINGERPRINT = "hvae.fingerprint"
 TAG_PIPELINE = "hvae.pipeline_run"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_CORRUPT = "hvae.corrupt"
+TAG_JOB = "hvae.job_id"  # the Ray job that ran a pipeline or sweep (`hvae submit`)
+JOB_ENV = "HVAE_JOB_ID"  # set by `hvae submit` in the job's environment
+
+
+def store_exists(uri: str) -> bool:
+    """Whether the tracking store is there (a look must not create a SQLite file)."""
+    uri = resolve_uri(uri)
+    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
 
 
 def resolve_uri(uri: str, base: Path | None = None) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 
 def _no_report(metrics: dict, step: int) -> None:
@@ -45,3 +45,29 @@ class StageResult:
 
 class StageError(RuntimeError):
     """A stage failure whose message is already fit to show the user on one line."""
+
+
+class TrainTask:
+    """What a training stage plugs into the shared loop (stages/train_loop.py); built inside
+    each Ray Train worker from a picklable class and its arguments."""
+
+    def build_model(self):
+        raise NotImplementedError
+
+    def train_batches(self, epoch: int, rank: int, world: int) -> Iterable:
+        """This rank's training batches for ``epoch``; every rank must yield the same number."""
+        raise NotImplementedError
+
+    def val_batches(self, rank: int, world: int) -> Iterable:
+        raise NotImplementedError
+
+    def train_step(self, model, batch, device):
+        """(loss to minimise, sums to accumulate over the epoch, e.g. {"count": n, "nll": ...})."""
+        raise NotImplementedError
+
+    def val_step(self, model, batch, device) -> dict:
+        raise NotImplementedError
+
+    def summarize(self, split: str, sums: dict) -> dict[str, float]:
+        """Epoch sums (already added up over all workers) -> metrics named ``<split>_<name>``."""
+        raise NotImplementedError

@@ -15,10 +15,8 @@ import numpy as np
 import torch
 
 from .base import StageContext, StageError, StageResult
-from .stage1 import load_model
+from .families import load_model
 
-CODE = ["stages/extract.py", "stages/stage1.py", "stages/base.py", "models/vqvae2.py",
-        "models/quantize.py", "models/likelihoods.py", "pipeline/datasets.py"]
 SCHEMA_FILE = "schema.json"
 
 
@@ -27,7 +25,7 @@ class Encoder:
 
     def __init__(self, model_dir: str, use_gpu: bool):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_model(Path(model_dir)).to(self.device)
+        self.model = load_model(Path(model_dir))[1].to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = torch.from_numpy(np.array(batch["image"])).to(self.device)  # a writable copy
@@ -58,7 +56,7 @@ def run(ctx: StageContext) -> StageResult:
     import ray.data
 
     model_dir = ctx.upstream["stage1"] / "model"
-    model = load_model(model_dir)
+    _, model = load_model(model_dir)
     if max(model.codebook_sizes) > np.iinfo(np.int16).max:
         raise StageError(f"extract: codebook of {max(model.codebook_sizes)} codes does not fit int16 columns")
     ecfg, cluster = ctx.config.extract, ctx.config.cluster

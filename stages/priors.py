@@ -15,11 +15,12 @@ import torch
 
 from models.pixelcnn import HierarchicalPrior
 
-from .base import StageContext, StageResult
-from .extract import SCHEMA_FILE
-from .train_loop import LoopSpec, TrainTask, final_state, fit, placement_tags
+from models.likelihoods import to_bits_per_dim
 
-CODE = ["stages/priors.py", "stages/train_loop.py", "stages/base.py", "models/pixelcnn.py"]
+from .base import StageContext, StageResult, TrainTask
+from .extract import SCHEMA_FILE
+from .train_loop import LoopSpec, fit
+
 CONFIG_FILE = "priors.json"
 
 
@@ -92,12 +93,12 @@ class PriorTask(TrainTask):
         out, total_nats, total_pos = {}, 0.0, 0
         for l, (h, w) in enumerate(self.config["shapes"]):
             nats = float(sums[f"nll_level{l}"]) / n
-            out[f"{split}_bits_per_code_level{l}"] = nats / (h * w * math.log(2))
+            out[f"{split}_bits_per_code_level{l}"] = to_bits_per_dim(nats, h * w)
             out[f"{split}_nll_nats_level{l}"] = nats
             total_nats += nats
             total_pos += h * w
         out[f"{split}_loss"] = total_nats / total_pos
-        out[f"{split}_bits_per_code"] = total_nats / (total_pos * math.log(2))
+        out[f"{split}_bits_per_code"] = to_bits_per_dim(total_nats, total_pos)
         return out
 
 
@@ -115,15 +116,12 @@ def run(ctx: StageContext) -> StageResult:
         task_args=dict(config=config, batch_size=pcfg.batch_size, world_hint=cluster.num_workers, seed=pcfg.seed),
         model_config=config, epochs=pcfg.epochs, lr=pcfg.lr, seed=pcfg.seed, stage=ctx.name, report=ctx.report,
     )
-    result = fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path, num_workers=cluster.num_workers,
-                 use_gpu=cluster.use_gpu, cpus_per_worker=cluster.cpus_per_worker,
-                 max_failures=cluster.max_failures, datasets=datasets,
-                 placement_strategy=cluster.placement_strategy, callbacks=ctx.train_callbacks)
-    state, meta, checkpoint = final_state(result, ctx.storage_path, ctx.checkpoint_name)
+    fitted = fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path, cluster=cluster, datasets=datasets,
+                 callbacks=ctx.train_callbacks)
     model = HierarchicalPrior(**config)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(fitted.state["model"])
     save_priors(model, config, ctx.output_dir / "model")
-    metrics = {k: float(v) for k, v in meta["metrics"].items()}
+    metrics = dict(fitted.metrics)
     metrics["num_params"] = float(sum(p.numel() for p in model.parameters()))
     return StageResult(metrics=metrics, output_dir=ctx.output_dir,
-                       tags={"hvae.checkpoint": checkpoint, **placement_tags(result)})
+                       tags={"hvae.checkpoint": fitted.checkpoint, **fitted.placement_tags})

@@ -12,10 +12,21 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
 
-def hvae(cwd, *args, timeout=600):
-    """Run ``python -m pipeline ARGS`` in ``cwd`` to completion."""
+def pytest_collection_modifyitems(config, items):
+    """HVAE_TEST_SHUFFLE=<seed>: run the tests in a shuffled order (`make test-shuffled`), to show
+    that none depends on another having run first."""
+    seed = os.environ.get("HVAE_TEST_SHUFFLE")
+    if seed:
+        import random
+
+        random.Random(int(seed)).shuffle(items)
+        print(f"\ntest order shuffled with seed {seed}")
+
+
+def hvae(cwd, *args, timeout=600, env=None):
+    """Run ``python -m pipeline ARGS`` in ``cwd`` to completion (``env``: extra environment variables)."""
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def hvae_background(cwd, *args, log=None):

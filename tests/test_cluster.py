@@ -57,9 +57,11 @@ def test_cluster_launcher_yaml_and_its_commands():
 
 
 def test_runtime_env_keeps_the_venv_and_stores_out_of_the_upload():
-    env = runtime_env()
+    env = runtime_env("hvae_0123")
     assert Path(env["working_dir"]) == ROOT
     assert {".venv", ".git", "mlartifacts", "ray_results"} <= set(env["excludes"])
+    # the job's driver learns its id from the environment and tags its MLflow parent run with it
+    assert env["env_vars"]["HVAE_JOB_ID"] == "hvae_0123" and env["env_vars"]["RAY_DEDUP_LOGS"] == "0"
 
 
 @pytest.mark.parametrize("name", ["rayjob.yaml", "launcher.yaml", "runtime_env.yaml", "Dockerfile"])
@@ -78,7 +80,7 @@ def test_a_sweep_is_submitted_as_hvae_sweep():
     from pipeline.config import ConfigError
     from pipeline.jobs import entrypoint, job_overrides
 
-    overrides = job_overrides(str(ROOT / "configs" / "sweep.yaml"), ["sweep.num_samples=4"], sweep=True)
+    overrides, _ = job_overrides(str(ROOT / "configs" / "sweep.yaml"), ["sweep.num_samples=4"], sweep=True)
     command = entrypoint(str(ROOT / "configs" / "sweep.yaml"), overrides, "sweep")
     assert command.startswith("python -m pipeline sweep configs/sweep.yaml sweep.num_samples=4")
     assert parse_args(shlex.split(command)[3:]).command == "sweep"

@@ -12,10 +12,10 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(None, ["stage1.epochs=3", "cluster.num_workers=1", "stage1.codebook_size=[8, 16]",
+    cfg = load_config(None, ["stage1.epochs=3", "cluster.num_workers=1", "vqvae2.codebook_size=[8, 16]",
                              "tracking.experiment=demo", "cluster.address=auto"])
     assert cfg.stage1.epochs == 3 and cfg.cluster.num_workers == 1
-    assert cfg.stage1.codebook_size == [8, 16] and cfg.tracking.experiment == "demo"
+    assert cfg.vqvae2.codebook_size == [8, 16] and cfg.tracking.experiment == "demo"
     assert cfg.tracking.uri == "sqlite:///mlruns.db" and cfg.cluster.address == "auto"
 
 
@@ -26,7 +26,9 @@ def test_defaults_and_overrides():
     ("cluster.use_gpu=maybe", "cluster.use_gpu: Input should be a valid boolean"),
     ("data.dataset=svhn", "data.dataset: Input should be"),
     ("stage1.lr=-1", "stage1.lr: Input should be greater than 0"),
-    ("stage1.codebook_size=[8, 8, 8]", "stage1: codebook_size lists 3 sizes for 2 levels"),
+    ("vqvae2.codebook_size=[8, 8, 8]", "vqvae2: codebook_size lists 3 sizes for 2 levels"),
+    ("stage1.model=pixelrnn", "stage1.model: unknown model family 'pixelrnn' (families: nvae, vae, vqvae2)"),
+    ("nvae.scales=x", "nvae.scales: Input should be a valid integer"),
 ])
 def test_bad_keys_and_types_are_named(override, key):
     with pytest.raises(ConfigError) as err:
@@ -38,8 +40,8 @@ def test_bad_keys_and_types_are_named(override, key):
 
 def test_bad_yaml_file(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("stage1:\n  levels: 2\n  hidden: sixty\n")
-    with pytest.raises(ConfigError, match=r"stage1.hidden: Input should be a valid integer"):
+    p.write_text("vqvae2:\n  levels: 2\n  hidden: sixty\n")
+    with pytest.raises(ConfigError, match=r"vqvae2.hidden: Input should be a valid integer"):
         load_config(p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
@@ -81,10 +83,10 @@ def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
 
 
 def test_extends_merges_the_base_file_underneath(tmp_path):
-    (tmp_path / "base.yaml").write_text("stage1:\n  epochs: 7\n  hidden: 32\npriors:\n  epochs: 2\n")
-    (tmp_path / "top.yaml").write_text("extends: base.yaml\nstage1:\n  hidden: 16\n")
+    (tmp_path / "base.yaml").write_text("stage1:\n  epochs: 7\nvqvae2:\n  hidden: 32\npriors:\n  epochs: 2\n")
+    (tmp_path / "top.yaml").write_text("extends: base.yaml\nvqvae2:\n  hidden: 16\n")
     cfg = load_config(tmp_path / "top.yaml", ["priors.epochs=3"])
-    assert (cfg.stage1.epochs, cfg.stage1.hidden, cfg.priors.epochs) == (7, 16, 3)
+    assert (cfg.stage1.epochs, cfg.vqvae2.hidden, cfg.priors.epochs) == (7, 16, 3)
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="extends itself"):
         load_config(tmp_path / "loop.yaml")
@@ -95,13 +97,16 @@ def test_extends_merges_the_base_file_underneath(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("sweep.space={stage1.lr: {grid: [-1]}}", "sweep.space.stage1.lr.grid value -1: stage1.lr: Input should be greater than 0"),
-    ("sweep.space={priors.lr: {grid: [0.1]}}", "space key 'priors.lr' is not a stage1 setting"),
+    ("sweep.space={priors.lr: {grid: [0.1]}}", "'priors.lr' is not a setting of stage1"),
+    ("sweep.space={nvae.hidden: {grid: [8]}}", "'nvae.hidden' is not a setting of stage1 (its sections: stage1, vqvae2)"),
     ("sweep.space={stage1.lr: {normal: [0, 1]}}", "must be one of {grid|choice|uniform|loguniform"),
     ("sweep.space={stage1.lr: {loguniform: [0, 1]}}", "loguniform needs low > 0"),
     ("sweep.space={stage1.lr: {uniform: [2, 1]}}", "must be [low, high] with low < high"),
-    ("sweep.space={stage1.hidden: {uniform: [8, 64]}}", "stage1.hidden: Input should be a valid integer"),
+    ("sweep.space={vqvae2.hidden: {uniform: [8, 64]}}", "vqvae2.hidden: Input should be a valid integer"),
     ("sweep.num_samples=3", "num_samples > 1 with a grid-only space"),
-    ("sweep.stage=priors", "space key 'stage1.lr' is not a priors setting"),
+    ("sweep.stage=priors", "'stage1.lr' is not a setting of priors"),
+    ("sweep.stage=extract", "'extract' is not a training stage"),
+    ("sweep.metric=val_kl_bpd", "sweep.metric 'val_kl_bpd' is not reported by stage1 each epoch"),
 ])
 def test_sweep_sections_are_checked_before_any_trial(override, message):
     with pytest.raises(ConfigError) as err:
@@ -109,8 +114,51 @@ def test_sweep_sections_are_checked_before_any_trial(override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_the_cli_knows_the_runners_stages():
-    from pipeline.cli import STAGE_NAMES
-    from pipeline.runner import STAGES
+def test_old_stage1_model_keys_are_read_with_one_deprecation_line(tmp_path, capfd):
+    p = tmp_path / "old.yaml"
+    p.write_text("stage1:\n  epochs: 3\n  levels: 1\n  codebook_size: 32\n")
+    cfg = load_config(p)
+    assert (cfg.vqvae2.levels, cfg.vqvae2.codebook_size, cfg.stage1.epochs) == (1, 32, 3)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage1.{levels,codebook_size}" in err[0] and "vqvae2" in err[0]
+    with pytest.raises(ConfigError, match="use stage1.model=vae"):
+        load_config(None, ["stage1.model=nvae", "nvae.residual_posterior=false"])
 
-    assert STAGE_NAMES == tuple(st.name for st in STAGES)
+
+def test_a_family_section_shapes_only_its_own_fingerprints():
+    from pipeline.plan import plan
+
+    def fps(*overrides):
+        return {p.name: p.fingerprint for p in plan(load_config(None, list(overrides)), "data")}
+
+    vq, nvae = fps(), fps("stage1.model=nvae")
+    assert fps("nvae.hidden=16") == vq  # an NVAE key does not touch the VQ-VAE-2 stages
+    assert fps("stage1.model=nvae", "vqvae2.hidden=16") == nvae  # nor a VQ key the NVAE's
+    assert fps("stage1.model=nvae", "nvae.hidden=16")["stage1"] != nvae["stage1"]
+    changed = fps("vqvae2.hidden=16")
+    assert all(changed[s] != vq[s] for s in vq)  # stage 1 changed, and everything downstream of it
+    assert list(nvae) == ["stage1", "sample", "evaluate"]
+
+
+def test_the_cli_knows_the_graphs_stages_and_the_families():
+    from pipeline import graph
+    from pipeline.cli import parse_args
+    from stages import families
+
+    assert [parse_args(["run", "--until", name]).until for name in graph.names()] == list(graph.names())
+    with pytest.raises(SystemExit):
+        parse_args(["run", "--until", "nope"])
+    assert families.names() == ["nvae", "vae", "vqvae2"]
+    for name in families.names():  # every family's stages are stages of the graph, in the graph's order
+        order = [s for s in graph.names() if s in families.get(name).stages]
+        assert list(families.get(name).stages) == order
+
+
+def test_sweep_cli_errors_name_the_key_and_start_nothing(tmp_path):
+    from conftest import hvae
+
+    bad = hvae(tmp_path, "sweep", str(ROOT / "configs" / "sweep_smoke.yaml"), "sweep.metric=val_accuracy")
+    assert bad.returncode == 2 and "sweep.metric 'val_accuracy' is not reported by stage1" in bad.stderr
+    none = hvae(tmp_path, "sweep", str(ROOT / "configs" / "smoke.yaml"))
+    assert none.returncode == 2 and "no sweep section" in none.stderr
+    assert not (tmp_path / "mlruns.db").exists()  # nothing started

@@ -44,9 +44,10 @@ def test_checkpoint_loads_with_weights_only(smoke_run):
                                                       dst_path=str(cwd / "dl")))
     state = torch.load(folder / "vqvae2.pt", weights_only=True)
     assert any(k.endswith("quantizers.0.embedding") for k in state)
-    from stages.stage1 import load_model
+    from stages.families import load_model
 
-    model = load_model(folder)
+    family, model = load_model(folder)
+    assert family.name == "vqvae2"
     x = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
     assert [tuple(c.shape) for c in model.encode(x)] == [(2, 4, 4), (2, 8, 8)]
     # Ray Train's own checkpoint (optimizer, scheduler, epoch) sits under the storage path
@@ -111,7 +112,7 @@ def test_decoding_extracted_codes_reproduces_the_reconstructions(smoke_run):
     from pipeline.config import load_config
     from pipeline.datasets import load_splits
     from stages.extract import read_codes
-    from stages.stage1 import load_model
+    from stages.families import load_model
 
     cwd, _, parent_id = smoke_run
     run_of = {stage: r.info.run_id for stage, r in pipeline_runs(cwd, parent_id).items()}
@@ -120,7 +121,7 @@ def test_decoding_extracted_codes_reproduces_the_reconstructions(smoke_run):
                                                          dst_path=str(cwd / "dl_codes")))
     model_dir = Path(mlflow.artifacts.download_artifacts(run_id=run_of["stage1"], artifact_path="model",
                                                          dst_path=str(cwd / "dl_model")))
-    model = load_model(model_dir)
+    _, model = load_model(model_dir)
     val = load_splits(load_config(SMOKE).data)["val"]
     codes = read_codes(codes_dir, "val")
     assert np.array_equal(codes["index"], np.sort(val.index)) and codes["level1"].dtype == np.int16

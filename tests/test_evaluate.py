@@ -7,8 +7,8 @@ import torch
 
 from models.pixelcnn import HierarchicalPrior
 from models.vqvae2 import VQVAE2
-from stages.evaluate import nll_bound, nll_table
-from stages.sample import draw
+from stages.families.vqvae2 import draw, nll_bound
+from stages.nll_table import nll_table
 
 
 def _known_models(likelihood="bernoulli"):

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import SMOKE, hvae, runs, stage_runs
 
+pytestmark = pytest.mark.slow  # real clusters, sweeps or several pipelines: `make test` only
+
 VENV_BIN = str(Path(sys.executable).parent)
 
 

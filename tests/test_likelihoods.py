@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.likelihoods import Bernoulli, DiscretizedLogistic, bits_per_dim
+from models.likelihoods import Bernoulli, DiscretizedLogistic, to_bits_per_dim
 
 
 @pytest.mark.parametrize("mixtures,scale", [(1, 0.0), (3, 1.0), (5, 3.0)])
@@ -61,4 +61,4 @@ def test_samples_lie_on_the_pixel_grid():
 
 
 def test_bits_per_dim():
-    assert float(bits_per_dim(torch.tensor(1024 * math.log(2.0)), 1024)) == pytest.approx(1.0)
+    assert float(to_bits_per_dim(torch.tensor(1024 * math.log(2.0)), 1024)) == pytest.approx(1.0)

@@ -83,6 +83,21 @@ def test_kl_balancing_keeps_the_total_once_warm_and_reweights_groups_before():
     assert math.isfinite(float(warm.sum()))
 
 
+def test_kl_balancing_weights_groups_by_kl_per_dimension_not_by_size():
+    # two groups of different size with the same KL per dimension get the same coefficient;
+    # the coefficients are constants (detached): d loss / d KL_g = beta * gamma_g
+    sizes = [16, 64]
+    kl = torch.tensor([[0.5 * 16, 0.3 * 16], [0.5 * 64, 0.3 * 64]], requires_grad=True)
+    kl_balance(kl, sizes, beta=0.5).sum().backward()
+    gamma = kl.grad[:, 0] / 0.5
+    torch.testing.assert_close(gamma[0], gamma[1])
+    torch.testing.assert_close(gamma.mean(), torch.tensor(1.0))
+    # a group with half the KL per dimension gets a smaller coefficient, whatever its size
+    kl2 = torch.tensor([[0.25 * 16], [0.5 * 64]], requires_grad=True)
+    kl_balance(kl2, sizes, beta=0.5).sum().backward()
+    assert kl2.grad[0, 0] < kl2.grad[1, 0]
+
+
 def test_spectral_loss_converges_to_the_largest_singular_value():
     model = NVAE(hidden=8, latent_channels=2, scales=1, groups_per_scale=1).train()
     conv = model.stem

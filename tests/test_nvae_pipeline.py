@@ -2,10 +2,16 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import torch
 
+import pytest
+
 from conftest import SMOKE, hvae, pipeline_runs, runs
+from stages.families.nvae import INJECT_NAN_ENV
+
+pytestmark = pytest.mark.slow  # real clusters, sweeps or several pipelines: `make test` only
 
 
 def test_nvae_runs_three_stages_and_the_report_compares_it_with_vqvae2(smoke_store, tmp_path):
@@ -48,11 +54,11 @@ def test_nvae_runs_three_stages_and_the_report_compares_it_with_vqvae2(smoke_sto
 
 def test_a_non_finite_term_stops_stage1_naming_step_and_term_and_keeps_the_checkpoint(tmp_path):
     # 128 training images, global batch 64 over 2 workers: 2 steps per epoch; step 3 is in epoch 1
-    proc = hvae(tmp_path, "run", SMOKE, "stage1.model=nvae", "data.limit=128", "nvae.inject_nan_at_step=3")
+    proc = hvae(tmp_path, "run", SMOKE, "stage1.model=nvae", "data.limit=128", env={INJECT_NAN_ENV: "3"})
     assert proc.returncode == 1, proc.stdout[-3000:]
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, errors
-    assert "stage stage1 failed: FloatingPointError: stage1: non-finite kl term at epoch 1 step 3" in errors[0]
+    assert "stage stage1 failed: FloatingPointError: stage1: non-finite kl term at epoch 2 (global step 3" in errors[0]
     client, all_runs = runs(tmp_path)
     child = next(r for r in all_runs if r.data.tags.get("hvae.stage") == "stage1")
     parent = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline")
@@ -61,11 +67,12 @@ def test_a_non_finite_term_stops_stage1_naming_step_and_term_and_keeps_the_check
     assert "error.txt" in {f.path for f in client.list_artifacts(child.info.run_id)}
     # the checkpoint of epoch 0, from before the bad step, is on disk and loads
     from models.nvae import NVAE
-    from stages.train_loop import load_state, newest_checkpoint
+    from stages import checkpoints
 
-    epoch, folder = newest_checkpoint(str(tmp_path / "ray_results"), f"stage1-{child.data.tags['hvae.fingerprint']}")
-    assert epoch == 0
-    state, meta = load_state(folder)
+    found = checkpoints.newest(str(tmp_path / "ray_results"), f"stage1-{child.data.tags['hvae.fingerprint']}")
+    assert found.epoch == 0
+    folder = Path(found.path)
+    state, meta = found.load()
     model = NVAE(**{k: v for k, v in meta["model_config"].items()})
     model.load_state_dict(state["model"])
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,80 @@
+"""What a pipeline run will do, before it does it: the stages of the config's model family
+(``pipeline.graph``), each with its fingerprint, and per stage whether it is reused, resumed
+from a checkpoint or run. Torch-free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stages import checkpoints, families
+
+from . import graph
+from .fingerprint import code_hash, stage_fingerprint
+from .schema import ConfigError
+
+
+@dataclass
+class PlannedStage:
+    stage: graph.Stage
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def checkpoint_name(self) -> str:
+        return f"{self.stage.name}-{self.fingerprint}"
+
+
+def plan(cfg, data_fp: str, until: str | None = None) -> list[PlannedStage]:
+    """The stages that apply to the config's model family (up to ``until``), each with its fingerprint.
+
+    A fingerprint hashes the stage's config sections (the family's own section for stage 1),
+    the data, the upstream fingerprints and the source the stage and the family run."""
+    family = families.of(cfg)
+    data_slice = cfg.data.model_dump(mode="json", exclude={"root", "download"})
+    fps: dict[str, str] = {}
+    out = []
+    for st in graph.for_family(family):
+        cfg_slice = {s: getattr(cfg, s).model_dump(mode="json", exclude=st.not_in_fingerprint.get(s))
+                     for s in st.sections}
+        cfg_slice["data"] = data_slice
+        code = code_hash([st.module, families.module_of(family.name)])
+        fps[st.name] = stage_fingerprint(st.name, cfg_slice, [fps[u] for u in st.upstream], data_fp, code)
+        out.append(PlannedStage(st, fps[st.name]))
+        if st.name == until:
+            break
+    return out
+
+
+def stages_from(name: str) -> list[str]:
+    """``name`` and every stage after it (what ``--force name`` re-runs)."""
+    names = list(graph.names())
+    if name not in names:
+        raise ConfigError(f"--force {name}: unknown stage (stages: {', '.join(names)})")
+    return names[names.index(name):]
+
+
+def action(cfg, planned: PlannedStage, forced: set[str], tracker) -> str:
+    """What the run will do with a stage: reuse <run>, resume from epoch N, or run."""
+    if planned.name in forced:
+        return "run (forced)"
+    found = None if tracker is None else tracker.find_finished(planned.name, planned.fingerprint)
+    if found is not None:
+        return f"reuse {found.info.run_id}"
+    epoch = checkpoints.resume_epoch(cfg.cluster.storage_path, planned.checkpoint_name)
+    if epoch is not None:
+        return f"resume from epoch {epoch + 1} (checkpoint of epoch {epoch})"
+    return "run"
+
+
+def describe(cfg, stages: list[PlannedStage], forced: set[str], tracker) -> list[str]:
+    """``--dry-run``: the family's stage graph, then per stage what the run would do."""
+    family = families.of(cfg)
+    lines = [f"model family: {family.name} ({family.title})", "stage graph:"]
+    lines += [f"    {line}" for line in graph.describe(family)]
+    lines += [f"    {name:<9} not applicable to {family.name}" for name in graph.not_applicable(family)]
+    lines.append("stages:")
+    lines += [f"  {p.name:<9} {action(cfg, p, forced, tracker)}  (fingerprint {p.fingerprint})" for p in stages]
+    return lines

@@ -1,0 +1,117 @@
+"""Model families: every module in this package is one family, found by name.
+
+A family declares in one place everything the pipeline needs to know about a kind of
+model: its config section, how to build, save and load the model, which stages of the
+graph apply to it, the training task of stage 1, its figures, how it samples and how it
+evaluates. Stages and the pipeline ask the family; nothing else branches on the model name.
+
+Adding a family = one model file in ``models/``, one module here, one config in
+``configs/``. Importing this package imports no torch (hooks import it when called).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+DEFAULT = "vqvae2"  # the family of a config that names none
+WEIGHTS_FILE = "{name}.pt"  # model/<family>.pt, beside model/config.json
+CONFIG_FILE = "config.json"
+
+
+class Family:
+    """The interface a family module implements as ``FAMILY = SomeFamily()``."""
+
+    name: str = ""  # the value of stage1.model, and the name of its config section
+    title: str = ""  # what the model is, for people
+    Config: Any = None  # the pydantic Section of its config section (pipeline.schema.Section)
+    stages: tuple[str, ...] = ()  # the stages of pipeline.graph that apply to it, in order
+    epoch_metrics: str = ""  # regex alternatives of the extra per-epoch stage-1 metrics it reports
+    figures_note: str = ""  # what its stage-1 figures show
+
+    # ---- config ---------------------------------------------------------------------
+    def section(self, cfg):
+        """This family's config section of a PipelineConfig."""
+        return getattr(cfg, self.name)
+
+    def downsampling(self, cfg) -> tuple[int, str]:
+        """(factor the image size must be a multiple of, the setting that asks for it)."""
+        raise NotImplementedError
+
+    def upgrade(self, section: dict) -> tuple[dict, str]:
+        """Keys of its section that older configs used -> (the section as it reads now, a
+        one-line deprecation note or ""); raise ValueError for a key that now means another family."""
+        return section, ""
+
+    # ---- model ----------------------------------------------------------------------
+    def model_config(self, cfg, channels: int) -> dict:
+        """The model's constructor arguments, saved as model/config.json."""
+        raise NotImplementedError
+
+    def build(self, model_config: dict):
+        raise NotImplementedError
+
+    def describe(self, model_config: dict) -> tuple[str, str]:
+        """(model name, structure) for tables, e.g. ("VQ-VAE-2 (K=64/128) + ...", "2 levels, K=64/128")."""
+        raise NotImplementedError
+
+    # ---- stages ---------------------------------------------------------------------
+    def task(self, cfg) -> tuple[type, dict]:
+        """Stage 1's TrainTask class (an ImageTask) and its extra constructor arguments."""
+        raise NotImplementedError
+
+    def figures(self, model, val_images, cfg, folder: Path) -> dict[str, float]:
+        """Stage 1's figures (written into ``folder``); returns metrics they computed."""
+        raise NotImplementedError
+
+    def sample(self, model, upstream: dict[str, Path], scfg) -> tuple[Any, list, Any]:
+        """(images uint8 [N, C, H, W], codes per level (may be empty), labels or None)."""
+        raise NotImplementedError
+
+    def evaluate(self, model, upstream: dict[str, Path], test, ecfg) -> dict[str, float]:
+        """Test metrics: test_nll_nats, test_nll_bpd (with test_iw_samples when estimated), parts."""
+        raise NotImplementedError
+
+
+def names() -> list[str]:
+    """Every family, by name (the modules of this package)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def get(name: str) -> Family:
+    if name not in names():
+        raise KeyError(f"no model family {name!r} (families: {', '.join(names())})")
+    return importlib.import_module(f"{__name__}.{name}").FAMILY
+
+
+def of(cfg) -> Family:
+    """The family a config trains (its stage1.model)."""
+    return get(cfg.stage1.model)
+
+
+def module_of(name: str) -> str:
+    return f"{__name__}.{name}"
+
+
+# ---- a trained stage-1 model on disk ------------------------------------------------
+
+def save_model(family: Family, model, model_config: dict, folder: Path) -> None:
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / WEIGHTS_FILE.format(name=family.name))
+    (folder / CONFIG_FILE).write_text(json.dumps({"family": family.name, **model_config}, indent=2))
+
+
+def load_model(folder: Path):
+    """Rebuild a trained stage-1 model from its ``model/`` folder -> (family, model in eval mode)."""
+    import torch
+
+    config = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    family = get(config.pop("family", "vqvae2"))  # (models saved before families had no tag)
+    model = family.build(config)
+    weights = Path(folder) / WEIGHTS_FILE.format(name=family.name)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return family, model.eval()

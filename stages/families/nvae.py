@@ -1,0 +1,222 @@
+"""The NVAE family (Vahdat & Kautz 2020): a hierarchical VAE whose prior is learned in stage 1.
+
+Stages: stage1 -> sample -> evaluate (no extract, no separate priors).
+Loss per image (nats), divided by the number of pixel dimensions:
+    -log p(x | z) + beta * sum_l gamma_l KL_l + spectral_weight * sum_conv sigma_max(W)
+beta rises from ``kl_min`` to 1 over the first ``kl_warmup`` of training, the gamma_l balance
+the groups during warm-up (``kl_balance``). Batch norm is synchronised across workers
+(SyncBatchNorm) when they train on GPUs; gloo on CPU has no SyncBatchNorm, so there each
+worker keeps its own batch statistics. A non-finite term stops the stage with one line
+naming the epoch, the global step and the term (recon, kl or spectral).
+Test NLL: the importance-weighted estimate with K = ``evaluate.iw_samples`` samples
+(K = 1: the negative ELBO, an upper bound).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+
+from pipeline.schema import Section
+from stages.families import Family
+from stages.images import ImageTask, iterate, quality, save_bars, save_reconstructions
+
+# tests only: make the KL non-finite at this global step (read by the driver, passed to the task)
+INJECT_NAN_ENV = "HVAE_TEST_INJECT_NAN_AT_STEP"
+
+
+class NVAEConfig(Section):
+    """The ``nvae:`` section (stage1.model: nvae); training keys (epochs, lr, ...) stay in stage1."""
+
+    hidden: int = Field(32, ge=4)  # channels of both towers
+    latent_channels: int = Field(8, ge=1)  # channels of each latent group
+    scales: int = Field(2, ge=1, le=4)  # latent scales: image/2 (finest) down to image/2^scales
+    groups_per_scale: int = Field(2, ge=1)
+    cells_per_group: int = Field(1, ge=1)  # residual cells per group in each tower
+    kl_warmup: float = Field(0.3, ge=0, le=1)  # fraction of training over which the KL weight rises to 1
+    kl_min: float = Field(1e-2, ge=0, le=1)  # the KL weight at the start of warm-up
+    kl_balance: bool = True  # NVAE's per-group KL balancing during warm-up
+    spectral_weight: float = Field(1e-2, ge=0)  # spectral regularisation of the conv weights
+
+
+class NVAETask(ImageTask):
+    def __init__(self, *, loss: dict, epochs: int, **kwargs):
+        super().__init__(**kwargs)
+        self.loss, self.epochs, self.step, self.in_epoch = loss, epochs, 0, 0
+
+    def build_model(self):
+        import torch
+        import torch.distributed as dist
+
+        model = super().build_model()
+        if torch.cuda.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    def kl_weight(self, step_in_epoch: int) -> float:
+        warm = self.loss["kl_warmup"] * self.epochs
+        if warm <= 0:
+            return 1.0
+        progress = self.epoch + step_in_epoch / self.steps_per_epoch
+        return min(1.0, self.loss["kl_min"] + (1 - self.loss["kl_min"]) * progress / warm)
+
+    def train_batches(self, epoch, rank, world):
+        for i, batch in enumerate(super().train_batches(epoch, rank, world)):
+            self.in_epoch, self.step = i, epoch * self.steps_per_epoch + i  # step: global, from 0
+            yield batch
+
+    def _sums(self, out, x) -> dict:
+        import torch
+
+        sums = {"count": torch.tensor(float(x.shape[0])), "nll": out["nll"].sum(), "kl": out["kl"].sum()}
+        for g, kl in enumerate(out["kl"]):
+            sums[f"kl_group{g}"] = kl.sum()
+        return sums
+
+    def train_step(self, model, batch, device):
+        import torch
+
+        from models.nvae import kl_balance
+
+        x = batch.to(device)
+        core = getattr(model, "module", model)
+        out = model(x)
+        beta = self.kl_weight(self.in_epoch)
+        kl = out["kl"]
+        if self.loss.get("inject_nan_at_step") == self.step:
+            kl = kl * float("nan")
+        kl_term = kl_balance(kl, core.group_sizes(), beta) if self.loss["kl_balance"] else beta * kl.sum(0)
+        spectral = core.spectral_loss() if self.loss["spectral_weight"] > 0 else x.new_zeros((), dtype=torch.float32)
+        terms = {"recon": out["nll"].mean(), "kl": kl_term.mean(), "spectral": spectral}
+        for name, value in terms.items():
+            if not torch.isfinite(value):
+                raise FloatingPointError(
+                    f"stage1: non-finite {name} term at epoch {self.epoch + 1} (global step {self.step}; "
+                    f"the checkpoints of earlier epochs are kept)")
+        loss = (terms["recon"] + terms["kl"] + self.loss["spectral_weight"] * spectral) / x[0].numel()
+        return loss, self._sums(out, x)
+
+    def val_step(self, model, batch, device):
+        x = batch.to(device)
+        return self._sums(model(x), x)
+
+    def summarize(self, split, sums):
+        from models.likelihoods import to_bits_per_dim
+
+        n, dims = float(sums["count"]), self.image_dims()
+        nll, kl = float(sums["nll"]) / n, float(sums["kl"]) / n
+        out = {f"{split}_loss": (nll + kl) / dims, f"{split}_nll_nats": nll + kl,
+               f"{split}_bpd": to_bits_per_dim(nll + kl, dims),
+               f"{split}_recon_bpd": to_bits_per_dim(nll, dims), f"{split}_kl_bpd": to_bits_per_dim(kl, dims)}
+        for key, v in sums.items():
+            if key.startswith("kl_group"):
+                out[f"{split}_kl_nats_group{key[len('kl_group'):]}"] = float(v) / n
+        return out
+
+
+def iw_nll(model, images, batch_size: int, k: int, seed: int = 0) -> dict[str, float]:
+    """Test metrics of a VAE: the importance-weighted NLL estimate with K samples, the ELBO and its parts."""
+    import numpy as np
+    import torch
+
+    from models.likelihoods import to_bits_per_dim
+    from models.nvae import iw_bound
+
+    n, dims = len(images), int(np.prod(images.shape[1:]))
+    gen = torch.Generator().manual_seed(seed)
+    iw = recon = kl = sq_err = 0.0
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
+            out = model(x, generator=gen)
+            recon += float(out["nll"].sum())
+            kl += float(out["kl"].sum())
+            iw += float(iw_bound(model.log_weights(x, k, generator=gen)).sum())
+            mean = model.likelihood.mean(out["params"]) / 255.0
+            sq_err += float(((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum())
+    per_image = {"nll": -iw / n, "elbo": (recon + kl) / n, "recon": recon / n, "kl": kl / n}
+    metrics = {"test_iw_samples": float(k), **quality(sq_err / n), "test_images": float(n)}
+    for key, nats in per_image.items():
+        metrics[f"test_{key}_nats"] = nats
+        metrics[f"test_{key}_bpd"] = to_bits_per_dim(nats, dims)
+    return metrics
+
+
+class NVAEFamily(Family):
+    name = "nvae"
+    title = "NVAE: hierarchical VAE with residual-normal posteriors"
+    Config = NVAEConfig
+    stages = ("stage1", "sample", "evaluate")
+    epoch_metrics = r"recon_bpd|kl_bpd|kl_nats_group\d+"
+    figures_note = "reconstructions.png, kl_per_group.png (validation KL per latent group)"
+
+    def upgrade(self, section):
+        if "residual_posterior" not in section:
+            return section, ""
+        if section.pop("residual_posterior") is False:
+            raise ValueError("nvae.residual_posterior=false is the plain VAE: use stage1.model=vae "
+                             "(its settings in the vae: section)")
+        return section, "deprecated: nvae.residual_posterior (an NVAE always has it; the plain VAE is stage1.model=vae)"
+
+    def downsampling(self, cfg):
+        return 2 ** cfg.nvae.scales, f"nvae.scales={cfg.nvae.scales}"
+
+    def model_config(self, cfg, channels):
+        n = self.section(cfg)
+        return {"in_channels": channels, "image_size": cfg.data.image_size, "hidden": n.hidden,
+                "latent_channels": n.latent_channels, "scales": n.scales, "groups_per_scale": n.groups_per_scale,
+                "cells_per_group": n.cells_per_group, "residual_posterior": True,
+                "likelihood": cfg.stage1.likelihood, "num_mixtures": cfg.stage1.num_mixtures}
+
+    def build(self, model_config):
+        from models.nvae import NVAE
+
+        return NVAE(**model_config)
+
+    def describe(self, model):
+        g, s = model.num_groups, model.scales
+        return (f"NVAE ({s} scales × {model.groups_per_scale} groups)",
+                f"{g} group{'s' if g > 1 else ''} over {s} scale{'s' if s > 1 else ''}")
+
+    def loss_settings(self, cfg) -> dict:
+        n = self.section(cfg)
+        inject = os.environ.get(INJECT_NAN_ENV)
+        return {"kl_warmup": n.kl_warmup, "kl_min": n.kl_min, "kl_balance": getattr(n, "kl_balance", False),
+                "spectral_weight": n.spectral_weight, "inject_nan_at_step": int(inject) if inject else None}
+
+    def task(self, cfg):
+        return NVAETask, {"loss": self.loss_settings(cfg), "epochs": cfg.stage1.epochs}
+
+    def figures(self, model, val_images, cfg, folder: Path):
+        import numpy as np
+        import torch
+
+        save_reconstructions(model, val_images, cfg.stage1.recon_images, folder)
+        total, n = None, 0
+        with torch.no_grad():
+            for batch in iterate(val_images, 256):
+                kl = model(batch)["kl"].sum(1)
+                total = kl if total is None else total + kl
+                n += len(batch)
+        per_group = (total / n).numpy()
+        per_dim = per_group / np.array(model.group_sizes())
+        save_bars([(per_dim, f"validation KL per group, total {per_group.sum():.1f} nats/image")],
+                  folder / "kl_per_group.png", xlabel="latent group (top-down)",
+                  ylabel="KL (nats per latent dim)", color="tab:orange", width=6.0)
+        # groups whose KL per latent dimension is below 0.01 nats carry almost no information
+        return {"val_active_groups": float((per_dim > 0.01).sum())}
+
+    def sample(self, model, upstream, scfg):
+        import torch
+
+        gen = torch.Generator().manual_seed(scfg.seed)
+        with torch.no_grad():
+            images = model.sample(scfg.num_samples, scfg.temperature, gen, pixels=scfg.pixels)
+        return images, [], None
+
+    def evaluate(self, model, upstream, test, ecfg):
+        return iw_nll(model, test.images, ecfg.batch_size, ecfg.iw_samples)
+
+
+FAMILY = NVAEFamily()

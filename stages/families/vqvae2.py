@@ -1,0 +1,207 @@
+"""The VQ-VAE family: VQ-VAE-2 (two code maps), the single-level VQ-VAE and the three-map
+variant (``vqvae2.levels``), each followed by gated PixelCNN priors over its codes.
+
+Stages: stage1 (the autoencoder) -> extract (codes to Parquet) -> priors -> sample -> evaluate.
+Test NLL: the upper bound of a one-hot posterior,
+    -log p(x) <= -log p(x | z_q(x)) - sum_l log p_prior(z_l | z_{l-1}).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+from pydantic import Field, model_validator
+
+from pipeline.schema import Section
+from stages.families import Family
+from stages.images import ImageTask, iterate, quality, save_bars, save_reconstructions
+
+
+class VQVAE2Config(Section):
+    """The ``vqvae2:`` section (stage1.model: vqvae2); training keys (epochs, lr, ...) stay in stage1."""
+
+    levels: int = Field(2, ge=1, le=3)  # 1 = VQ-VAE, 2 = VQ-VAE-2, 3 = three maps
+    hidden: int = Field(64, ge=4)
+    res_hidden: int = Field(32, ge=1)
+    res_blocks: int = Field(2, ge=0)
+    embed_dim: int = Field(64, ge=1)
+    codebook_size: Union[int, list[int]] = 512  # one per level (top first) or one for all
+    beta: float = Field(0.25, ge=0)  # commitment weight
+    decay: float = Field(0.99, gt=0, lt=1)  # EMA gamma of the codebook
+    kmeans_init: bool = True  # initialise each codebook by k-means on its first batch
+    dead_code_threshold: float = Field(0.0, ge=0)  # restart codes whose EMA count falls below this (0: off)
+
+    @model_validator(mode="after")
+    def _codebooks(self):
+        if isinstance(self.codebook_size, list) and len(self.codebook_size) != self.levels:
+            raise ValueError(f"codebook_size lists {len(self.codebook_size)} sizes for {self.levels} levels")
+        sizes = self.codebook_size if isinstance(self.codebook_size, list) else [self.codebook_size]
+        if any(k < 2 for k in sizes):
+            raise ValueError("codebook_size must be >= 2")
+        return self
+
+
+class VQTask(ImageTask):
+    """Loss per image: -log p(x | z_q(x)) + beta * ||z - sg[e]||^2, over the pixel dimensions."""
+
+    def _sums(self, out, x):
+        import torch
+
+        return {"count": torch.tensor(float(x.shape[0])), "nll": out["nll"].sum(), "commit": out["commit"].sum()}
+
+    def train_step(self, model, batch, device):
+        x = batch.to(device)
+        out = model(x)
+        loss = (out["nll"] + out["commit"]).mean() / x[0].numel()
+        sums = self._sums(out, x)
+        for l, st in enumerate(out["stats"]):
+            sums[f"perplexity_level{l}"] = st["perplexity"] * x.shape[0]
+        return loss, sums
+
+    def val_step(self, model, batch, device):
+        x = batch.to(device)
+        out = model(x)
+        sums = self._sums(out, x)
+        for l, st in enumerate(out["stats"]):
+            sums[f"usage_level{l}"] = st["usage"]
+        return sums
+
+    def summarize(self, split, sums):
+        from models.likelihoods import to_bits_per_dim
+        from models.quantize import perplexity
+
+        n, dims = float(sums["count"]), self.image_dims()
+        nll, commit = float(sums["nll"]) / n, float(sums["commit"]) / n
+        out = {f"{split}_loss": (nll + commit) / dims, f"{split}_nll_nats": nll,
+               f"{split}_bpd": to_bits_per_dim(nll, dims), f"{split}_commit": commit}
+        for key, v in sums.items():
+            if key.startswith("perplexity_level"):  # training: the mean of the per-step perplexities
+                out[f"{split}_{key}"] = float(v) / n
+            if key.startswith("usage_level"):  # validation: the perplexity of the epoch's code counts
+                out[f"{split}_perplexity_level{key[-1]}"] = float(perplexity(v))
+                out[f"{split}_dead_codes_level{key[-1]}"] = float((v == 0).sum())
+        return out
+
+
+def nll_bound(vq, priors, images, labels, batch_size: int) -> dict[str, float]:
+    """Test metrics of a stage-1 model and its priors on uint8 images [N, C, H, W]."""
+    import numpy as np
+    import torch
+
+    from models.likelihoods import to_bits_per_dim
+    from models.quantize import perplexity
+
+    n, dims = len(images), int(np.prod(images.shape[1:]))
+    recon = sq_err = 0.0
+    prior_levels = [0.0] * len(priors.levels)
+    usage = [torch.zeros(k) for k in vq.codebook_sizes]
+    use_labels = priors.levels[0].num_classes > 0
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
+            y = torch.from_numpy(labels[i : i + batch_size]).long() if use_labels else None
+            out = vq(x)
+            recon += float(out["nll"].sum())
+            for l, nll in enumerate(priors(out["codes"], y)):
+                prior_levels[l] += float(nll.sum())
+            mean = vq.likelihood.mean(out["params"]) / 255.0
+            sq_err += float(((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum())
+            for l, c in enumerate(out["codes"]):
+                usage[l] += torch.bincount(c.flatten(), minlength=vq.codebook_sizes[l]).float()
+    prior = sum(prior_levels)
+    metrics = {
+        "test_nll_nats": (recon + prior) / n, "test_nll_bpd": to_bits_per_dim((recon + prior) / n, dims),
+        "test_recon_nats": recon / n, "test_recon_bpd": to_bits_per_dim(recon / n, dims),
+        "test_prior_nats": prior / n, "test_prior_bpd": to_bits_per_dim(prior / n, dims),
+        **quality(sq_err / n), "test_images": float(n),
+    }
+    for l, u in enumerate(usage):
+        metrics[f"test_perplexity_level{l}"] = float(perplexity(u))
+        metrics[f"test_prior_nats_level{l}"] = prior_levels[l] / n
+    return metrics
+
+
+def draw(vq, priors, num_samples: int, temperature: float, seed: int, pixels: str = "mean"):
+    """Ancestral sampling, top level first, then the decoder -> (images uint8, codes per level, labels)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    num_classes = priors.levels[0].num_classes
+    labels = torch.arange(num_samples) % num_classes if num_classes else None
+    with torch.no_grad():
+        codes = priors.sample(num_samples, labels, temperature, gen)
+        params = vq.decode_codes(codes)
+        if pixels == "sample":
+            images = vq.likelihood.sample(params, gen)
+        else:
+            images = vq.likelihood.mean(params).round().clamp(0, 255).to(torch.uint8)
+    return images, codes, labels
+
+
+class VQVAE2Family(Family):
+    name = "vqvae2"
+    title = "VQ-VAE / VQ-VAE-2 with gated PixelCNN priors"
+    Config = VQVAE2Config
+    stages = ("stage1", "extract", "priors", "sample", "evaluate")
+    epoch_metrics = r"commit|perplexity_level\d|dead_codes_level\d"
+    figures_note = "reconstructions.png (validation images over their reconstructions), codebook_usage.png"
+
+    def downsampling(self, cfg):
+        levels = cfg.vqvae2.levels
+        return 2 ** (levels + 1), f"vqvae2.levels={levels}"
+
+    def model_config(self, cfg, channels):
+        v = cfg.vqvae2
+        keys = ["levels", "hidden", "res_hidden", "res_blocks", "embed_dim", "codebook_size", "beta",
+                "decay", "kmeans_init", "dead_code_threshold"]
+        return {"in_channels": channels, **{k: getattr(v, k) for k in keys},
+                "likelihood": cfg.stage1.likelihood, "num_mixtures": cfg.stage1.num_mixtures}
+
+    def build(self, model_config):
+        from models.vqvae2 import VQVAE2
+
+        return VQVAE2(**model_config)
+
+    def describe(self, model):
+        sizes = "/".join(map(str, model.codebook_sizes))
+        base = {1: "VQ-VAE", 2: "VQ-VAE-2"}.get(model.levels, f"VQ-VAE-2 ({model.levels} levels)")
+        plural = "s" if model.levels > 1 else ""
+        return f"{base} (K={sizes}) + gated PixelCNN priors", f"{model.levels} level{plural}, K={sizes}"
+
+    def task(self, cfg):
+        return VQTask, {}
+
+    def figures(self, model, val_images, cfg, folder: Path):
+        import torch
+
+        from models.quantize import perplexity
+
+        save_reconstructions(model, val_images, cfg.stage1.recon_images, folder)
+        usage = [torch.zeros(k) for k in model.codebook_sizes]
+        for batch in iterate(val_images, 256):
+            for l, codes in enumerate(model.encode(batch)):
+                usage[l] += torch.bincount(codes.flatten(), minlength=model.codebook_sizes[l]).float()
+        panels, stats = [], {}
+        for l, u in enumerate(usage):
+            used = int((u > 0).sum())
+            stats[f"val_codes_used_level{l}"] = float(used)
+            where = "top" if l == 0 else "bottom" if l == len(usage) - 1 else "middle"
+            panels.append((u.numpy(), f"level {l} ({where}): {used}/{len(u)} codes used, "
+                                      f"perplexity {float(perplexity(u)):.1f}"))
+        save_bars(panels, folder / "codebook_usage.png", xlabel="code", ylabel="count (val)")
+        return stats
+
+    def sample(self, model, upstream, scfg):
+        from stages.priors import load_priors
+
+        priors = load_priors(upstream["priors"] / "model")
+        return draw(model, priors, scfg.num_samples, scfg.temperature, scfg.seed, scfg.pixels)
+
+    def evaluate(self, model, upstream, test, ecfg):
+        from stages.priors import load_priors
+
+        priors = load_priors(upstream["priors"] / "model")
+        return nll_bound(model, priors, test.images, test.labels, ecfg.batch_size)
+
+
+FAMILY = VQVAE2Family()

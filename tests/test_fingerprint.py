@@ -1,0 +1,53 @@
+"""Fingerprints follow the code a stage really runs: computed from imports, one family at a time."""
+import shutil
+
+from pipeline.fingerprint import ROOT, code_hash, source_files
+
+STAGE1 = "stages.stage1"
+
+
+def _project(tmp_path):
+    for folder in ("models", "stages"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def _edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_editing_the_nvae_model_changes_only_the_nvae_fingerprints(tmp_path):
+    root = _project(tmp_path)
+    stage1 = {name: code_hash([STAGE1, f"stages.families.{name}"], root) for name in ("vqvae2", "nvae", "vae")}
+    priors = code_hash(["stages.priors", "stages.families.vqvae2"], root)
+    _edit(root / "models" / "nvae.py", "LOG_2PI = math.log(2 * math.pi)", "LOG_2PI = math.log(2.0 * math.pi)")
+    assert code_hash([STAGE1, "stages.families.nvae"], root) != stage1["nvae"]
+    assert code_hash([STAGE1, "stages.families.vae"], root) != stage1["vae"]  # the VAE is the NVAE code
+    assert code_hash([STAGE1, "stages.families.vqvae2"], root) == stage1["vqvae2"]
+    assert code_hash(["stages.priors", "stages.families.vqvae2"], root) == priors
+    # and the other way round: the quantizer is VQ code only
+    _edit(root / "models" / "quantize.py", "def perplexity(", "def perplexity(  ")
+    assert code_hash([STAGE1, "stages.families.vqvae2"], root) != stage1["vqvae2"]
+    assert code_hash([STAGE1, "stages.families.nvae"], root) != stage1["nvae"]  # (from the first edit)
+
+
+def test_a_new_helper_a_stage_imports_inside_a_function_is_part_of_its_code(tmp_path):
+    root = _project(tmp_path)
+    before = code_hash(["stages.evaluate", "stages.families.nvae"], root)
+    (root / "stages" / "helper.py").write_text("SCALE = 1.0\n")
+    assert code_hash(["stages.evaluate", "stages.families.nvae"], root) == before  # not imported yet
+    _edit(root / "stages" / "families" / "nvae.py", "    def evaluate(self, model, upstream, test, ecfg):\n",
+          "    def evaluate(self, model, upstream, test, ecfg):\n        from ..helper import SCALE  # noqa\n")
+    assert "stages/helper.py" in source_files(["stages.families.nvae"], root)
+    after = code_hash(["stages.evaluate", "stages.families.nvae"], root)
+    _edit(root / "stages" / "helper.py", "1.0", "2.0")
+    assert len({before, after, code_hash(["stages.evaluate", "stages.families.nvae"], root)}) == 3
+
+
+def test_the_pipeline_package_and_other_families_are_not_followed():
+    files = source_files([STAGE1, "stages.families.vqvae2"])
+    assert not any(f.startswith("pipeline/") for f in files)
+    assert "stages/families/nvae.py" not in files and "models/nvae.py" not in files
+    assert {"models/vqvae2.py", "models/quantize.py", "stages/train_loop.py", "stages/checkpoints.py"} <= set(files)

@@ -1,0 +1,90 @@
+"""Fixed-seed regression tests, one per training stage: a tiny model trained for one epoch on
+fixed data through the shared loop's own epoch code (no Ray), its losses compared with values
+recorded on the reference machine (torch 2.14.1, CPU). They catch a change to a model, a loss
+or the loop that moves the numbers; a deliberate change re-records them (and says why).
+
+Tolerance: 1e-4 relative. Identical code gives identical floats on one machine; the slack
+covers a different CPU's summation order (float32 reductions), not a change of behaviour.
+"""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.datasets import load_splits
+from stages import families
+from stages.train_loop import LoopSpec, epoch_metrics, make_optimizer, run_epoch
+
+RTOL = 1e-4
+
+# recorded on 2026-11-25 (`python -m pytest -s tests/test_regression.py` prints the values;
+# a None here makes the test fail with the value to record)
+RECORDED = {
+    "vqvae2": {"train_loss": 2.193870068942715, "val_loss": 1.9397809094953118},
+    "nvae": {"train_loss": 2.1445518821419682, "val_loss": 1.8516788468696177},
+    "vae": {"train_loss": 2.191893971121317, "val_loss": 1.9300146120949648},
+    "priors": {"train_loss": 2.7532581210136415, "val_loss": 2.7548628568649294},
+}
+
+TINY = {
+    "vqvae2": ["vqvae2.hidden=16", "vqvae2.res_hidden=8", "vqvae2.res_blocks=1", "vqvae2.embed_dim=8",
+               "vqvae2.codebook_size=[16,32]", "stage1.num_mixtures=2"],
+    "nvae": ["stage1.model=nvae", "nvae.hidden=8", "nvae.latent_channels=2", "stage1.num_mixtures=2"],
+    "vae": ["stage1.model=vae", "vae.hidden=8", "vae.latent_channels=2", "stage1.num_mixtures=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    splits = load_splits(load_config(None, ["data.limit=128"]).data)
+    return {"train": splits["train"].images, "val": splits["val"].images}
+
+
+def _one_epoch(task, spec: LoopSpec) -> dict:
+    torch.manual_seed(spec.seed)
+    model = task.build_model()
+    optimizer, _ = make_optimizer(model, spec)
+    train_sums, val_sums, seconds = run_epoch(spec, task, model, optimizer, 0, 0, 1, torch.device("cpu"))
+    return epoch_metrics(task, spec, train_sums, val_sums, seconds, 0, spec.lr, 1)
+
+
+def _check(name: str, metrics: dict) -> None:
+    print(f"{name}: " + ", ".join(f"{k}={metrics[k]!r}" for k in RECORDED[name]))
+    for key, want in RECORDED[name].items():
+        assert want is not None, f"record {name} {key} = {metrics[key]!r}"
+        assert metrics[key] == pytest.approx(want, rel=RTOL), f"{name} {key}: {metrics[key]!r} != recorded {want!r}"
+
+
+@pytest.mark.parametrize("name", ["vqvae2", "nvae", "vae"])
+def test_stage1_of_each_family_after_one_epoch(name, digits):
+    cfg = load_config(None, ["stage1.batch_size=32", "stage1.lr=1e-3", *TINY[name]])
+    family = families.of(cfg)
+    model_config = family.model_config(cfg, 1)
+    task_cls, extra = family.task(cfg)
+    task = task_cls(model_config=model_config, data_ref=None, batch_size=32, world_hint=1, seed=0,
+                    family=family.name, **extra)
+    task._data = digits  # what the worker would get from the object store
+    spec = LoopSpec(make_task=task_cls, task_args={}, model_config=model_config, epochs=1, lr=1e-3, stage="stage1")
+    _check(name, _one_epoch(task, spec))
+
+
+def test_priors_after_one_epoch():
+    from stages.priors import PriorTask, prior_config
+
+    schema = {"codebook_sizes": [8, 16], "shapes": [[4, 4], [8, 8]], "num_classes": 10}
+    cfg = load_config(None, ["priors.hidden=8", "priors.layers=2"])
+    config = prior_config(schema, cfg.priors)
+    rng = np.random.default_rng(0)
+    top = rng.integers(0, 8, (96, 4, 4))
+    data = {"level0": top, "level1": (np.kron(top, np.ones((2, 2), dtype=np.int64)) + rng.integers(0, 2, (96, 8, 8))) % 16,
+            "label": rng.integers(0, 10, 96)}
+
+    class InMemoryPriorTask(PriorTask):  # the codes a Ray Data shard would stream, in order
+        def _batches(self, split, epoch):
+            lo, hi = (0, 64) if split == "train" else (64, 96)
+            for i in range(lo, hi, self.batch_size):
+                yield {k: torch.from_numpy(v[i : min(i + self.batch_size, hi)]) for k, v in data.items()}
+
+    task = InMemoryPriorTask(config=config, batch_size=16, world_hint=1, seed=0)
+    spec = LoopSpec(make_task=PriorTask, task_args={}, model_config=config, epochs=1, lr=1e-3, stage="priors")
+    _check("priors", _one_epoch(task, spec))
