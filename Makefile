@@ -1,7 +1,7 @@
 # make run            - set up .venv if needed, then run the pipeline on the embedded default
 # make test           - set up .venv if needed, then run the whole test suite (what CI runs)
 # make test-fast      - the tests to run while working: every unit test and one smoke pipeline (< 3 min)
-# make test-shuffled  - the whole suite in a shuffled order (SEED=<n>, default 1)
+# make test-shuffled  - the fast tier with files and tests in a shuffled order (SEED=<n>, default 1; ARGS= for more)
 # make ui             - MLflow UI for ./mlruns.db on http://127.0.0.1:5000
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -29,7 +29,7 @@ test-fast: $(STAMP)
 
 SEED ?= 1
 test-shuffled: $(STAMP)
-	HVAE_TEST_SHUFFLE=$(SEED) $(BIN)/python -m pytest -q -p no:cacheprovider
+	HVAE_TEST_SHUFFLE=$(SEED) $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(ARGS)
 
 ui: $(STAMP)
 	$(BIN)/hvae ui

@@ -7,7 +7,7 @@ shows and reports each epoch. The runner, the CLI, ``hvae sweep`` and ``hvae sub
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 FAMILY = "<family>"  # in Stage.sections: the config section of the run's model family
 
@@ -23,6 +23,8 @@ class Stage:
     on_ray: bool = False  # runs on Ray workers: on a multi-node cluster it needs shared storage
     artifacts: tuple[str, ...] = ()  # what its MLflow run holds (names are part of the interface)
     shown: tuple[str, ...] = ()  # metrics printed in the run's summary line
+    printed: str = ""  # an artifact whose text the run's summary prints
+    linked: str = ""  # an artifact whose location the run's summary prints
     epoch_metrics: str = ""  # regex alternatives of the metrics it reports every epoch (train_/val_)
     not_in_fingerprint: dict[str, frozenset] = field(default_factory=dict)  # keys that do not shape output
 
@@ -39,10 +41,11 @@ STAGES = (
           ("extract",), trains=True, on_ray=True, artifacts=("model/prior_level{l}.pt", "model/priors.json"),
           shown=("val_bits_per_code",), epoch_metrics=r"loss|bits_per_code|bits_per_code_level\d|nll_nats_level\d"),
     Stage("sample", "stages.sample", "draw samples through the hierarchy and decode them", ("sample",),
-          ("stage1", "priors"), artifacts=("samples/grid.png", "samples/samples.npz")),
+          ("stage1", "priors"), artifacts=("samples/grid.png", "samples/samples.npz"), linked="samples/grid.png"),
     Stage("evaluate", "stages.evaluate", "test NLL (bound or importance-weighted estimate) and its parts",
           ("evaluate",), ("stage1", "priors"), artifacts=("report/nll_table.md",),
-          shown=("test_nll_bpd", "test_nll_nats"), not_in_fingerprint={"evaluate": frozenset({"batch_size"})}),
+          shown=("test_nll_bpd", "test_nll_nats"), printed="report/nll_table.md",
+          not_in_fingerprint={"evaluate": frozenset({"batch_size"})}),
 )
 
 
@@ -70,8 +73,7 @@ def for_family(family) -> list[Stage]:
         sections = tuple(family.name if s == FAMILY else s for s in st.sections)
         artifacts = tuple(a.replace("<family>", family.name) for a in st.artifacts)
         upstream = tuple(u for u in st.upstream if u in family.stages)
-        out.append(Stage(st.name, st.module, st.summary, sections, upstream, st.trains, st.on_ray, artifacts,
-                         st.shown, st.epoch_metrics, st.not_in_fingerprint))
+        out.append(replace(st, sections=sections, upstream=upstream, artifacts=artifacts))
     return out
 
 

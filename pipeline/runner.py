@@ -83,12 +83,13 @@ def _print_summary(rows, tracker, parent_id, outputs):
         shown = " ".join(f"{k}={metrics[k]:.4g}" for k in graph.get(name).shown if k in metrics)
         timing = f"{secs:6.1f} s" if secs is not None else "       "
         print(f"{name:<9} {status:<9} run {run_id}  {timing}  {shown}")
-    table = outputs.get("evaluate", Path("/nonexistent")) / "report" / "nll_table.md"
-    if table.is_file():
-        print("\n" + table.read_text())
+    for name, _, run_id, _, _ in rows:  # the result a stage's summary shows: its text, or where it is
+        st = graph.get(name)
+        if st.printed and (outputs[name] / st.printed).is_file():
+            print("\n" + (outputs[name] / st.printed).read_text())
     for name, _, run_id, _, _ in rows:
-        if name == "sample":
-            print(f"sample grid: {tracker.artifact_uri(run_id)}/samples/grid.png")
+        if graph.get(name).linked:
+            print(f"{name}: {tracker.artifact_uri(run_id)}/{graph.get(name).linked}")
     print(f"MLflow parent run: {parent_id} (experiment '{tracker.experiment_name}', {tracker.uri})")
     print(f"artifacts: {tracker.artifact_uri(parent_id).rsplit('/', 2)[0]}/<run id>/artifacts")
     print(f"browse: make ui, then {tracker.ui_url(parent_id)}")

@@ -13,14 +13,22 @@ SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
 
 def pytest_collection_modifyitems(config, items):
-    """HVAE_TEST_SHUFFLE=<seed>: run the tests in a shuffled order (`make test-shuffled`), to show
-    that none depends on another having run first."""
+    """HVAE_TEST_SHUFFLE=<seed>: run the files in a shuffled order and each file's tests in a
+    shuffled order (`make test-shuffled`), to show that no test depends on another having run
+    first. (Files stay whole so that a module's shared pipeline is built once.)"""
     seed = os.environ.get("HVAE_TEST_SHUFFLE")
-    if seed:
-        import random
+    if not seed:
+        return
+    import random
 
-        random.Random(int(seed)).shuffle(items)
-        print(f"\ntest order shuffled with seed {seed}")
+    rng = random.Random(int(seed))
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(str(item.fspath), []).append(item)
+    order = list(files)
+    rng.shuffle(order)
+    items[:] = [item for name in order for item in rng.sample(files[name], len(files[name]))]
+    print(f"\ntest order shuffled with seed {seed}: {', '.join(Path(name).name for name in order)}")
 
 
 def hvae(cwd, *args, timeout=600, env=None):
