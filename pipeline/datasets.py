@@ -55,7 +55,11 @@ def fit_size(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def _split_indices(n: int, fractions: list[float], seed: int) -> list[np.ndarray]:
-    """Shuffle 0..n-1 with a fixed seed, cut off the given fractions (the rest is first)."""
+    """Shuffle 0..n-1 with a fixed seed, cut off the given fractions (the rest is first).
+
+    Each part keeps the shuffled order: sources stored by class (the embedded MNIST, an
+    ImageFolder) would otherwise stay sorted by class in every split, so ``data.limit`` would
+    keep one class and every file the stages write would hold one class after another."""
     perm = np.random.default_rng(seed).permutation(n)
     sizes = [int(round(f * n)) for f in fractions]
     first = n - sum(sizes)
@@ -65,7 +69,7 @@ def _split_indices(n: int, fractions: list[float], seed: int) -> list[np.ndarray
     for s in sizes:
         parts.append(perm[start : start + s])
         start += s
-    return [np.sort(p) for p in parts]
+    return parts
 
 
 # ---- sources -----------------------------------------------------------------------
@@ -182,7 +186,8 @@ def load_splits(cfg) -> dict[str, ImageData]:
     else:
         (xtr, ytr), (xte, yte) = _cifar10(cfg) if name == "cifar10" else _torchvision_mnist(cfg, name)
         tr, va = _split_indices(len(ytr), [cfg.val_fraction], cfg.split_seed)
-        chosen = {"train": (xtr, ytr, tr), "val": (xtr, ytr, va), "test": (xte, yte, np.arange(len(yte)))}
+        test = np.random.default_rng(cfg.split_seed).permutation(len(yte))  # (limit: a random subset)
+        chosen = {"train": (xtr, ytr, tr), "val": (xtr, ytr, va), "test": (xte, yte, test)}
     out = {}
     for split, (x, y, idx) in chosen.items():
         if cfg.limit is not None:

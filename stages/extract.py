@@ -77,7 +77,8 @@ def run(ctx: StageContext) -> StageResult:
         num_cpus=1,
     )
     staging = ctx.output_dir / "_partitioned"
-    encoded.write_parquet(str(staging), partition_cols=["split"], min_rows_per_file=len(items))
+    # one file per block and split, rows in the splits' shuffled order (not sorted by class)
+    encoded.write_parquet(str(staging), partition_cols=["split"])
     codes_dir.mkdir(parents=True, exist_ok=True)
     for split in splits:  # Hive folders split=train/ -> codes/train/
         (staging / f"split={split}").rename(codes_dir / split)

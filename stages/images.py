@@ -98,7 +98,7 @@ def save_reconstructions(model, val: np.ndarray, n_recon: int, folder: Path) -> 
 
     folder.mkdir(parents=True, exist_ok=True)
     pick = np.unique(np.linspace(0, len(val) - 1, min(n_recon, len(val))).round().astype(int))
-    x = torch.from_numpy(val[pick])  # spread over the split (it is stored in source order)
+    x = torch.from_numpy(val[pick])  # spread over the split
     with torch.no_grad():
         recon = model.likelihood.mean(model(x)["params"]) / 255.0
     rows = []

@@ -59,10 +59,14 @@ class PriorTask(TrainTask):
     def _batches(self, split: str, epoch: int | None):
         import ray.train
 
-        shard = ray.train.get_dataset_shard(split)
-        shuffle = {"local_shuffle_buffer_size": 4 * self.batch_size, "local_shuffle_seed": self.seed * 1009 + epoch} \
-            if epoch is not None else {}
-        return shard.iter_torch_batches(batch_size=self.batch_size, device="cpu", **shuffle)
+        return self.iterate(ray.train.get_dataset_shard(split), epoch)
+
+    def iterate(self, data, epoch: int | None):
+        """Batches of a Ray Data dataset or shard; for training (``epoch`` given) drawn from a
+        shuffle buffer of at least 16 batches, reseeded each epoch."""
+        shuffle = {"local_shuffle_buffer_size": max(16 * self.batch_size, 1024),
+                   "local_shuffle_seed": self.seed * 1009 + epoch} if epoch is not None else {}
+        return data.iter_torch_batches(batch_size=self.batch_size, device="cpu", **shuffle)
 
     def train_batches(self, epoch, rank, world):
         return self._batches("train", epoch)

