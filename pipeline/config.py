@@ -213,7 +213,7 @@ class _Checks(Section):
         if sweep.stage not in family.stages:
             raise ValueError(f"sweep.stage={sweep.stage}: {family.name} has no {sweep.stage} stage "
                              f"(its stages: {', '.join(family.stages)})")
-        sections = graph.for_family(family)[[s.name for s in graph.for_family(family)].index(sweep.stage)].sections
+        sections = next(st.sections for st in graph.for_family(family) if st.name == sweep.stage)
         for key in sweep.space:
             if key.split(".")[0] not in sections:
                 raise ValueError(f"sweep.space: {key!r} is not a setting of {sweep.stage} "

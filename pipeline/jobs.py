@@ -39,16 +39,18 @@ def client(address: str):
     return JobSubmissionClient(address)
 
 
-def job_overrides(config_path: str, overrides: list[str], sweep: bool = False) -> tuple[list[str], object]:
+def job_overrides(config_path: str, overrides: list[str], sweep: bool = False) -> tuple[list[str], dict]:
     """Validate the config here, and pin local paths that the job must share with this machine
-    -> (the overrides the job runs with, its tracking section)."""
+    -> (the overrides the job runs with, {"uri", "experiment"} of the store it tracks to)."""
     cfg = load_config(config_path, overrides)
     if sweep and cfg.sweep is None:
         raise ConfigError(f"config error: sweep: missing: {config_path} has no sweep section (see configs/sweep.yaml)")
+    from .tracking import resolve_uri
+
     extra = []
     uri = cfg.tracking.uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        absolute = "sqlite:///" + str((Path.cwd() / uri[len("sqlite:///"):]).resolve())
+        absolute = resolve_uri(uri)
         extra.append(f"tracking.uri={absolute}")
         print(f"[hvae] note: tracking.uri is a local file; the job writes to {absolute}, which only a cluster "
               f"sharing this filesystem can reach (use an MLflow server, http://..., on a real cluster)")
@@ -59,8 +61,7 @@ def job_overrides(config_path: str, overrides: list[str], sweep: bool = False) -
         extra.append(f"cluster.storage_path={(Path.cwd() / cfg.cluster.storage_path).resolve()}")
     if cfg.data.dataset != "mnist5k" and not Path(cfg.data.root).is_absolute():
         extra.append(f"data.root={(Path.cwd() / cfg.data.root).resolve()}")
-    job_cfg = load_config(config_path, list(overrides) + extra)
-    return list(overrides) + extra, job_cfg.tracking
+    return list(overrides) + extra, {"uri": resolve_uri(uri), "experiment": cfg.tracking.experiment}
 
 
 def runtime_env(job_id: str) -> dict:
@@ -108,11 +109,10 @@ def entrypoint(config_path: str, overrides: list[str], command: str = "run") -> 
 
 
 def submit(config_path: str, overrides: list[str], address: str, wait: bool = True, sweep: bool = False) -> int:
-    overrides, tracking_cfg = job_overrides(config_path, overrides, sweep=sweep)
+    overrides, tracking = job_overrides(config_path, overrides, sweep=sweep)
     command = entrypoint(config_path, overrides, "sweep" if sweep else "run")
     jobs = client(address)
     job_id = f"hvae_{secrets.token_hex(8)}"
-    tracking = {"uri": tracking_cfg.uri, "experiment": tracking_cfg.experiment}
     metadata = {"hvae.config": Path(config_path).name, "hvae.tracking_uri": tracking["uri"],
                 "hvae.experiment": tracking["experiment"]}
     deadline = time.time() + 300  # a head that has just started may take minutes to start its job agent

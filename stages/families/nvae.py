@@ -182,7 +182,7 @@ class NVAEFamily(Family):
     def loss_settings(self, cfg) -> dict:
         n = self.section(cfg)
         inject = os.environ.get(INJECT_NAN_ENV)
-        return {"kl_warmup": n.kl_warmup, "kl_min": n.kl_min, "kl_balance": getattr(n, "kl_balance", False),
+        return {"kl_warmup": n.kl_warmup, "kl_min": n.kl_min, "kl_balance": getattr(n, "kl_balance", False),  # (the vae: section has none)
                 "spectral_weight": n.spectral_weight, "inject_nan_at_step": int(inject) if inject else None}
 
     def task(self, cfg):
