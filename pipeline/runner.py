@@ -37,7 +37,8 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     cfg.tracking.artifact_location = resolve_artifact_location(cfg.tracking.artifact_location)
     if "://" not in cfg.cluster.storage_path:
         cfg.cluster.storage_path = str(Path(cfg.cluster.storage_path).resolve())
-    cfg.data.root = str(Path(cfg.data.root).resolve())
+    if "://" not in cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).resolve())
     return cfg
 
 
@@ -127,7 +128,7 @@ class StageFailed(RuntimeError):
         self.stage, self.run_id = stage, run_id
 
 
-def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent_id: str, splits: dict,
+def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent_id: str, data,
                   upstream: dict[str, tuple[str, Path]], out_dir: Path, tags: dict[str, str],
                   forced: bool = False, callbacks: list | None = None) -> tuple[str, object, float]:
     """Run (or resume from its checkpoints) one stage as a child run of ``parent_id``.
@@ -150,7 +151,7 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
     print(f"[hvae] {st.name}: {how} as MLflow run {run_id} (fingerprint {planned.fingerprint})", flush=True)
     s0 = time.perf_counter()
     try:
-        result = _run_stage(tracker, cfg, planned, run_id, splits, upstream, out_dir, callbacks)
+        result = _run_stage(tracker, cfg, planned, run_id, data, upstream, out_dir, callbacks)
         secs = time.perf_counter() - s0
         result.metrics[f"{st.name}_seconds"] = secs
         _log_result(tracker, run_id, result)
@@ -167,7 +168,7 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
     return run_id, result, secs
 
 
-def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, splits, upstream, out_dir: Path, callbacks):
+def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, data, upstream, out_dir: Path, callbacks):
     """The stage's own work: its module's run(ctx) with Ray up when it needs it."""
     from .raycluster import check_shared_storage, connect
 
@@ -176,7 +177,7 @@ def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, splits, upstrea
         check_shared_storage(cfg.cluster.storage_path)
     ctx = StageContext(
         name=st.name, config=cfg, output_dir=out_dir, storage_path=cfg.cluster.storage_path,
-        checkpoint_name=planned.checkpoint_name, data=splits, report=tracker.reporter(run_id),
+        checkpoint_name=planned.checkpoint_name, data=data, report=tracker.reporter(run_id),
         upstream={u: upstream[u][1] for u in st.upstream}, train_callbacks=list(callbacks or []),
     )
     result = importlib.import_module(st.module).run(ctx)
@@ -195,12 +196,12 @@ class Outcome:
     run_ids: dict[str, str] = field(default_factory=dict)
 
 
-def _dry_run(cfg: PipelineConfig, stages: list[PlannedStage], forced: set[str], splits, data_fp: str) -> Outcome:
+def _dry_run(cfg: PipelineConfig, stages: list[PlannedStage], forced: set[str], data, data_fp: str) -> Outcome:
     from .tracking import Tracker, store_exists
 
     tracker = Tracker(cfg.tracking, create=False) if store_exists(cfg.tracking.uri) else None
     print(to_yaml(cfg), end="")
-    print(f"# data: {cfg.data.dataset}: {datasets.describe(splits)} (fingerprint {data_fp})")
+    print(f"# data: {cfg.data.dataset}: {data.describe()} (fingerprint {data_fp})")
     for line in describe(cfg, stages, forced, tracker):
         print(f"# {line}")
     return Outcome(0)
@@ -256,21 +257,22 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     forced = {name for f in force for name in stages_from(f)}
     t0 = time.perf_counter()
     try:
-        splits = datasets.load_splits(cfg.data)
+        data = datasets.prepare(cfg.data, cfg.cluster.storage_path)
     except datasets.DataError as exc:
         print(f"error: {exc}")
         return Outcome(2)
-    data_fp = datasets.fingerprint(splits)
+    data_fp = data.fingerprint
     stages = plan(cfg, data_fp, until)
     if dry_run:
-        return _dry_run(cfg, stages, forced, splits, data_fp)
+        return _dry_run(cfg, stages, forced, data, data_fp)
 
-    print(f"[hvae] data {cfg.data.dataset}: {datasets.describe(splits)} ({time.perf_counter() - t0:.1f} s)")
+    print(f"[hvae] data {cfg.data.dataset}: {data.describe()}, prepared at {data.location} "
+          f"({time.perf_counter() - t0:.1f} s)")
     tracker = Tracker(cfg.tracking)
     for run_id in mark_dead_runs_killed(tracker):
         print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
     parent_id = _open_parent(tracker, cfg, data_fp, config_path, extra_tags or {}, parent_of)
-    outcome = _run_stages(tracker, cfg, stages, forced, parent_id, splits)
+    outcome = _run_stages(tracker, cfg, stages, forced, parent_id, data)
     if outcome.code == 0:
         tracker.log_metrics(parent_id, {"pipeline_seconds": time.perf_counter() - t0})
         tracker.finish(parent_id)
@@ -287,7 +289,7 @@ class _Progress:
 
 
 def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced: set[str], parent_id: str,
-                splits) -> _Progress:
+                data) -> _Progress:
     """Each planned stage in order: reused when a finished run has its fingerprint, else run or resumed."""
     from filelock import FileLock
 
@@ -312,7 +314,7 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
                 continue
             try:
                 run_id, result, secs = execute_stage(
-                    tracker, cfg, planned, parent_id=parent_id, splits=splits,
+                    tracker, cfg, planned, parent_id=parent_id, data=data,
                     # inputs are the upstream runs' artifacts, downloaded by run id and verified
                     upstream={u: (done.run_ids[u], fetch(done.run_ids[u])) for u in planned.stage.upstream},
                     out_dir=work / name, tags=driver, forced=name in forced)

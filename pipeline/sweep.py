@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from stages import families
+from stages.data import DataSpec
 
 from . import datasets, graph
 from .config import PipelineConfig, set_key, to_yaml
@@ -40,7 +41,7 @@ class TrialContext:
     base: dict  # the resolved config, without its sweep section
     stage: str
     sweep_run: str
-    data_fingerprint: str
+    data: DataSpec  # the prepared dataset (names and counts)
     upstream: dict  # upstream stage -> (run id, output folder on shared storage)
     work: str
 
@@ -74,7 +75,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
 
     cfg = trial_config(ctx.base, params)
     trial_id = tune.get_context().get_trial_id()
-    planned = plan(cfg, ctx.data_fingerprint, until=ctx.stage)[-1]
+    planned = plan(cfg, ctx.data.fingerprint, until=ctx.stage)[-1]
     tracker = Tracker(cfg.tracking)
     locks = Path(cfg.cluster.storage_path) / "locks"
     with FileLock(str(locks / f"{planned.checkpoint_name}.lock")):
@@ -89,10 +90,9 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
                 tune.report({**steps[step], "epoch": step})
             tracker.set_tags(found.info.run_id, {f"{TAG_TRIAL}.{ctx.sweep_run}": trial_id})
             return
-        splits = datasets.load_splits(cfg.data)
         try:
             execute_stage(
-                tracker, cfg, planned, parent_id=ctx.sweep_run, splits=splits, upstream=ctx.upstream,
+                tracker, cfg, planned, parent_id=ctx.sweep_run, data=ctx.data, upstream=ctx.upstream,
                 out_dir=Path(ctx.work) / trial_id / ctx.stage, callbacks=[TuneReportCallback()],
                 tags={TAG_DRIVER: this_driver(), TAG_TRIAL: trial_id, TAG_SWEEP: ctx.sweep_run,
                       "hvae.trial_params": json.dumps(params, sort_keys=True)})
@@ -279,7 +279,7 @@ def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
     base = cfg.model_dump(mode="json", exclude={"sweep"})
     t0 = time.perf_counter()
     try:
-        data_fp = datasets.fingerprint(datasets.load_splits(cfg.data))  # every trial loads its own copy
+        data = datasets.prepare(cfg.data, cfg.cluster.storage_path)
     except datasets.DataError as exc:
         print(f"error: {exc}")
         return 2
@@ -302,7 +302,7 @@ def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
               f"cluster a '{DRIVER_RESOURCE}' resource (ray start --resources='{{\"{DRIVER_RESOURCE}\": 16}}')")
         return 2
     concurrent = min(sweep.max_concurrent_trials or fits, fits)
-    ctx = TrialContext(base=base, stage=sweep.stage, sweep_run=sweep_run, data_fingerprint=data_fp,
+    ctx = TrialContext(base=base, stage=sweep.stage, sweep_run=sweep_run, data=data,
                        upstream=upstream, work=str(work))
     print(f"[hvae] sweep: {sweep.stage} over {', '.join(sweep.space)}; {sweep.scheduler} on {sweep.metric} ({sweep.mode}); "
           f"up to {concurrent} trial(s) at once")

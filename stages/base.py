@@ -23,7 +23,7 @@ class StageContext:
     output_dir: Path
     storage_path: str  # Ray Train checkpoints live under storage_path/<checkpoint_name>/
     checkpoint_name: str  # "<stage>-<fingerprint>"
-    data: Optional[dict] = None  # {"train"|"val"|"test": ImageData}, loaded once by the runner
+    data: Any = None  # the prepared dataset (stages.data.DataSpec): names and counts, read by streaming
     upstream: dict[str, Path] = field(default_factory=dict)  # stage name -> its downloaded output folder
     report: Callable[[dict, int], None] = _no_report
     train_callbacks: list = field(default_factory=list)  # extra Ray Train callbacks (a sweep's Tune reporter)

@@ -1,27 +1,65 @@
-"""Evaluate: the test NLL of the trained model family (``Family.evaluate``), its parts and
-reconstruction quality, in nats per image and bits per dimension (nats / (C*H*W*ln 2)).
+"""Evaluate: the test NLL of the trained model family, its parts and reconstruction quality,
+in nats per image and bits per dimension (nats / (C*H*W*ln 2)).
 
 VQ families report the upper bound of a one-hot posterior,
     -log p(x) <= -log p(x | z_q(x)) - sum_l log p_prior(z_l | z_{l-1});
 VAE families the importance-weighted estimate with K = ``evaluate.iw_samples``
     -log p(x) ≈ -log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k | x),  z_k ~ q(z | x)
 (an upper bound in expectation, tighter as K grows; K = 1 is the negative ELBO, shown as ≤).
-Output: report/nll_table.md.
+
+The test split streams through ``map_batches`` with a pool of ``evaluate.num_actors`` actors,
+each holding the model (``Family.scorer``); every batch comes back as its sums, which the
+driver adds up (``Family.summary``). Output: report/nll_table.md.
 """
 from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
 
 from .base import StageContext, StageResult
 from .families import load_model
 from .nll_table import bound_symbol, nll_table
 
 
+class Scorer:
+    """Ray Data actor: one test batch -> one row of its sums."""
+
+    def __init__(self, model_dir: str, upstream: dict, ecfg):
+        family, model = load_model(Path(model_dir))
+        self.score = family.scorer(model.eval(), upstream, ecfg)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        x = torch.from_numpy(np.array(batch["image"]))
+        sums = self.score(x, torch.from_numpy(np.array(batch["label"])), int(batch["index"][0]))
+        return {k: np.asarray(v, dtype=np.float64)[None] for k, v in sums.items()}
+
+
+def score(ctx: StageContext, model_dir: Path) -> dict:
+    """The test split's sums, added up over every batch the actors scored."""
+    import ray.data
+
+    ecfg = ctx.config.evaluate
+    rows = ctx.data.stream("test").map_batches(
+        Scorer, fn_constructor_kwargs={"model_dir": str(model_dir), "upstream": dict(ctx.upstream), "ecfg": ecfg},
+        batch_size=ecfg.batch_size, compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors), num_cpus=1)
+    total: dict = {}
+    for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+        for k, v in batch.items():
+            part = np.asarray(v).sum(0)
+            total[k] = total[k] + part if k in total else part
+    return total
+
+
 def run(ctx: StageContext) -> StageResult:
-    family, model = load_model(ctx.upstream["stage1"] / "model")
-    test = ctx.data["test"]
-    metrics = family.evaluate(model, ctx.upstream, test, ctx.config.evaluate)
+    model_dir = ctx.upstream["stage1"] / "model"
+    family, model = load_model(model_dir)
+    metrics = family.summary(score(ctx, model_dir), ctx.data.dims, ctx.config.evaluate)
     name, structure = family.describe(model)
-    shape = "×".join(str(s) for s in test.images.shape[1:])
-    dataset = f"{ctx.config.data.dataset} ({len(test)} test images, {shape})"
+    shape = "×".join(str(s) for s in ctx.data.shape)
+    dataset = f"{ctx.config.data.dataset} ({int(metrics['test_images'])} test images, {shape})"
     row = {"model": name, "dataset": dataset, "structure": structure, "bound": bound_symbol(metrics), **metrics}
     folder = ctx.output_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)

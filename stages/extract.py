@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .base import StageContext, StageError, StageResult
+from .data import rows_per_file
 from .families import load_model
 
 SCHEMA_FILE = "schema.json"
@@ -33,7 +34,6 @@ class Encoder:
         out = {f"level{l}": c.cpu().numpy().astype(np.int16) for l, c in enumerate(codes)}
         out["label"] = batch["label"].astype(np.int64)
         out["index"] = batch["index"].astype(np.int64)
-        out["split"] = batch["split"]
         return out
 
 
@@ -59,39 +59,31 @@ def run(ctx: StageContext) -> StageResult:
     _, model = load_model(model_dir)
     if max(model.codebook_sizes) > np.iinfo(np.int16).max:
         raise StageError(f"extract: codebook of {max(model.codebook_sizes)} codes does not fit int16 columns")
-    ecfg, cluster = ctx.config.extract, ctx.config.cluster
+    ecfg, cluster, data = ctx.config.extract, ctx.config.cluster, ctx.data
     codes_dir = ctx.output_dir / "codes"
     splits = ("train", "val", "test")
-    rows = {s: len(ctx.data[s]) for s in splits}
-    # one dataset over all splits, so one actor pool encodes everything
-    items = [{"image": img, "label": int(lab), "index": int(idx), "split": split}
-             for split in splits
-             for img, lab, idx in zip(ctx.data[split].images, ctx.data[split].labels, ctx.data[split].index)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(16, len(items) // ecfg.batch_size)))
-    encoded = ds.map_batches(
-        Encoder,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "use_gpu": cluster.use_gpu},
-        batch_size=ecfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
-        num_gpus=1 if cluster.use_gpu else 0,
-        num_cpus=1,
-    )
-    staging = ctx.output_dir / "_partitioned"
-    # one file per block and split, rows in the splits' shuffled order (not sorted by class)
-    encoded.write_parquet(str(staging), partition_cols=["split"])
-    codes_dir.mkdir(parents=True, exist_ok=True)
-    for split in splits:  # Hive folders split=train/ -> codes/train/
-        (staging / f"split={split}").rename(codes_dir / split)
-    staging.rmdir()
+    rows = {s: data.rows[s] for s in splits}
+    for split in splits:
+        encoded = data.stream(split).map_batches(
+            Encoder,
+            fn_constructor_kwargs={"model_dir": str(model_dir), "use_gpu": cluster.use_gpu},
+            batch_size=ecfg.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
+            num_gpus=1 if cluster.use_gpu else 0,
+            num_cpus=1,
+        )
+        # written by the workers into the final folder, one file per block, rows in the split's
+        # (seeded random) order
+        encoded.write_parquet(str(codes_dir / split), max_rows_per_file=rows_per_file(rows[split], data.dims))
     with torch.no_grad():
-        shapes = [list(c.shape[1:]) for c in model.encode(torch.from_numpy(ctx.data["train"].images[:1]))]
+        shapes = [list(c.shape[1:]) for c in model.encode(torch.from_numpy(data.read_all("train", limit=1)["image"]))]
     schema = {
         "levels": model.levels,
         "columns": [f"level{l}" for l in range(model.levels)] + ["label", "index"],
         "shapes": shapes,
         "codebook_sizes": model.codebook_sizes,
         "rows": rows,
-        "num_classes": int(max(int(ctx.data[s].labels.max()) for s in rows) + 1),
+        "num_classes": data.num_classes,
         "dtype": "int16",
     }
     (codes_dir / SCHEMA_FILE).write_text(json.dumps(schema, indent=2))

@@ -1,6 +1,6 @@
 """What every image-training stage shares, whatever the model family: the image task (uint8
-batches from the object store, sharded over the workers), batch iteration, the stage-1
-training call and the reconstruction figure. Imports no torch until used.
+batches streamed from the prepared dataset, sharded over the workers by Ray Train), batch
+iteration, the stage-1 training call and the reconstruction figure. Imports no torch until used.
 """
 from __future__ import annotations
 
@@ -12,12 +12,24 @@ import numpy as np
 from .base import StageContext, TrainTask
 
 
-def iterate(images: np.ndarray, batch_size: int):
-    """uint8 batches of ``images`` in order, as torch tensors."""
+def iterate(data, batch_size: int):
+    """uint8 image batches [B, C, H, W] as torch tensors, in order: of an array, or of a split
+    streamed from a DataSpec (``(spec, split)``; decoded by Ray Data tasks)."""
     import torch
 
-    for i in range(0, len(images), batch_size):
-        yield torch.from_numpy(np.array(images[i : i + batch_size]))
+    if isinstance(data, np.ndarray):
+        for i in range(0, len(data), batch_size):
+            yield torch.from_numpy(np.array(data[i : i + batch_size]))
+        return
+    spec, split = data
+    for batch in spec.stream(split).iter_batches(batch_size=batch_size, batch_format="numpy"):
+        yield torch.from_numpy(np.array(batch["image"]))
+
+
+def shuffle_buffer(batch_size: int) -> int:
+    """Rows a training iterator shuffles among: 16 batches, at least 1024 (the prepared files
+    are in a seeded random order already; this reorders them differently every epoch)."""
+    return max(16 * batch_size, 1024)
 
 
 class ImageTask(TrainTask):
@@ -26,13 +38,14 @@ class ImageTask(TrainTask):
     A family subclasses it with the model, the loss of a batch and the epoch summary; the
     model config and the family's extra arguments (``Family.task``) arrive as keywords."""
 
-    def __init__(self, model_config: dict, data_ref, batch_size: int, world_hint: int, seed: int, family: str):
+    def __init__(self, model_config: dict, shape: tuple, train_rows: int, batch_size: int, world_hint: int,
+                 seed: int, family: str):
         self.model_config = model_config
-        self.data_ref = data_ref
+        self.shape, self.train_rows = tuple(shape), train_rows
         self.batch_size = max(1, math.ceil(batch_size / world_hint))  # global batch split over workers
         self.seed = seed
         self.family = family
-        self._data = None
+        self.sources = None  # {"train"|"val": Ray Data dataset} to read instead of Ray Train's shards
         self.epoch, self.steps_per_epoch = 0, 1
 
     def build_model(self):
@@ -40,50 +53,47 @@ class ImageTask(TrainTask):
 
         return get(self.family).build(self.model_config)
 
-    @property
-    def data(self) -> dict:
-        if self._data is None:
-            import ray
+    def shard(self, split: str):
+        """This worker's part of the split (Ray Train splits it equally over the workers)."""
+        if self.sources is not None:
+            return self.sources[split]
+        import ray.train
 
-            self._data = ray.get(self.data_ref)
-        return self._data
+        return ray.train.get_dataset_shard(split)
 
     def train_batches(self, epoch, rank, world):
-        import torch
-
-        images = self.data["train"]
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed * 1009 + epoch)).numpy()
-        per_rank = len(order) // world  # equal shards: every rank takes the same number of steps
-        mine = order[rank::world][:per_rank]
+        per_rank = self.train_rows // world  # equal shards: every rank takes the same number of steps
         self.epoch, self.steps_per_epoch = epoch, max(1, math.ceil(per_rank / self.batch_size))
-        for i in range(0, per_rank, self.batch_size):
-            yield torch.from_numpy(images[mine[i : i + self.batch_size]])  # fancy indexing copies
+        batches = self.shard("train").iter_torch_batches(
+            batch_size=self.batch_size, local_shuffle_buffer_size=shuffle_buffer(self.batch_size),
+            local_shuffle_seed=self.seed * 1009 + epoch * 31 + rank)
+        for batch in batches:
+            yield batch["image"]
 
     def val_batches(self, rank, world):
-        return iterate(self.data["val"][rank::world], self.batch_size)
+        for batch in self.shard("val").iter_torch_batches(batch_size=self.batch_size):
+            yield batch["image"]
 
     def image_dims(self) -> int:
-        return int(np.prod(self.data["train"].shape[1:]))
+        return int(np.prod(self.shape))
 
 
 def train_stage1(ctx: StageContext, family, model_config: dict):
     """Fit the family's stage-1 task on the shared loop -> train_loop.Fitted."""
-    import ray
-
     from .train_loop import LoopSpec, fit
 
-    cfg, s1 = ctx.config, ctx.config.stage1
+    cfg, s1, data = ctx.config, ctx.config.stage1, ctx.data
     task_cls, extra = family.task(cfg)
-    data_ref = ray.put({"train": ctx.data["train"].images, "val": ctx.data["val"].images})
     spec = LoopSpec(
         make_task=task_cls,
-        task_args=dict(model_config=model_config, data_ref=data_ref, batch_size=s1.batch_size,
-                       world_hint=cfg.cluster.num_workers, seed=s1.seed, family=family.name, **extra),
+        task_args=dict(model_config=model_config, shape=data.shape, train_rows=data.rows["train"],
+                       batch_size=s1.batch_size, world_hint=cfg.cluster.num_workers, seed=s1.seed,
+                       family=family.name, **extra),
         model_config=model_config, epochs=s1.epochs, lr=s1.lr, weight_decay=s1.weight_decay,
         grad_clip=s1.grad_clip, seed=s1.seed, stage=ctx.name, report=ctx.report,
     )
     return fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path, cluster=cfg.cluster,
-               callbacks=ctx.train_callbacks)
+               datasets={s: data.for_training(s) for s in ("train", "val")}, callbacks=ctx.train_callbacks)
 
 
 def quality(mse: float) -> dict[str, float]:
@@ -91,14 +101,14 @@ def quality(mse: float) -> dict[str, float]:
     return {"test_mse": mse, "test_psnr": 10 * math.log10(1.0 / max(mse, 1e-12))}
 
 
-def save_reconstructions(model, val: np.ndarray, n_recon: int, folder: Path) -> None:
-    """figures/reconstructions.png: validation images (odd rows) over their reconstructions."""
+def save_reconstructions(model, data, n_recon: int, folder: Path) -> None:
+    """figures/reconstructions.png: the first ``n_recon`` validation images (odd rows; the split
+    is in random order) over their reconstructions."""
     import torch
     from torchvision.utils import save_image
 
     folder.mkdir(parents=True, exist_ok=True)
-    pick = np.unique(np.linspace(0, len(val) - 1, min(n_recon, len(val))).round().astype(int))
-    x = torch.from_numpy(val[pick])  # spread over the split
+    x = torch.from_numpy(data.read_all("val", limit=n_recon)["image"])
     with torch.no_grad():
         recon = model.likelihood.mean(model(x)["params"]) / 255.0
     rows = []

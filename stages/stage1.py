@@ -16,14 +16,14 @@ from .images import train_stage1
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config
     family = of(cfg)
-    model_config = family.model_config(cfg, int(ctx.data["train"].images.shape[1]))
+    model_config = family.model_config(cfg, ctx.data.channels)
     fitted = train_stage1(ctx, family, model_config)
     model = family.build(model_config)
     model.load_state_dict(fitted.state["model"])  # (a SyncBatchNorm model saves the same keys)
     model.eval()
     save_model(family, model, model_config, ctx.output_dir / "model")
     metrics = dict(fitted.metrics)
-    metrics.update(family.figures(model, ctx.data["val"].images, cfg, ctx.output_dir / "figures"))
+    metrics.update(family.figures(model, ctx.data, cfg, ctx.output_dir / "figures"))
     metrics["num_params"] = float(sum(p.numel() for p in model.parameters()))
     return StageResult(metrics=metrics, output_dir=ctx.output_dir,
                        tags={"hvae.checkpoint": fitted.checkpoint, **fitted.placement_tags})

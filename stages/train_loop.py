@@ -13,6 +13,7 @@ have done.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
@@ -139,9 +140,18 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
     model.train()
     train_sums: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
-    for step, batch in enumerate(task.train_batches(epoch, rank, world)):
+    batches, waited = iter(task.train_batches(epoch, rank, world)), 0.0
+    for step in itertools.count():
+        t_wait = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - t_wait
+        if batch is None:
+            break
+        if step == 0:
+            train_sums["first_batch_s"] = torch.tensor(time.perf_counter() - t0)
         where = f"{spec.stage}: epoch {epoch + 1} step {step}: "
         _accumulate(train_sums, train_step(task, model, optimizer, batch, device, spec.grad_clip, where))
+    train_sums["data_wait_s"] = torch.tensor(waited)  # blocked on the input pipeline
     seconds = time.perf_counter() - t0
     model.eval()
     val_sums: dict[str, torch.Tensor] = {}
@@ -159,7 +169,9 @@ def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds
     def split(prefix):
         return {k[len(prefix) + 1:]: v for k, v in reduced.items() if k.startswith(prefix + "/")}
 
-    metrics = {**task.summarize("train", split("train")), **task.summarize("val", split("val"))}
+    train = split("train")
+    waits = {k: float(train.pop(k)) / world for k in ("first_batch_s", "data_wait_s") if k in train}
+    metrics = {**task.summarize("train", train), **task.summarize("val", split("val")), **waits}
     mean_seconds = float(reduced["seconds"]) / world  # workers step in lockstep
     metrics.update(epoch=epoch, lr=lr, epoch_seconds=mean_seconds,
                    images_per_s=float(reduced["train/count"]) / max(mean_seconds, 1e-9))
@@ -247,7 +259,8 @@ def fit(spec: LoopSpec, *, name: str, storage_path: str, cluster, datasets: dict
     """Run ``train_worker`` on a TorchTrainer (``cluster``: the config's cluster section) and
     return the state of the last epoch reached. ``callbacks``: extra Ray Train callbacks, e.g.
     Tune's reporter when the fit is a sweep trial."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = replace(spec, storage_path=storage_path, name=name)
@@ -256,6 +269,9 @@ def fit(spec: LoopSpec, *, name: str, storage_path: str, cluster, datasets: dict
         _worker_entry,
         train_loop_config={"spec": spec},
         datasets=datasets,
+        # blocks reach the workers in file order and are shared out by row counts: the same
+        # shards every run, so the seeded shuffles (and an exact resume) repeat
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
                                      resources_per_worker=resources, placement_strategy=cluster.placement_strategy),

@@ -1,6 +1,8 @@
-"""Each dataset kind loads from files generated here in its real on-disk format."""
+"""Each dataset kind is prepared from files generated here in its real on-disk format, and read
+back the way the stages read it (stages.data.decode)."""
 import gzip
 import pickle
+import re
 import struct
 
 import numpy as np
@@ -8,7 +10,14 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.datasets import DataError, fingerprint, fit_size, load_splits
+from pipeline.datasets import DataError, fit_size, prepare
+from stages.data import SPLITS
+
+
+def load_splits(cfg, cache):
+    """Prepare ``cfg`` under ``cache`` and decode every split in this process."""
+    spec = prepare(cfg, str(cache))
+    return spec, {s: spec.read_all(s) for s in SPLITS}
 
 
 def _write_idx_images(path, images):
@@ -32,26 +41,29 @@ def _fake_mnist(root, folder, n_train=40, n_test=10):
         _write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
 
 
-def test_mnist5k_splits_are_deterministic_and_disjoint():
+def test_mnist5k_splits_are_deterministic_and_disjoint(tmp_path):
     cfg = DataConfig()
-    a, b = load_splits(cfg), load_splits(cfg)
-    assert [len(a[s]) for s in ("train", "val", "test")] == [4000, 500, 500]
-    assert a["train"].images.shape[1:] == (1, 32, 32) and a["train"].images.dtype == np.uint8
-    assert fingerprint(a) == fingerprint(b)
-    idx = [set(a[s].index.tolist()) for s in ("train", "val", "test")]
+    spec, a = load_splits(cfg, tmp_path)
+    assert [len(a[s]["label"]) for s in SPLITS] == [4000, 500, 500] == [spec.rows[s] for s in SPLITS]
+    assert a["train"]["image"].shape[1:] == (1, 32, 32) == spec.shape and a["train"]["image"].dtype == np.uint8
+    again = prepare(cfg, str(tmp_path))
+    assert again == spec  # the cached manifest: same files, nothing written twice
+    assert len([p for p in (tmp_path / "data").iterdir()]) == 1
+    idx = [set(a[s]["index"].tolist()) for s in SPLITS]
     assert not (idx[0] & idx[1]) and not (idx[0] & idx[2]) and not (idx[1] & idx[2])
-    other = load_splits(DataConfig(split_seed=1))
-    assert fingerprint(other) != fingerprint(a)
+    assert prepare(DataConfig(split_seed=1), str(tmp_path)).fingerprint != spec.fingerprint
     # 28x28 digits are zero-padded to 32x32, not stretched
-    assert a["train"].images[:, :, :2].max() == 0 and a["train"].images[:, :, :, -2:].max() == 0
+    assert a["train"]["image"][:, :, :2].max() == 0 and a["train"]["image"][:, :, :, -2:].max() == 0
+    # each split holds many files, rows in a random order of many classes
+    assert len(spec.files["train"]) == 16 and len(set(a["train"]["label"][:50].tolist())) == 10
 
 
 @pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
 def test_torchvision_mnist_layouts(tmp_path, name, folder):
     _fake_mnist(tmp_path, folder)
-    s = load_splits(DataConfig(dataset=name, root=str(tmp_path), download=False, val_fraction=0.25))
-    assert [len(s[k]) for k in ("train", "val", "test")] == [30, 10, 10]
-    assert s["test"].images.shape == (10, 1, 32, 32)
+    _, s = load_splits(DataConfig(dataset=name, root=str(tmp_path), download=False, val_fraction=0.25), tmp_path)
+    assert [len(s[k]["label"]) for k in SPLITS] == [30, 10, 10]
+    assert s["test"]["image"].shape == (10, 1, 32, 32)
 
 
 def test_cifar10_python_pickles(tmp_path):
@@ -62,33 +74,79 @@ def test_cifar10_python_pickles(tmp_path):
         batch = {"data": rng.integers(0, 256, (8, 3072)).astype(np.uint8), "labels": list(rng.integers(0, 10, 8))}
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
-    s = load_splits(DataConfig(dataset="cifar10", root=str(tmp_path), download=False, val_fraction=0.1))
-    assert [len(s[k]) for k in ("train", "val", "test")] == [36, 4, 8]
-    assert s["train"].images.shape[1:] == (3, 32, 32)
+    _, s = load_splits(DataConfig(dataset="cifar10", root=str(tmp_path), download=False, val_fraction=0.1), tmp_path)
+    assert [len(s[k]["label"]) for k in SPLITS] == [36, 4, 8]
+    assert s["train"]["image"].shape[1:] == (3, 32, 32)
+
+
+def _image_folder(root, sizes=((40, 48), (20, 20)), per_class=10):
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            size = sizes[i % len(sizes)]
+            Image.fromarray(rng.integers(0, 256, (*size, 3)).astype(np.uint8)).save(root / cls / f"{i}.png")
+    (root / "notes.txt").write_text("not an image")  # ignored: not in a class folder
+    (root / "cats" / ".hidden.png").write_bytes(b"")  # ignored: hidden
 
 
 def test_imagefolder_resizes_and_converts(tmp_path):
-    rng = np.random.default_rng(0)
-    for cls in ("cats", "dogs"):
-        (tmp_path / cls).mkdir()
-        for i in range(10):
-            size = (40, 48) if i % 2 else (20, 20)
-            Image.fromarray(rng.integers(0, 256, (*size, 3)).astype(np.uint8)).save(tmp_path / cls / f"{i}.png")
-    s = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), val_fraction=0.2, test_fraction=0.2))
-    assert [len(s[k]) for k in ("train", "val", "test")] == [12, 4, 4]
-    assert s["train"].images.shape[1:] == (3, 32, 32)
-    assert set(np.concatenate([s[k].labels for k in s]).tolist()) == {0, 1}
-    gray = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), channels=1, image_size=16))
-    assert gray["train"].images.shape[1:] == (1, 16, 16)
+    _image_folder(tmp_path / "img")
+    spec, s = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path / "img"), val_fraction=0.2,
+                                     test_fraction=0.2), tmp_path)
+    assert spec.kind == "files" and spec.num_classes == 2
+    assert [len(s[k]["label"]) for k in SPLITS] == [12, 4, 4]
+    assert s["train"]["image"].shape[1:] == (3, 32, 32)
+    assert set(np.concatenate([s[k]["label"] for k in s]).tolist()) == {0, 1}
+    _, gray = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path / "img"), channels=1, image_size=16),
+                          tmp_path)
+    assert gray["train"]["image"].shape[1:] == (1, 16, 16)
+
+
+def test_imagefolder_fingerprint_comes_from_names_sizes_and_mtimes_without_reading_an_image(tmp_path):
+    import os
+
+    root = tmp_path / "img"
+    _image_folder(root)
+    cfg = DataConfig(dataset="imagefolder", root=str(root))
+    spec = prepare(cfg, str(tmp_path))
+    victim = root / "dogs" / "3.png"
+    st = victim.stat()
+    victim.write_bytes(b"\0" * st.st_size)  # not an image any more, same size and mtime
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert prepare(cfg, str(tmp_path)) == spec  # listed, never opened: the manifest is reused
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = prepare(cfg, str(tmp_path))
+    assert changed.fingerprint != spec.fingerprint
+    errors = []
+    for split in SPLITS:  # the split holding dogs/3.png says which file it cannot read
+        try:
+            changed.read_all(split)
+        except ValueError as exc:
+            errors.append(str(exc))
+    assert len(errors) == 1 and re.match(r"cannot read image .*dogs/3.png: ", errors[0]), errors
+
+
+def test_a_file_uri_root_and_cache_work_like_paths(tmp_path):
+    _image_folder(tmp_path / "img")
+    local = prepare(DataConfig(dataset="imagefolder", root=str(tmp_path / "img")), str(tmp_path / "a"))
+    uri = prepare(DataConfig(dataset="imagefolder", root=f"file://{tmp_path}/img"), f"file://{tmp_path}/b")
+    assert uri.fingerprint == local.fingerprint and uri.location.startswith("file://")
+    for split in SPLITS:
+        got, want = uri.read_all(split), local.read_all(split)
+        assert np.array_equal(got["image"], want["image"]) and np.array_equal(got["index"], want["index"])
 
 
 def test_missing_files_say_where_to_put_them(tmp_path):
     with pytest.raises(DataError, match=r"MNIST/raw"):
-        load_splits(DataConfig(dataset="mnist", root=str(tmp_path), download=False))
+        prepare(DataConfig(dataset="mnist", root=str(tmp_path), download=False), str(tmp_path))
     with pytest.raises(DataError, match=r"cifar-10-batches-py lacks data_batch_1"):
-        load_splits(DataConfig(dataset="cifar10", root=str(tmp_path), download=False))
+        prepare(DataConfig(dataset="cifar10", root=str(tmp_path), download=False), str(tmp_path))
     with pytest.raises(DataError, match=r"not a folder"):
-        load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path / "nope")))
+        prepare(DataConfig(dataset="imagefolder", root=str(tmp_path / "nope")), str(tmp_path))
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"no images .* under data.root="):
+        prepare(DataConfig(dataset="imagefolder", root=str(tmp_path / "empty")), str(tmp_path))
 
 
 def test_fit_size_pads_small_and_resizes_large():
@@ -105,4 +163,4 @@ def test_gzip_only_mnist_is_not_enough(tmp_path):
     with gzip.open(raw / "train-images-idx3-ubyte.gz", "wb") as f:
         f.write(b"\0" * 16)
     with pytest.raises(DataError, match="download=false"):
-        load_splits(DataConfig(dataset="mnist", root=str(tmp_path), download=False))
+        prepare(DataConfig(dataset="mnist", root=str(tmp_path), download=False), str(tmp_path))

@@ -110,7 +110,7 @@ def test_decoding_extracted_codes_reproduces_the_reconstructions(smoke_run):
     import numpy as np
 
     from pipeline.config import load_config
-    from pipeline.datasets import load_splits
+    from pipeline.datasets import prepare
     from stages.extract import read_codes
     from stages.families import load_model
 
@@ -122,11 +122,11 @@ def test_decoding_extracted_codes_reproduces_the_reconstructions(smoke_run):
     model_dir = Path(mlflow.artifacts.download_artifacts(run_id=run_of["stage1"], artifact_path="model",
                                                          dst_path=str(cwd / "dl_model")))
     _, model = load_model(model_dir)
-    val = load_splits(load_config(SMOKE).data)["val"]
+    val = prepare(load_config(SMOKE).data, str(cwd / "ray_results")).read_all("val")  # the run's prepared data
     codes = read_codes(codes_dir, "val")
-    assert np.array_equal(codes["index"], np.sort(val.index)) and codes["level1"].dtype == np.int16
-    order = np.argsort(val.index)
-    x = torch.from_numpy(val.images[order])
+    assert np.array_equal(codes["index"], np.sort(val["index"])) and codes["level1"].dtype == np.int16
+    order = np.argsort(val["index"])
+    x = torch.from_numpy(val["image"][order])
     with torch.no_grad():
         from_codes = model.decode_codes([torch.from_numpy(codes[f"level{l}"]).long() for l in range(2)])
         assert torch.equal(from_codes, model(x)["params"])

@@ -38,8 +38,8 @@ def test_a_new_helper_a_stage_imports_inside_a_function_is_part_of_its_code(tmp_
     before = code_hash(["stages.evaluate", "stages.families.nvae"], root)
     (root / "stages" / "helper.py").write_text("SCALE = 1.0\n")
     assert code_hash(["stages.evaluate", "stages.families.nvae"], root) == before  # not imported yet
-    _edit(root / "stages" / "families" / "nvae.py", "    def evaluate(self, model, upstream, test, ecfg):\n",
-          "    def evaluate(self, model, upstream, test, ecfg):\n        from ..helper import SCALE  # noqa\n")
+    _edit(root / "stages" / "families" / "nvae.py", "    def scorer(self, model, upstream, ecfg):\n",
+          "    def scorer(self, model, upstream, ecfg):\n        from ..helper import SCALE  # noqa\n")
     assert "stages/helper.py" in source_files(["stages.families.nvae"], root)
     after = code_hash(["stages.evaluate", "stages.families.nvae"], root)
     _edit(root / "stages" / "helper.py", "1.0", "2.0")

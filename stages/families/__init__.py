@@ -14,7 +14,7 @@ import importlib
 import json
 import pkgutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 DEFAULT = "vqvae2"  # the family of a config that names none
 WEIGHTS_FILE = "{name}.pt"  # model/<family>.pt, beside model/config.json
@@ -62,16 +62,23 @@ class Family:
         """Stage 1's TrainTask class (an ImageTask) and its extra constructor arguments."""
         raise NotImplementedError
 
-    def figures(self, model, val_images, cfg, folder: Path) -> dict[str, float]:
-        """Stage 1's figures (written into ``folder``); returns metrics they computed."""
+    def figures(self, model, data, cfg, folder: Path) -> dict[str, float]:
+        """Stage 1's figures (written into ``folder``) from the validation split of ``data`` (a
+        stages.data.DataSpec); returns metrics they computed."""
         raise NotImplementedError
 
     def sample(self, model, upstream: dict[str, Path], scfg) -> tuple[Any, list, Any]:
         """(images uint8 [N, C, H, W], codes per level (may be empty), labels or None)."""
         raise NotImplementedError
 
-    def evaluate(self, model, upstream: dict[str, Path], test, ecfg) -> dict[str, float]:
-        """Test metrics: test_nll_nats, test_nll_bpd (with test_iw_samples when estimated), parts."""
+    def scorer(self, model, upstream: dict[str, Path], ecfg) -> Callable:
+        """A function of one test batch (uint8 images [B, C, H, W], labels [B], the batch's first
+        source index) -> its sums (floats or arrays), run inside the evaluate stage's actors."""
+        raise NotImplementedError
+
+    def summary(self, sums: dict, dims: int, ecfg) -> dict[str, float]:
+        """The test metrics from every batch's sums added up: test_nll_nats, test_nll_bpd (with
+        test_iw_samples when estimated), their parts."""
         raise NotImplementedError
 
 

@@ -115,28 +115,30 @@ class NVAETask(ImageTask):
         return out
 
 
-def iw_nll(model, images, batch_size: int, k: int, seed: int = 0) -> dict[str, float]:
-    """Test metrics of a VAE: the importance-weighted NLL estimate with K samples, the ELBO and its parts."""
-    import numpy as np
+def iw_sums(model, x, k: int, seed: int) -> dict:
+    """One test batch -> its sums: the importance-weighted log-likelihood with K samples, the
+    reconstruction and KL nats, squared error on [0, 1] pixels. ``seed`` fixes the batch's
+    draws (the runner passes one from the batch's first source index: the same whoever scores it)."""
     import torch
 
-    from models.likelihoods import to_bits_per_dim
     from models.nvae import iw_bound
 
-    n, dims = len(images), int(np.prod(images.shape[1:]))
     gen = torch.Generator().manual_seed(seed)
-    iw = recon = kl = sq_err = 0.0
     with torch.no_grad():
-        for i in range(0, n, batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
-            out = model(x, generator=gen)
-            recon += float(out["nll"].sum())
-            kl += float(out["kl"].sum())
-            iw += float(iw_bound(model.log_weights(x, k, generator=gen)).sum())
-            mean = model.likelihood.mean(out["params"]) / 255.0
-            sq_err += float(((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum())
-    per_image = {"nll": -iw / n, "elbo": (recon + kl) / n, "recon": recon / n, "kl": kl / n}
-    metrics = {"test_iw_samples": float(k), **quality(sq_err / n), "test_images": float(n)}
+        out = model(x, generator=gen)
+        mean = model.likelihood.mean(out["params"]) / 255.0
+        return {"count": float(len(x)), "recon": float(out["nll"].sum()), "kl": float(out["kl"].sum()),
+                "iw": float(iw_bound(model.log_weights(x, k, generator=gen)).sum()),
+                "sq_err": float(((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum())}
+
+
+def iw_summary(sums: dict, dims: int, k: int) -> dict[str, float]:
+    from models.likelihoods import to_bits_per_dim
+
+    n = float(sums["count"])
+    recon, kl = float(sums["recon"]), float(sums["kl"])
+    per_image = {"nll": -float(sums["iw"]) / n, "elbo": (recon + kl) / n, "recon": recon / n, "kl": kl / n}
+    metrics = {"test_iw_samples": float(k), **quality(float(sums["sq_err"]) / n), "test_images": n}
     for key, nats in per_image.items():
         metrics[f"test_{key}_nats"] = nats
         metrics[f"test_{key}_bpd"] = to_bits_per_dim(nats, dims)
@@ -188,14 +190,14 @@ class NVAEFamily(Family):
     def task(self, cfg):
         return NVAETask, {"loss": self.loss_settings(cfg), "epochs": cfg.stage1.epochs}
 
-    def figures(self, model, val_images, cfg, folder: Path):
+    def figures(self, model, data, cfg, folder: Path):
         import numpy as np
         import torch
 
-        save_reconstructions(model, val_images, cfg.stage1.recon_images, folder)
+        save_reconstructions(model, data, cfg.stage1.recon_images, folder)
         total, n = None, 0
         with torch.no_grad():
-            for batch in iterate(val_images, 256):
+            for batch in iterate((data, "val"), 256):
                 kl = model(batch)["kl"].sum(1)
                 total = kl if total is None else total + kl
                 n += len(batch)
@@ -215,8 +217,11 @@ class NVAEFamily(Family):
             images = model.sample(scfg.num_samples, scfg.temperature, gen, pixels=scfg.pixels)
         return images, [], None
 
-    def evaluate(self, model, upstream, test, ecfg):
-        return iw_nll(model, test.images, ecfg.batch_size, ecfg.iw_samples)
+    def scorer(self, model, upstream, ecfg):
+        return lambda x, y, first_index: iw_sums(model, x, ecfg.iw_samples, seed=first_index)
+
+    def summary(self, sums, dims, ecfg):
+        return iw_summary(sums, dims, ecfg.iw_samples)
 
 
 FAMILY = NVAEFamily()

@@ -83,42 +83,63 @@ class VQTask(ImageTask):
         return out
 
 
-def nll_bound(vq, priors, images, labels, batch_size: int) -> dict[str, float]:
-    """Test metrics of a stage-1 model and its priors on uint8 images [N, C, H, W]."""
-    import numpy as np
+def nll_sums(vq, priors, x, y) -> dict:
+    """One test batch (uint8 images [B, C, H, W], labels [B]) -> its sums: nats of the
+    reconstruction and of each prior level, squared error on [0, 1] pixels, code usage."""
+    import torch
+
+    with torch.no_grad():
+        out = vq(x)
+        sums = {"count": float(len(x)), "recon": float(out["nll"].sum())}
+        labels = y.long() if priors.levels[0].num_classes > 0 else None
+        for l, nll in enumerate(priors(out["codes"], labels)):
+            sums[f"prior{l}"] = float(nll.sum())
+        mean = vq.likelihood.mean(out["params"]) / 255.0
+        sums["sq_err"] = float(((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum())
+        for l, c in enumerate(out["codes"]):
+            sums[f"usage{l}"] = torch.bincount(c.flatten(), minlength=vq.codebook_sizes[l]).double().numpy()
+    return sums
+
+
+def nll_summary(sums: dict, dims: int) -> dict[str, float]:
+    """The test metrics from the sums of every batch."""
     import torch
 
     from models.likelihoods import to_bits_per_dim
     from models.quantize import perplexity
 
-    n, dims = len(images), int(np.prod(images.shape[1:]))
-    recon = sq_err = 0.0
-    prior_levels = [0.0] * len(priors.levels)
-    usage = [torch.zeros(k) for k in vq.codebook_sizes]
-    use_labels = priors.levels[0].num_classes > 0
-    with torch.no_grad():
-        for i in range(0, n, batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
-            y = torch.from_numpy(labels[i : i + batch_size]).long() if use_labels else None
-            out = vq(x)
-            recon += float(out["nll"].sum())
-            for l, nll in enumerate(priors(out["codes"], y)):
-                prior_levels[l] += float(nll.sum())
-            mean = vq.likelihood.mean(out["params"]) / 255.0
-            sq_err += float(((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum())
-            for l, c in enumerate(out["codes"]):
-                usage[l] += torch.bincount(c.flatten(), minlength=vq.codebook_sizes[l]).float()
-    prior = sum(prior_levels)
+    n, recon = float(sums["count"]), float(sums["recon"])
+    levels = sorted(int(k[len("prior"):]) for k in sums if k.startswith("prior"))
+    prior = sum(float(sums[f"prior{l}"]) for l in levels)
     metrics = {
         "test_nll_nats": (recon + prior) / n, "test_nll_bpd": to_bits_per_dim((recon + prior) / n, dims),
         "test_recon_nats": recon / n, "test_recon_bpd": to_bits_per_dim(recon / n, dims),
         "test_prior_nats": prior / n, "test_prior_bpd": to_bits_per_dim(prior / n, dims),
-        **quality(sq_err / n), "test_images": float(n),
+        **quality(float(sums["sq_err"]) / n), "test_images": n,
     }
-    for l, u in enumerate(usage):
-        metrics[f"test_perplexity_level{l}"] = float(perplexity(u))
-        metrics[f"test_prior_nats_level{l}"] = prior_levels[l] / n
+    for l in levels:
+        metrics[f"test_perplexity_level{l}"] = float(perplexity(torch.as_tensor(sums[f"usage{l}"])))
+        metrics[f"test_prior_nats_level{l}"] = float(sums[f"prior{l}"]) / n
     return metrics
+
+
+def add_sums(total: dict, part: dict) -> dict:
+    """Add one batch's sums (floats or arrays) into ``total``."""
+    for k, v in part.items():
+        total[k] = total[k] + v if k in total else v
+    return total
+
+
+def nll_bound(vq, priors, images, labels, batch_size: int) -> dict[str, float]:
+    """Test metrics of a stage-1 model and its priors on uint8 images [N, C, H, W], in this process."""
+    import numpy as np
+    import torch
+
+    total: dict = {}
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
+        add_sums(total, nll_sums(vq, priors, x, torch.from_numpy(labels[i : i + batch_size])))
+    return nll_summary(total, int(np.prod(images.shape[1:])))
 
 
 def draw(vq, priors, num_samples: int, temperature: float, seed: int, pixels: str = "mean"):
@@ -171,14 +192,14 @@ class VQVAE2Family(Family):
     def task(self, cfg):
         return VQTask, {}
 
-    def figures(self, model, val_images, cfg, folder: Path):
+    def figures(self, model, data, cfg, folder: Path):
         import torch
 
         from models.quantize import perplexity
 
-        save_reconstructions(model, val_images, cfg.stage1.recon_images, folder)
+        save_reconstructions(model, data, cfg.stage1.recon_images, folder)
         usage = [torch.zeros(k) for k in model.codebook_sizes]
-        for batch in iterate(val_images, 256):
+        for batch in iterate((data, "val"), 256):
             for l, codes in enumerate(model.encode(batch)):
                 usage[l] += torch.bincount(codes.flatten(), minlength=model.codebook_sizes[l]).float()
         panels, stats = [], {}
@@ -197,11 +218,14 @@ class VQVAE2Family(Family):
         priors = load_priors(upstream["priors"] / "model")
         return draw(model, priors, scfg.num_samples, scfg.temperature, scfg.seed, scfg.pixels)
 
-    def evaluate(self, model, upstream, test, ecfg):
+    def scorer(self, model, upstream, ecfg):
         from stages.priors import load_priors
 
         priors = load_priors(upstream["priors"] / "model")
-        return nll_bound(model, priors, test.images, test.labels, ecfg.batch_size)
+        return lambda x, y, first_index: nll_sums(model, priors, x, y)
+
+    def summary(self, sums, dims, ecfg):
+        return nll_summary(sums, dims)
 
 
 FAMILY = VQVAE2Family()

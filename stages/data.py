@@ -1,0 +1,145 @@
+"""How every stage reads images: a ``DataSpec`` (a small, picklable description of a prepared
+dataset, made by ``pipeline.datasets.prepare``) opened as a Ray Data dataset, streamed.
+
+A prepared dataset is a folder (local or any URI pyarrow's filesystems open) holding, per
+split, Parquet files whose rows are in the split's seeded random order. A row is one image:
+    pixels kind  image (the uint8 [C, H, W] pixels as bytes), label, index
+    files kind   path (relative to the image root), label, index
+``index`` is the image's position in the source dataset. Decoding (and, for files, reading
+and resizing) happens in ``map_batches`` on the Ray workers; nothing here loads a whole split.
+"""
+from __future__ import annotations
+
+import io
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+FILES_PER_SPLIT = 16  # many files: blocks to share out over workers and to shuffle among
+FILE_BYTES = 64 << 20  # at most this many (uncompressed) bytes of rows per file
+IN_MEMORY_BYTES = 1 << 30  # training keeps a decoded split this small in the object store
+
+
+def rows_per_file(rows: int, row_bytes: int) -> int:
+    """How many rows a prepared or written Parquet file holds: FILES_PER_SPLIT files per split,
+    none above FILE_BYTES."""
+    return max(1, min(-(-rows // FILES_PER_SPLIT), FILE_BYTES // max(1, row_bytes)))
+
+
+def open_location(location: str):
+    """A local path or a URI (``s3://``, ``gs://``, ``file://``) -> (pyarrow filesystem, path in it)."""
+    from pyarrow import fs
+
+    if "://" in location:
+        return fs.FileSystem.from_uri(location)
+    import os
+
+    return fs.LocalFileSystem(), os.path.abspath(location)
+
+
+def join(location: str, *parts: str) -> str:
+    """``location``/parts, for a local path or a URI alike."""
+    return posixpath.join(location, *parts)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str  # the config's data.dataset
+    kind: str  # "pixels" | "files"
+    location: str  # the prepared folder (path or URI)
+    root: str  # files kind: the image root the paths are relative to
+    shape: tuple  # (C, H, W) of every image a stage sees
+    rows: dict  # split -> number of images
+    files: dict  # split -> Parquet files, relative to location
+    num_classes: int
+    fingerprint: str
+    cpus: float = 0.0  # CPUs each read-and-decode task reserves (data.decode_cpus)
+    in_memory: bool | None = None  # data.in_memory: training decodes once (True) or every epoch
+
+    @property
+    def channels(self) -> int:
+        return int(self.shape[0])
+
+    @property
+    def dims(self) -> int:
+        return int(np.prod(self.shape))
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{s} {self.rows[s]}" for s in SPLITS)
+        return f"{sizes} images of {'x'.join(str(s) for s in self.shape)}"
+
+    def paths(self, split: str) -> list[str]:
+        return [join(self.location, f) for f in self.files[split]]
+
+    def stream(self, split: str):
+        """The split as a lazy Ray Data dataset of {"image": uint8 [B, C, H, W], "label", "index"},
+        rows in the split's order: one task per file reads and decodes it (``read_file``),
+        reserving ``cpus`` CPUs. (Not ``read_parquet``: its file-listing task always takes a
+        whole CPU, and a machine whose CPUs all train has none to give.)"""
+        import ray.data
+
+        files = [{"file": p} for p in self.paths(split)]
+        ds = ray.data.from_items(files, override_num_blocks=len(files))
+        return ds.map_batches(read_file, fn_kwargs={"spec": self}, batch_size=1, batch_format="numpy",
+                              num_cpus=self.cpus)
+
+    def for_training(self, split: str):
+        """The split for a training stage: decoded once and kept in the object store (one copy in
+        the cluster, blocks shared out to the workers) when ``in_memory`` says so or, left
+        unset, when it is at most IN_MEMORY_BYTES; otherwise streamed, decoded every epoch."""
+        keep = self.in_memory if self.in_memory is not None else self.rows[split] * self.dims <= IN_MEMORY_BYTES
+        ds = self.stream(split)
+        return ds.materialize() if keep else ds
+
+    def read_all(self, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
+        """A small split (or its first ``limit`` rows) decoded in this process, no Ray: for tests
+        and for the few images a figure shows."""
+        parts, n = [], 0
+        for p in self.paths(split):
+            parts.append(read_file({"file": [p]}, self))
+            n += len(parts[-1]["label"])
+            if limit is not None and n >= limit:
+                break
+        out = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label", "index")}
+        return {k: v[:limit] for k, v in out.items()} if limit is not None else out
+
+
+def read_file(batch: dict, spec: DataSpec) -> dict[str, np.ndarray]:
+    """{"file": [one prepared Parquet file]} -> its rows, decoded (``decode``)."""
+    import pyarrow.parquet as pq
+
+    (location,) = batch["file"]
+    filesystem, path = open_location(str(location))
+    table = pq.read_table(path, filesystem=filesystem)
+    return decode({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}, spec)
+
+
+def decode(batch: dict, spec: DataSpec) -> dict[str, np.ndarray]:
+    """One batch of rows -> {"image": uint8 [B, C, H, W], "label": int64 [B], "index": int64 [B]}."""
+    if spec.kind == "pixels":
+        images = np.stack([np.frombuffer(b, dtype=np.uint8) for b in batch["image"]]).reshape(-1, *spec.shape)
+    else:
+        filesystem, root = open_location(spec.root)
+        images = np.stack([read_image(filesystem, posixpath.join(root, p), spec.shape) for p in batch["path"]])
+    return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64),
+            "index": np.asarray(batch["index"], dtype=np.int64)}
+
+
+def read_image(filesystem, path: str, shape) -> np.ndarray:
+    """One image file -> uint8 [C, H, W]: converted to the channels and resized to the size."""
+    from PIL import Image
+
+    c, h, w = shape
+    try:
+        with filesystem.open_input_file(path) as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("L" if c == 1 else "RGB")
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except Exception as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
