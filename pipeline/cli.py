@@ -92,7 +92,8 @@ def cmd_submit(args) -> int:
     if config_path is None:
         print("error: hvae submit needs a config file inside the project (e.g. configs/default.yaml)", file=sys.stderr)
         return 2
-    return jobs.submit(config_path, overrides, args.address, wait=not args.no_wait, sweep=args.sweep)
+    return jobs.submit(config_path, overrides, args.address, wait=not args.no_wait, sweep=args.sweep,
+                       shared_mount=args.shared_mount)
 
 
 def cmd_status(args) -> int:
@@ -173,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-wait", action="store_true",
                         help="return once the job's MLflow parent run exists instead of streaming its logs to the end")
     submit.add_argument("--sweep", action="store_true", help="run `hvae sweep CONFIG` as the job instead of `hvae run`")
+    submit.add_argument("--shared-mount", action="store_true",
+                        help="the cluster mounts this machine's filesystem at the same paths: pin relative "
+                             "cluster.storage_path, data.root and tracking.artifact_location to this machine's "
+                             "absolute paths (default: the cluster resolves them in the job's working directory)")
     submit.set_defaults(func=cmd_submit)
     for name, func, text in (("status", cmd_status, "show a submitted job's status"),
                              ("stop", cmd_stop, "stop a submitted job")):

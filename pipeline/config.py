@@ -55,7 +55,9 @@ class ClusterConfig(Section):
 class TrackingConfig(Section):
     uri: str = "sqlite:///mlruns.db"  # MLflow tracking URI (relative sqlite paths are made absolute)
     experiment: str = "hvae"
-    artifact_location: str = "mlartifacts"  # used when the experiment is created
+    # where a new experiment keeps artifacts; unset: the tracking server's artifact store
+    # (mlflow-artifacts:, outlives the cluster), or mlartifacts/ beside a SQLite store's file
+    artifact_location: Optional[str] = None
 
 
 class Stage1Config(Section):

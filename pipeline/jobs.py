@@ -31,17 +31,24 @@ def default_address() -> str:
 
 
 def client(address: str):
-    # Ray 2.60 clusters use token authentication by default; the token lives in ~/.ray/auth_token
-    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
+    # Ray 2.60 clusters use token authentication by default; the client finds the token in
+    # RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token
+    has_token = ("RAY_AUTH_TOKEN" in os.environ or "RAY_AUTH_TOKEN_PATH" in os.environ
+                 or (Path.home() / ".ray" / "auth_token").is_file())
+    if "RAY_AUTH_MODE" not in os.environ and has_token:
         os.environ["RAY_AUTH_MODE"] = "token"
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)
 
 
-def job_overrides(config_path: str, overrides: list[str], sweep: bool = False) -> tuple[list[str], dict]:
-    """Validate the config here, and pin local paths that the job must share with this machine
-    -> (the overrides the job runs with, {"uri", "experiment"} of the store it tracks to)."""
+def job_overrides(config_path: str, overrides: list[str], sweep: bool = False,
+                  shared_mount: bool = False) -> tuple[list[str], dict]:
+    """Validate the config here -> (the overrides the job runs with, {"uri", "experiment"} of the
+    store it tracks to). Relative paths (cluster.storage_path, data.root, an artifact folder)
+    travel as they are and are resolved on the cluster, in the job's working directory;
+    ``shared_mount``: the cluster mounts this machine's filesystem at the same place, so they
+    are pinned to this machine's absolute paths instead."""
     cfg = load_config(config_path, overrides)
     if sweep and cfg.sweep is None:
         raise ConfigError(f"config error: sweep: missing: {config_path} has no sweep section (see configs/sweep.yaml)")
@@ -54,13 +61,13 @@ def job_overrides(config_path: str, overrides: list[str], sweep: bool = False) -
         extra.append(f"tracking.uri={absolute}")
         print(f"[hvae] note: tracking.uri is a local file; the job writes to {absolute}, which only a cluster "
               f"sharing this filesystem can reach (use an MLflow server, http://..., on a real cluster)")
-    location = cfg.tracking.artifact_location
-    if "://" not in location and not Path(location).is_absolute():
-        extra.append(f"tracking.artifact_location={(Path.cwd() / location).resolve()}")
-    if "://" not in cfg.cluster.storage_path and not Path(cfg.cluster.storage_path).is_absolute():
-        extra.append(f"cluster.storage_path={(Path.cwd() / cfg.cluster.storage_path).resolve()}")
-    if cfg.data.dataset != "mnist5k" and not Path(cfg.data.root).is_absolute():
-        extra.append(f"data.root={(Path.cwd() / cfg.data.root).resolve()}")
+    if shared_mount:
+        pinned = {"tracking.artifact_location": cfg.tracking.artifact_location,
+                  "cluster.storage_path": cfg.cluster.storage_path,
+                  "data.root": cfg.data.root if cfg.data.dataset != "mnist5k" else None}
+        for key, path in pinned.items():
+            if path is not None and "://" not in path and not Path(path).is_absolute():
+                extra.append(f"{key}={(Path.cwd() / path).resolve()}")
     return list(overrides) + extra, {"uri": resolve_uri(uri), "experiment": cfg.tracking.experiment}
 
 
@@ -108,8 +115,9 @@ def entrypoint(config_path: str, overrides: list[str], command: str = "run") -> 
                      *(shlex.quote(o) for o in overrides)])
 
 
-def submit(config_path: str, overrides: list[str], address: str, wait: bool = True, sweep: bool = False) -> int:
-    overrides, tracking = job_overrides(config_path, overrides, sweep=sweep)
+def submit(config_path: str, overrides: list[str], address: str, wait: bool = True, sweep: bool = False,
+           shared_mount: bool = False) -> int:
+    overrides, tracking = job_overrides(config_path, overrides, sweep=sweep, shared_mount=shared_mount)
     command = entrypoint(config_path, overrides, "sweep" if sweep else "run")
     jobs = client(address)
     job_id = f"hvae_{secrets.token_hex(8)}"

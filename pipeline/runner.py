@@ -34,7 +34,7 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     cfg = cfg.model_copy(deep=True)
     # (Tune runs each trial in its own working directory: a relative path would mean another file)
     cfg.tracking.uri = resolve_uri(cfg.tracking.uri)
-    cfg.tracking.artifact_location = resolve_artifact_location(cfg.tracking.artifact_location)
+    cfg.tracking.artifact_location = resolve_artifact_location(cfg.tracking.artifact_location, cfg.tracking.uri)
     if "://" not in cfg.cluster.storage_path:
         cfg.cluster.storage_path = str(Path(cfg.cluster.storage_path).resolve())
     if "://" not in cfg.data.root:

@@ -37,10 +37,17 @@ def resolve_uri(uri: str, base: Path | None = None) -> str:
     return uri
 
 
-def resolve_artifact_location(location: str, base: Path | None = None) -> str:
-    if "://" in location:
-        return location
-    return ((base or Path.cwd()) / location).resolve().as_uri()
+def resolve_artifact_location(location: str | None, uri: str, base: Path | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts. Set: that place (a relative folder made an
+    absolute file URI). Unset: a tracking server's own artifact store (``mlflow-artifacts:``,
+    proxied over HTTP, so artifacts outlive the cluster that wrote them), or ``mlartifacts/``
+    beside a SQLite store's file; None lets MLflow choose (other stores)."""
+    if location is not None:
+        return location if "://" in location else ((base or Path.cwd()) / location).resolve().as_uri()
+    uri = resolve_uri(uri, base)
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -88,7 +95,7 @@ class Tracker:
             if exp is None and create:
                 self.client.create_experiment(
                     tracking_cfg.experiment,
-                    artifact_location=resolve_artifact_location(tracking_cfg.artifact_location),
+                    artifact_location=resolve_artifact_location(tracking_cfg.artifact_location, self.uri),
                 )
                 exp = self.client.get_experiment_by_name(tracking_cfg.experiment)
         self.experiment_id = exp.experiment_id if exp is not None else None
@@ -198,25 +205,25 @@ class Tracker:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(dst), tracking_uri=self.uri))
 
     def log_dataset(self, run_id: str, folder: Path, rel: str, context: str) -> None:
-        """Register a dataset folder the run wrote (and logged as artifacts) as a run input."""
+        """Register a dataset folder the run wrote (and logged as artifacts) as a run input. Its
+        source is the artifact URI as the store gives it (file://, s3://, or mlflow-artifacts:
+        behind a tracking server, which MLflow's source resolvers do not take)."""
         import hashlib
-        import warnings
+        import json
 
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag
 
         digest = hashlib.sha256()
         for f in sorted(Path(folder).rglob("*")):
             if f.is_file():
                 digest.update(f.name.encode())
                 digest.update(f.read_bytes())
-        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are artifact sources
-            warnings.simplefilter("ignore")
-            source = resolve_dataset_source(f"{self.artifact_uri(run_id)}/{rel}")
-        dataset = MetaDataset(source=source, name=rel.replace("/", "-"), digest=digest.hexdigest()[:16])
+        uri = f"{self.artifact_uri(run_id)}/{rel}"
+        scheme = uri.split(":", 1)[0] if ":" in uri else "file"
+        dataset = Dataset(name=rel.replace("/", "-"), digest=digest.hexdigest()[:16],
+                          source_type="local" if scheme == "file" else scheme, source=json.dumps({"uri": uri}))
         tag = InputTag(key="mlflow.data.context", value=context)
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])])
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=[tag])])
 
     def reporter(self, run_id: str) -> MetricsReporter:
         return MetricsReporter(self.uri, run_id)

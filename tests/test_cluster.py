@@ -89,3 +89,24 @@ def test_a_sweep_is_submitted_as_hvae_sweep():
     # the cluster manifests give sweeps' trial drivers their own resource
     assert "tune_driver" in (CLUSTER / "rayjob.yaml").read_text()
     assert "tune_driver" in (CLUSTER / "launcher.yaml").read_text()
+
+
+def test_submit_leaves_relative_paths_to_the_cluster_unless_it_shares_this_filesystem(tmp_path, monkeypatch):
+    from pipeline.jobs import job_overrides
+
+    monkeypatch.chdir(tmp_path)
+    args = ["tracking.uri=http://mlflow:5000", "cluster.storage_path=results", "data.dataset=imagefolder",
+            "data.root=images"]
+    overrides, tracking = job_overrides(str(ROOT / "configs" / "smoke.yaml"), args)
+    assert overrides == args and tracking["uri"] == "http://mlflow:5000"
+    pinned, _ = job_overrides(str(ROOT / "configs" / "smoke.yaml"), args, shared_mount=True)
+    assert pinned[len(args):] == [f"cluster.storage_path={tmp_path / 'results'}", f"data.root={tmp_path / 'images'}"]
+
+
+def test_artifacts_go_to_the_servers_store_or_beside_the_sqlite_file(tmp_path):
+    from pipeline.tracking import resolve_artifact_location
+
+    assert resolve_artifact_location(None, "http://mlflow:5000") is None  # the server's mlflow-artifacts:
+    assert resolve_artifact_location(None, "sqlite:///mlruns.db", base=tmp_path) == (tmp_path / "mlartifacts").as_uri()
+    assert resolve_artifact_location("s3://bucket/art", "http://mlflow:5000") == "s3://bucket/art"
+    assert resolve_artifact_location("art", "http://mlflow:5000", base=tmp_path) == (tmp_path / "art").as_uri()

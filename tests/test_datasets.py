@@ -164,3 +164,20 @@ def test_gzip_only_mnist_is_not_enough(tmp_path):
         f.write(b"\0" * 16)
     with pytest.raises(DataError, match="download=false"):
         prepare(DataConfig(dataset="mnist", root=str(tmp_path), download=False), str(tmp_path))
+
+
+def test_dry_run_on_an_image_folder_lists_it_and_opens_no_image(tmp_path):
+    """Every "image" is garbage: a dry run still plans (it only lists names, sizes and mtimes)."""
+    import subprocess
+    import sys
+
+    for cls in ("a", "b"):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        for i in range(30):
+            (tmp_path / "img" / cls / f"{i}.png").write_bytes(b"not a png")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "data.dataset=imagefolder",
+                           f"data.root={tmp_path / 'img'}", "--dry-run"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "train 48, val 6, test 6 images of 3x32x32" in proc.stdout
+    assert not (tmp_path / "mlruns.db").exists()
