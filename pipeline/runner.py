@@ -139,7 +139,9 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
     """
     st = planned.stage
     if forced:
-        _clear_checkpoints(cfg.cluster.storage_path, planned.checkpoint_name)
+        cleared = checkpoints.clear(cfg.cluster.storage_path, planned.checkpoint_name)
+        if cleared:
+            print(f"[hvae] {st.name}: --force: {cleared}")
     resume_epoch = checkpoints.resume_epoch(cfg.cluster.storage_path, planned.checkpoint_name)
     params = {s: getattr(cfg, s).model_dump(mode="json") for s in st.sections}
     tags = {**tags, **{f"hvae.upstream.{u}": upstream[u][0] for u in st.upstream}}
@@ -280,6 +282,21 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     return Outcome(outcome.code, parent_id, outcome.run_ids)
 
 
+def local_area(storage_path: str) -> Path:
+    """The driver's own folder for stage outputs (before they go to MLflow), downloaded inputs
+    and the locks that serialise pipelines on one stage: under a local ``storage_path``
+    (shared with every pipeline that uses it), else (a bucket) under this machine's temp
+    folder, which serialises only the pipelines started on this machine."""
+    if "://" not in storage_path:
+        return Path(storage_path)
+    if storage_path.startswith("file://"):
+        return Path(storage_path[len("file://"):])
+    import hashlib
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "hvae" / hashlib.sha256(storage_path.encode()).hexdigest()[:12]
+
+
 @dataclass
 class _Progress:
     code: int = 0
@@ -295,9 +312,9 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
 
     from .raycluster import shutdown
 
-    work = Path(cfg.cluster.storage_path) / "outputs" / parent_id
+    work = local_area(cfg.cluster.storage_path) / "outputs" / parent_id
     fetch = _Fetcher(tracker, work / "inputs")
-    locks = Path(cfg.cluster.storage_path) / "locks"
+    locks = local_area(cfg.cluster.storage_path) / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     done = _Progress()
     driver = {TAG_DRIVER: this_driver()}
@@ -333,13 +350,6 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
         done.outputs[name], done.run_ids[name] = work / name, run_id
         done.rows.append((name, "FINISHED", run_id, secs, result.metrics))
     return done
-
-
-def _clear_checkpoints(storage_path: str, name: str) -> None:
-    """--force starts the stage's training afresh: move its old checkpoints aside."""
-    folder = Path(storage_path) / name
-    if folder.exists():
-        folder.rename(folder.with_name(f"{name}.forced-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"))
 
 
 def _continue_curve(tracker, stage: str, fingerprint: str, run_id: str, epoch: int) -> None:

@@ -6,20 +6,25 @@ closes, the model config, the epoch's metrics, where the workers ran).
 
 ``newest()`` is the one authority on what to resume from: the driver asks it what the
 plan and the run will do, each worker asks it where to start, and the stage asks it for
-the final state. On storage this process can list (a local or mounted path) it scans the
-folder and takes the newest *complete* checkpoint (meta readable, state a whole zip
-archive): Ray Train's own snapshot can lag the disk by an epoch or more after a killed
-driver. On remote storage (``s3://``...) it falls back to the checkpoint Ray Train hands
-the worker (``ray.train.get_checkpoint()``) or the fit's result.
+the final state. It lists the folder through pyarrow's filesystems (a local or mounted path,
+``file://``, ``s3://``, ``gs://``) and takes the newest *complete* checkpoint (meta readable,
+state a whole zip archive): Ray Train's own snapshot can lag the storage by an epoch or more
+after a killed driver. A remote checkpoint is downloaded to a temporary folder to be read.
 """
 from __future__ import annotations
 
 import json
+import os
+import posixpath
+import tempfile
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
+
+from .data import join, open_location
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -40,66 +45,78 @@ def load(folder: Path) -> tuple[dict, dict]:
     return state, json.loads((Path(folder) / META_FILE).read_text())
 
 
-def _epoch_if_complete(folder: Path) -> int | None:
+def _epoch_if_complete(filesystem, folder: str) -> int | None:
+    """The epoch a checkpoint folder closes, or None when it was cut while being written (or
+    is not ours). Reads only the meta file and the state archive's central directory."""
     try:
-        epoch = int(json.loads((folder / META_FILE).read_text())["epoch"])
-        with zipfile.ZipFile(folder / STATE_FILE):
+        with filesystem.open_input_stream(posixpath.join(folder, META_FILE)) as f:
+            epoch = int(json.loads(f.read())["epoch"])
+        with filesystem.open_input_file(posixpath.join(folder, STATE_FILE)) as f, zipfile.ZipFile(f):
             pass
     except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile):
-        return None  # cut while being written, or not ours
+        return None
     return epoch
 
 
 @dataclass
 class Checkpoint:
-    """A complete checkpoint: the epoch it closes, and where it lies."""
+    """A complete checkpoint: the epoch it closes, and where it lies (a path or a URI)."""
 
     epoch: int
     path: str
-    _ray: Any = None  # a ray.train.Checkpoint when it lies on storage this process cannot list
 
     @contextmanager
     def folder(self) -> Iterator[Path]:
-        if self._ray is None:
-            yield Path(self.path)
-        else:
-            with self._ray.as_directory() as local:
-                yield Path(local)
+        """The checkpoint as a local folder (remote storage: downloaded to a temporary one)."""
+        from pyarrow import fs
+
+        filesystem, path = open_location(self.path)
+        if isinstance(filesystem, fs.LocalFileSystem):
+            yield Path(path)
+            return
+        with tempfile.TemporaryDirectory(prefix="hvae-checkpoint-") as tmp:
+            fs.copy_files(path, tmp, source_filesystem=filesystem, destination_filesystem=fs.LocalFileSystem())
+            yield Path(tmp)
 
     def load(self) -> tuple[dict, dict]:
         with self.folder() as folder:
             return load(folder)
 
 
-def listable(storage_path: str) -> bool:
-    return "://" not in storage_path or storage_path.startswith("file://")
+def newest(storage_path: str, name: str) -> Checkpoint | None:
+    """The checkpoint to resume ``storage_path/name`` from (None: start afresh): the newest
+    complete one, on a local path or any storage pyarrow opens (``s3://``, ``gs://``, ``file://``)."""
+    from pyarrow import fs
 
-
-def _local(storage_path: str) -> Path:
-    return Path(storage_path[len("file://"):] if storage_path.startswith("file://") else storage_path)
-
-
-def newest(storage_path: str, name: str, ray_checkpoint=None) -> Checkpoint | None:
-    """The checkpoint to resume ``storage_path/name`` from (None: start afresh).
-
-    ``ray_checkpoint``: what Ray Train offers (a worker's ``get_checkpoint()`` or a fit's
-    ``result.checkpoint``); used only where the storage cannot be listed from here.
-    """
-    if listable(storage_path):
-        found = []
-        for folder in _local(storage_path).joinpath(name).glob("checkpoint_*"):
-            epoch = _epoch_if_complete(folder)
+    filesystem, base = open_location(join(storage_path, name))
+    found = []
+    for info in filesystem.get_file_info(fs.FileSelector(base, allow_not_found=True)):
+        if info.type == fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            epoch = _epoch_if_complete(filesystem, info.path)
             if epoch is not None:
-                found.append(Checkpoint(epoch, str(folder)))
-        return max(found, key=lambda c: c.epoch) if found else None
-    if ray_checkpoint is None:
-        return None
-    with ray_checkpoint.as_directory() as local:
-        epoch = _epoch_if_complete(Path(local))
-    return None if epoch is None else Checkpoint(epoch, str(ray_checkpoint.path), ray_checkpoint)
+                found.append(Checkpoint(epoch, join(storage_path, name, info.base_name)))
+    return max(found, key=lambda c: c.epoch) if found else None
 
 
 def resume_epoch(storage_path: str, name: str) -> int | None:
     """The epoch a resume of ``storage_path/name`` continues after (None: nothing to resume)."""
     found = newest(storage_path, name)
     return found.epoch if found else None
+
+
+def clear(storage_path: str, name: str) -> str | None:
+    """--force: move ``storage_path/name`` aside (renamed ``<name>.forced-<time>-<pid>``) so the
+    stage trains afresh; on storage that cannot rename a folder (a bucket), delete it.
+    -> what was done, for the log (None: there was nothing)."""
+    from pyarrow import fs
+
+    filesystem, path = open_location(join(storage_path, name))
+    if filesystem.get_file_info(path).type != fs.FileType.Directory:
+        return None
+    aside = f"{path}.forced-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    try:
+        filesystem.move(path, aside)
+        return f"moved its checkpoints aside to {posixpath.basename(aside)}"
+    except (OSError, NotImplementedError):
+        filesystem.delete_dir(path)
+        return f"deleted its checkpoints at {join(storage_path, name)}"

@@ -40,8 +40,20 @@ def open_location(location: str):
 
 
 def join(location: str, *parts: str) -> str:
-    """``location``/parts, for a local path or a URI alike."""
-    return posixpath.join(location, *parts)
+    """``location``/parts, for a local path or a URI alike (a URI's query, e.g.
+    ``?endpoint_override=...``, stays at its end)."""
+    base, mark, query = location.partition("?") if "://" in location else (location, "", "")
+    return posixpath.join(base, *parts) + mark + query
+
+
+def on_this_node(num_cpus: float = 0.25) -> dict:
+    """Ray remote args that run a task on this (the driver's) node: for Ray Data reads and
+    writes of the driver's own folders, which another node of the cluster cannot see."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": num_cpus, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 
 
 @dataclass(frozen=True)

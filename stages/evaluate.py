@@ -13,7 +13,6 @@ driver adds up (``Family.summary``). Output: report/nll_table.md.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
@@ -25,9 +24,8 @@ from .nll_table import bound_symbol, nll_table
 class Scorer:
     """Ray Data actor: one test batch -> one row of its sums."""
 
-    def __init__(self, model_dir: str, upstream: dict, ecfg):
-        family, model = load_model(Path(model_dir))
-        self.score = family.scorer(model.eval(), upstream, ecfg)
+    def __init__(self, score):
+        self.score = score
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -37,13 +35,16 @@ class Scorer:
         return {k: np.asarray(v, dtype=np.float64)[None] for k, v in sums.items()}
 
 
-def score(ctx: StageContext, model_dir: Path) -> dict:
+def score(ctx: StageContext, family, model) -> dict:
     """The test split's sums, added up over every batch the actors scored."""
     import ray.data
 
     ecfg = ctx.config.evaluate
+    # the scorer is built here, with what it needs from the upstream folders, and shipped to the
+    # actors whole: an actor on another node cannot see the driver's files
+    scorer = family.scorer(model.eval(), dict(ctx.upstream), ecfg)
     rows = ctx.data.stream("test").map_batches(
-        Scorer, fn_constructor_kwargs={"model_dir": str(model_dir), "upstream": dict(ctx.upstream), "ecfg": ecfg},
+        Scorer, fn_constructor_kwargs={"score": scorer},
         batch_size=ecfg.batch_size, compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors), num_cpus=1)
     total: dict = {}
     for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
@@ -56,7 +57,7 @@ def score(ctx: StageContext, model_dir: Path) -> dict:
 def run(ctx: StageContext) -> StageResult:
     model_dir = ctx.upstream["stage1"] / "model"
     family, model = load_model(model_dir)
-    metrics = family.summary(score(ctx, model_dir), ctx.data.dims, ctx.config.evaluate)
+    metrics = family.summary(score(ctx, family, model), ctx.data.dims, ctx.config.evaluate)
     name, structure = family.describe(model)
     shape = "×".join(str(s) for s in ctx.data.shape)
     dataset = f"{ctx.config.data.dataset} ({int(metrics['test_images'])} test images, {shape})"

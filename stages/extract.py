@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .base import StageContext, StageError, StageResult
-from .data import rows_per_file
+from .data import on_this_node, rows_per_file
 from .families import load_model
 
 SCHEMA_FILE = "schema.json"
@@ -24,9 +24,9 @@ SCHEMA_FILE = "schema.json"
 class Encoder:
     """Ray Data actor: uint8 images -> integer code maps, one column per level."""
 
-    def __init__(self, model_dir: str, use_gpu: bool):
+    def __init__(self, model: torch.nn.Module, use_gpu: bool):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_model(Path(model_dir))[1].to(self.device)
+        self.model = model.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = torch.from_numpy(np.array(batch["image"])).to(self.device)  # a writable copy
@@ -66,15 +66,17 @@ def run(ctx: StageContext) -> StageResult:
     for split in splits:
         encoded = data.stream(split).map_batches(
             Encoder,
-            fn_constructor_kwargs={"model_dir": str(model_dir), "use_gpu": cluster.use_gpu},
+            # the model itself, not its folder: an actor on another node cannot see the driver's files
+            fn_constructor_kwargs={"model": model, "use_gpu": cluster.use_gpu},
             batch_size=ecfg.batch_size,
             compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
             num_gpus=1 if cluster.use_gpu else 0,
             num_cpus=1,
         )
-        # written by the workers into the final folder, one file per block, rows in the split's
-        # (seeded random) order
-        encoded.write_parquet(str(codes_dir / split), max_rows_per_file=rows_per_file(rows[split], data.dims))
+        # written into the driver's output folder by write tasks on the driver's node (the encoders
+        # may run anywhere), rows in the split's (seeded random) order
+        encoded.write_parquet(str(codes_dir / split), max_rows_per_file=rows_per_file(rows[split], data.dims),
+                              ray_remote_args=on_this_node())
     with torch.no_grad():
         shapes = [list(c.shape[1:]) for c in model.encode(torch.from_numpy(data.read_all("train", limit=1)["image"]))]
     schema = {

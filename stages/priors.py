@@ -18,6 +18,7 @@ from models.pixelcnn import HierarchicalPrior
 from models.likelihoods import to_bits_per_dim
 
 from .base import StageContext, StageResult, TrainTask
+from .data import on_this_node
 from .extract import SCHEMA_FILE
 from .train_loop import LoopSpec, fit
 
@@ -113,8 +114,10 @@ def run(ctx: StageContext) -> StageResult:
     schema = json.loads((codes_dir / SCHEMA_FILE).read_text())
     pcfg, cluster = ctx.config.priors, ctx.config.cluster
     config = prior_config(schema, pcfg)
-    # materialized: the trainer's workers then need no CPU for read tasks (a 2-CPU machine hangs otherwise)
-    datasets = {s: ray.data.read_parquet(str(codes_dir / s)).materialize() for s in ("train", "val")}
+    # read on the driver's node (the codes are in its folder) and materialized: the trainer's
+    # workers then need no CPU for read tasks (a 2-CPU machine hangs otherwise)
+    datasets = {s: ray.data.read_parquet(str(codes_dir / s), ray_remote_args=on_this_node()).materialize()
+                for s in ("train", "val")}
     spec = LoopSpec(
         make_task=PriorTask,
         task_args=dict(config=config, batch_size=pcfg.batch_size, world_hint=cluster.num_workers, seed=pcfg.seed),

@@ -111,7 +111,7 @@ def _start(spec: LoopSpec, task: TrainTask, rank: int):
 
     torch.manual_seed(spec.seed)
     model = task.build_model()
-    found = checkpoints.newest(spec.storage_path, spec.name, ray.train.get_checkpoint())
+    found = checkpoints.newest(spec.storage_path, spec.name)
     restored, start_epoch = None, 0
     if found is not None:
         restored, meta = found.load()
@@ -284,8 +284,8 @@ def fit(spec: LoopSpec, *, name: str, storage_path: str, cluster, datasets: dict
             callbacks=list(callbacks or []),
         ),
     )
-    result = trainer.fit()
-    found = checkpoints.newest(storage_path, name, result.checkpoint)
+    trainer.fit()
+    found = checkpoints.newest(storage_path, name)
     if found is None:
         raise RuntimeError(f"training {name} ended without a checkpoint")
     state, meta = found.load()

@@ -1,0 +1,118 @@
+"""cluster.storage_path as a URI (file://, read through pyarrow's filesystems like s3:// or gs://):
+everything the pipeline keeps there lands under it, nothing in the working folder."""
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import SMOKE, hvae
+
+pytestmark = pytest.mark.slow  # two pipelines: `make test` only
+
+
+def test_a_storage_uri_holds_data_checkpoints_and_outputs_and_force_clears_them_there(tmp_path):
+    from stages import checkpoints
+
+    node, bucket = tmp_path / "node", tmp_path / "bucket"
+    node.mkdir()
+    uri = bucket.as_uri()  # file:///.../bucket
+    first = hvae(node, "run", SMOKE, f"cluster.storage_path={uri}", "--until", "extract")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
+    # the working folder holds the tracking store and nothing the storage path should have
+    assert {p.name for p in node.iterdir()} <= {"mlartifacts", "mlruns.db", "mlruns.db.lock"}, list(node.iterdir())
+    assert list(bucket.glob("data/mnist5k-*/manifest.json")), "the prepared data is not under the storage URI"
+    (name,) = [p.name for p in bucket.glob("stage1-*") if p.is_dir()]
+    assert list(bucket.glob("outputs/*/extract/codes/train/*.parquet"))
+    # the newest complete checkpoint, listed through the URI: epochs 0 and 1 -> resume after 1
+    assert checkpoints.resume_epoch(uri, name) == 1
+    assert checkpoints.newest(uri, name).path.startswith(f"{uri}/{name}/checkpoint_")
+
+    forced = hvae(node, "run", SMOKE, f"cluster.storage_path={uri}", "--until", "stage1", "--force", "stage1")
+    assert forced.returncode == 0, forced.stdout[-3000:]
+    assert re.search(r"^\[hvae\] stage1: --force: moved its checkpoints aside to " + re.escape(name) + r"\.forced-",
+                     forced.stdout, re.M), forced.stdout[-3000:]
+    assert len(list(bucket.glob(f"{name}.forced-*/checkpoint_*"))) >= 1
+    assert checkpoints.resume_epoch(uri, name) == 1  # trained afresh, both epochs again
+    assert not any(Path(node).glob("file:*"))
+
+
+@pytest.fixture
+def s3(tmp_path):
+    """A local S3 endpoint (moto's server) with an empty bucket ``hvae``; ``query`` addresses it
+    from a URI (``s3://hvae/...?endpoint_override=...``), ``env`` holds its credentials."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from types import SimpleNamespace
+
+    from pyarrow import fs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=open(tmp_path / "moto.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "moto.log").read_text()[-2000:]
+                time.sleep(0.5)
+        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        bucket = fs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                                 access_key="testing", secret_key="testing", allow_bucket_creation=True)
+        bucket.create_dir("hvae")
+        yield SimpleNamespace(query=f"?endpoint_override=127.0.0.1:{port}&scheme=http", env=env, fs=bucket)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_images_and_storage_in_a_bucket_run_the_whole_pipeline(s3, tmp_path, monkeypatch):
+    """data.root and cluster.storage_path both s3:// (a local S3 endpoint): the pipeline lists the
+    bucket, prepares the dataset into it, the workers read the images from it, Ray Train keeps
+    the checkpoints there; --force deletes them there (a bucket cannot rename a folder)."""
+    import numpy as np
+    from PIL import Image
+    from pyarrow import fs
+
+    from stages import checkpoints
+
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (images / cls).mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 256, (24, 20, 3)).astype(np.uint8)).save(images / cls / f"{i}.png")
+    fs.copy_files(str(images), "hvae/images", source_filesystem=fs.LocalFileSystem(), destination_filesystem=s3.fs)
+    node = tmp_path / "node"
+    node.mkdir()
+    store = f"s3://hvae/store{s3.query}"
+    args = ["run", SMOKE, "data.dataset=imagefolder", f"data.root=s3://hvae/images{s3.query}",
+            f"cluster.storage_path={store}"]
+    proc = hvae(node, *args, env=s3.env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "train 64, val 8, test 8 images of 3x32x32, prepared at s3://hvae/store/data/imagefolder-" in proc.stdout
+    assert "| ≤" in proc.stdout  # the NLL table: evaluate streamed the test images from the bucket
+    assert {p.name for p in node.iterdir()} <= {"mlartifacts", "mlruns.db", "mlruns.db.lock"}, list(node.iterdir())
+
+    files = [i.path for i in s3.fs.get_file_info(fs.FileSelector("hvae/store", recursive=True))
+             if i.type == fs.FileType.File]
+    assert any(re.fullmatch(r"hvae/store/data/imagefolder-\w+/manifest\.json", f) for f in files), files
+    (name,) = {f.split("/")[2] for f in files if re.match(r"hvae/store/stage1-\w+/checkpoint_", f)}
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    found = checkpoints.newest(store, name)  # listed in the bucket, downloaded to be read
+    assert found.epoch == 1 and found.load()[1]["epoch"] == 1
+
+    forced = hvae(node, *args, "--until", "stage1", "--force", "stage1", env=s3.env)
+    assert forced.returncode == 0, forced.stdout[-3000:]
+    assert f"[hvae] stage1: --force: deleted its checkpoints at s3://hvae/store/{name}" in forced.stdout
+    assert checkpoints.newest(store, name).path != found.path  # trained afresh into new checkpoints
