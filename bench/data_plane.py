@@ -1,12 +1,13 @@
 """Memory and speed of the data plane; appends a section to BENCHMARKS.md.
 
-    .venv/bin/python bench/data_plane.py [--images 200000] [--baseline REF] [--skip-folder]
+    .venv/bin/python bench/data_plane.py [--images 200000] [--baseline REF] [--skip-folder] [--skip-throughput]
 
 1. Memory does not grow with the data: a synthetic ImageFolder of ``--images`` PNG images at
    64x64 (10 classes, written once under bench/.cache/), then one stage-1 epoch on it (a tiny
    VQ-VAE-2, ``data.in_memory=false``: every image read and decoded by Ray Data tasks), and
    the same on the 5,000-image default. Peak RSS of the driver, of the largest Ray Train
-   worker and of the largest other Ray worker (data tasks), sampled every 0.2 s; time to the
+   worker (and its private memory: RSS also counts the object store's shared pages it has
+   touched) and of the largest other Ray worker (data tasks), sampled every 0.2 s; time to the
    first batch and items/s from the run's MLflow metrics.
 2. Throughput on the default set: this tree's stage 1 against the tree at ``--baseline`` (the
    in-memory path it replaced), 3 epochs each, run one after the other in this one call;
@@ -89,6 +90,15 @@ def _processes() -> dict[int, tuple[int, int, str]]:
     return out
 
 
+def _uss(pid: int) -> int:
+    """Memory only this process holds (private pages), from /proc/<pid>/smaps_rollup."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return 0
+    return sum(int(line.split()[1]) * 1024 for line in lines if line.startswith(("Private_Clean:", "Private_Dirty:")))
+
+
 def _rss_peaks(pid: int, stop: threading.Event, peaks: dict) -> None:
     """Peak RSS of the driver (``pid``), of its Ray Train workers and of its other Ray workers."""
     while not stop.is_set():
@@ -104,6 +114,8 @@ def _rss_peaks(pid: int, stop: threading.Event, peaks: dict) -> None:
                     else "ray_worker" if cmd.startswith("ray::") else None)
             if role:
                 peaks[role] = max(peaks.get(role, 0), rss)
+            if role == "train_worker":  # RSS counts the object store's shared pages it touched
+                peaks["train_worker_uss"] = max(peaks.get("train_worker_uss", 0), _uss(p))
         time.sleep(0.2)
 
 
@@ -143,17 +155,17 @@ def _mib(b: int) -> str:
 
 # ---- the two measurements ---------------------------------------------------------------------
 
-def memory_rows(n: int) -> list[str]:
-    folder = image_folder(n)
+def memory_rows(sizes: list[int]) -> list[str]:
     rows = []
-    for name, args in (("default (mnist5k, 5,000 images at 32x32)", []),
-                       (f"imagefolder, {n:,} PNG images at 64x64",
-                        ["data.dataset=imagefolder", f"data.root={folder}", "data.image_size=64"])):
+    runs = [("default (mnist5k, 5,000 images at 32x32)", [])]
+    runs += [(f"imagefolder, {n:,} PNG images at 64x64",
+              ["data.dataset=imagefolder", f"data.root={image_folder(n)}", "data.image_size=64"]) for n in sizes]
+    for name, args in runs:
         with tempfile.TemporaryDirectory() as tmp:
             r = run(Path(tmp), [str(ROOT / "configs" / "default.yaml"), "data.in_memory=false", *args, *TINY])
         p = r["peaks"]
         rows.append(f"| {name} | {_mib(p.get('driver', 0))} | {_mib(p.get('train_worker', 0))} | "
-                    f"{_mib(p.get('ray_worker', 0))} | {r['first_batch_s'][0]:.1f} | {r['items_per_s'][0]:.0f} | "
+                    f"{_mib(p.get('train_worker_uss', 0))} | {_mib(p.get('ray_worker', 0))} | {r['first_batch_s'][0]:.1f} | {r['items_per_s'][0]:.0f} | "
                     f"{r['data_wait_s'][0]:.1f} | {r['seconds']:.0f} |")
         print(rows[-1], flush=True)
     return rows
@@ -181,20 +193,26 @@ def throughput_rows(baseline: str) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=200_000)
+    ap.add_argument("--images", default="200000", help="image folder sizes, comma-separated (e.g. 5000,60000)")
     ap.add_argument("--baseline", default="60c465e")
     ap.add_argument("--skip-folder", action="store_true", help="only the throughput comparison")
+    ap.add_argument("--skip-throughput", action="store_true", help="only the memory rows")
     a = ap.parse_args()
-    lines = [f"\n### `python bench/data_plane.py --images {a.images} --baseline {a.baseline}` — {date.today()}\n",
+    sizes = [int(n) for n in a.images.split(",")]
+    flags = " --skip-throughput" if a.skip_throughput else f" --baseline {a.baseline}"
+    lines = [f"\n### `python bench/data_plane.py --images {a.images}{flags}` — {date.today()}\n",
              f"Machine: {machine()}.\n"]
     if not a.skip_folder:
         lines += ["One stage-1 epoch, tiny VQ-VAE-2, 2 workers × 1 CPU, `data.in_memory=false` (every image read "
                   "and decoded by Ray Data tasks sharing the workers' CPUs, `data.decode_cpus=0`). Peak RSS in MiB.\n",
-                  "| data | driver | largest train worker | largest other Ray worker | first batch s | items/s | "
-                  "data wait s | run s |", "|---|---|---|---|---|---|---|---|", *memory_rows(a.images), ""]
-    lines += ["Stage-1 throughput on the default set (configs/default.yaml, 3 epochs), the two trees one after "
-              "the other in this call:\n",
-              "| code | items/s (epochs 2-3) | per epoch | ratio |", "|---|---|---|---|", *throughput_rows(a.baseline)]
+                  "| data | driver | largest train worker | its private memory (USS) | largest other Ray worker | "
+                  "first batch s | items/s | data wait s | run s |", "|---|---|---|---|---|---|---|---|---|",
+                  *memory_rows(sizes), ""]
+    if not a.skip_throughput:
+        lines += ["Stage-1 throughput on the default set (configs/default.yaml, 3 epochs), the two trees one after "
+                  "the other in this call:\n",
+                  "| code | items/s (epochs 2-3) | per epoch | ratio |", "|---|---|---|---|",
+                  *throughput_rows(a.baseline)]
     with open(ROOT / "BENCHMARKS.md", "a") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
