@@ -73,6 +73,11 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("embed_sum", embedding.clone())  # m
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
+        self._known_initialized = False  # read the buffer (a host sync) until it says so
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._known_initialized = False  # the loaded buffer decides again
+        super()._load_from_state_dict(*args, **kwargs)
 
     # ---- distributed helpers -------------------------------------------------------
     def _all_reduce(self, *tensors: torch.Tensor) -> None:
@@ -123,27 +128,27 @@ class VectorQuantizerEMA(nn.Module):
 
     @torch.no_grad()
     def _restart_dead(self, flat: torch.Tensor) -> None:
-        """Move codes whose EMA count fell below the threshold onto random encoder outputs."""
+        """Move codes whose EMA count fell below the threshold onto random encoder outputs.
+        Written for every code and masked (no host sync to count the dead ones first)."""
         dead = self.cluster_size < self.dead_code_threshold
         self._broadcast(dead)  # identical on every rank already when synced; keep rank 0's
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return
-        pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
+        pick = torch.randint(0, flat.shape[0], (self.num_codes,), device=flat.device)
         fresh = flat[pick].clone()
         self._broadcast(fresh)
-        self.embedding[dead] = fresh
-        self.embed_sum[dead] = fresh
-        self.cluster_size[dead] = 1.0
-        self.restarts += n_dead
+        self.embedding.copy_(torch.where(dead[:, None], fresh, self.embedding))
+        self.embed_sum.copy_(torch.where(dead[:, None], fresh, self.embed_sum))
+        self.cluster_size.copy_(torch.where(dead, torch.ones_like(self.cluster_size), self.cluster_size))
+        self.restarts += dead.sum()
 
     # ---- forward -----------------------------------------------------------------
     def forward(self, z: torch.Tensor):
         """z: [B, D, H, W] -> (z_q with straight-through gradient, codes [B, H, W], loss, stats)."""
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
-        if self.training and not bool(self.initialized):
-            self._kmeans_init(flat)
+        if self.training and not self._known_initialized:
+            if not bool(self.initialized):  # a host sync, until the codebook is known initialised
+                self._kmeans_init(flat)
+            self._known_initialized = True
         codes = self.nearest(flat.detach())
         z_q = self.embed(codes.view(b, h, w))  # the codebook that chose the codes
         if self.training:

@@ -62,7 +62,9 @@ class TrainTask:
         raise NotImplementedError
 
     def train_step(self, model, batch, device):
-        """(loss to minimise, sums to accumulate over the epoch, e.g. {"count": n, "nll": ...})."""
+        """(loss to minimise, sums to accumulate over the epoch, e.g. {"count": n, "nll": ...})
+        or (loss, sums, terms): named scalar parts of the loss, which the loop watches so that a
+        non-finite one is reported by name. Tensors stay on the device (no ``.item()``)."""
         raise NotImplementedError
 
     def val_step(self, model, batch, device) -> dict:

@@ -3,7 +3,8 @@
 A training stage describes *what* to train as a ``TrainTask`` (stages/base.py: model,
 batches, the loss of one batch, how to summarise an epoch); this module does the rest the
 same way for all of them: DDP through ``ray.train.torch``, seeding, the optimizer and LR
-schedule, validation each epoch, metrics summed over workers, per-epoch checkpoints
+schedule, validation each epoch, metrics summed on the device and over workers on the
+training device (no host sync per step; NCCL serves CUDA tensors only), per-epoch checkpoints
 through ``ray.train.report`` and exact resume from the checkpoint ``stages.checkpoints``
 picks.
 
@@ -45,23 +46,55 @@ class LoopSpec:
     stage: str = "train"
     report: Callable[[dict, int], None] | None = None  # called on rank 0 once per epoch
     storage_path: str = ""  # checkpoints live under storage_path/name (set by fit)
+    sync_every: int = 50  # steps between the loop's host syncs (the non-finite check)
     name: str = ""
 
 
 # ---- one optimiser step and one epoch's sums: the same code for every stage ------------
 
 def train_step(task: TrainTask, model, optimizer, batch, device, grad_clip: float = 0.0,
-               where: str = "") -> dict[str, torch.Tensor]:
-    """Forward, backward and update on one batch; returns the batch's sums for the epoch."""
-    loss, sums = task.train_step(model, batch, device)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{where}non-finite loss {float(loss)}")
+               guard: "Guard | None" = None, step: int = 0) -> dict[str, torch.Tensor]:
+    """Forward, backward and update on one batch; returns the batch's sums for the epoch (on
+    the device). ``guard`` watches the loss and the task's named terms without a host sync."""
+    loss, sums, *terms = task.train_step(model, batch, device)
+    if guard is not None:
+        guard.watch(step, {**(terms[0] if terms else {}), "loss": loss})
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return sums
+
+
+class Guard:
+    """Which of the loss and the task's terms first went non-finite, and at which step of the
+    epoch: tracked on the device (no host sync per step); ``check`` syncs once and raises
+    naming the step and the terms. The loop checks every ``sync_every`` steps and before an
+    epoch is reported, so a bad epoch never reaches a checkpoint."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.first: torch.Tensor | None = None  # per name: the first bad step, -1 while none
+
+    def watch(self, step: int, values: dict[str, torch.Tensor]) -> None:
+        bad = torch.stack([~torch.isfinite(v.detach()).all() for v in values.values()])
+        if self.first is None:
+            self.names = list(values)
+            self.first = torch.full((len(values),), -1, dtype=torch.long, device=bad.device)
+        self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, step), self.first)
+
+    def check(self) -> tuple[int, list[str]] | None:
+        """(the first bad step, the terms bad at it; the loss only when no term was) or None."""
+        if self.first is None:
+            return None
+        first = self.first.tolist()  # the one host sync
+        hit = [s for s in first if s >= 0]
+        if not hit:
+            return None
+        step = min(hit)
+        names = [n for n, s in zip(self.names, first) if s == step]
+        return step, [n for n in names if n != "loss"] or names
 
 
 def make_optimizer(model, spec: LoopSpec):
@@ -71,20 +104,22 @@ def make_optimizer(model, spec: LoopSpec):
 
 
 def _accumulate(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> None:
+    """Add a batch's sums into the epoch's, where they are (the training device): no host sync."""
     for k, v in part.items():
-        v = v.detach().double().cpu()
+        v = v.detach().double()
         total[k] = total[k] + v if k in total else v.clone()
 
 
-def _reduce_sums(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Add up every worker's sums in one all-reduce (keys in the same order on every rank)."""
+def _reduce_sums(sums: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Add up every worker's sums in one all-reduce of one buffer on the training ``device``
+    (NCCL serves CUDA tensors only); keys in the same order on every rank."""
     keys = sorted(sums)
-    flat = [sums[k].detach().double().reshape(-1).cpu() for k in keys]
+    flat = [sums[k].detach().to(device=device, dtype=torch.float64).reshape(-1) for k in keys]
+    buf = torch.cat(flat)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        buf = torch.cat(flat)
         dist.all_reduce(buf)
-        flat = list(torch.split(buf, [f.numel() for f in flat]))
-    return {k: f.reshape(sums[k].shape) for k, f in zip(keys, flat)}
+    parts = torch.split(buf, [f.numel() for f in flat])
+    return {k: p.reshape(sums[k].shape) for k, p in zip(keys, parts)}
 
 
 def log(message: str) -> None:
@@ -140,7 +175,7 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
     model.train()
     train_sums: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
-    batches, waited = iter(task.train_batches(epoch, rank, world)), 0.0
+    batches, waited, guard = iter(task.train_batches(epoch, rank, world)), 0.0, Guard()
     for step in itertools.count():
         t_wait = time.perf_counter()
         batch = next(batches, None)
@@ -149,8 +184,10 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
             break
         if step == 0:
             train_sums["first_batch_s"] = torch.tensor(time.perf_counter() - t0)
-        where = f"{spec.stage}: epoch {epoch + 1} step {step}: "
-        _accumulate(train_sums, train_step(task, model, optimizer, batch, device, spec.grad_clip, where))
+        _accumulate(train_sums, train_step(task, model, optimizer, batch, device, spec.grad_clip, guard, step))
+        if (step + 1) % spec.sync_every == 0:
+            _stop_if_not_finite(spec, task, guard, epoch)
+    _stop_if_not_finite(spec, task, guard, epoch)  # (a host sync: the epoch's time below is real on a GPU)
     train_sums["data_wait_s"] = torch.tensor(waited)  # blocked on the input pipeline
     seconds = time.perf_counter() - t0
     model.eval()
@@ -161,10 +198,24 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
     return train_sums, val_sums, seconds
 
 
-def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds, epoch, lr, world) -> dict:
+def _stop_if_not_finite(spec: LoopSpec, task: TrainTask, guard: Guard, epoch: int) -> None:
+    found = guard.check()
+    if found is None:
+        return
+    step, names = found
+    what = "loss" if names == ["loss"] else f"{', '.join(names)} term{'s' if len(names) > 1 else ''}"
+    per_epoch = getattr(task, "steps_per_epoch", None)
+    at = f"global step {epoch * per_epoch + step}; " if per_epoch else ""
+    raise FloatingPointError(f"{spec.stage}: non-finite {what} at epoch {epoch + 1} step {step} "
+                             f"({at}the checkpoints of earlier epochs are kept)")
+
+
+def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds, epoch, lr, world,
+                  device=torch.device("cpu")) -> dict:
     reduced = _reduce_sums({**{f"train/{k}": v for k, v in train_sums.items()},
                             **{f"val/{k}": v for k, v in val_sums.items()},
-                            "seconds": torch.tensor(seconds)})
+                            "seconds": torch.tensor(seconds)}, device)
+    reduced = {k: v.cpu() for k, v in reduced.items()}  # once per epoch
 
     def split(prefix):
         return {k[len(prefix) + 1:]: v for k, v in reduced.items() if k.startswith(prefix + "/")}
@@ -214,7 +265,7 @@ def train_worker(spec: LoopSpec) -> None:
         train_sums, val_sums, seconds = run_epoch(spec, task, model, optimizer, epoch, rank, world, device)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        metrics = epoch_metrics(task, spec, train_sums, val_sums, seconds, epoch, lr, world)
+        metrics = epoch_metrics(task, spec, train_sums, val_sums, seconds, epoch, lr, world, device)
         if rank == 0:
             _report(spec, core, optimizer, scheduler, metrics, epoch, nodes)
         else:

@@ -58,7 +58,7 @@ def test_a_non_finite_term_stops_stage1_naming_step_and_term_and_keeps_the_check
     assert proc.returncode == 1, proc.stdout[-3000:]
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, errors
-    assert "stage stage1 failed: FloatingPointError: stage1: non-finite kl term at epoch 2 (global step 3" in errors[0]
+    assert "stage stage1 failed: FloatingPointError: stage1: non-finite kl term at epoch 2 step 1 (global step 3;" in errors[0]
     client, all_runs = runs(tmp_path)
     child = next(r for r in all_runs if r.data.tags.get("hvae.stage") == "stage1")
     parent = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline")
