@@ -16,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .precision import fp32
+
 
 def to_bits_per_dim(nll_nats, num_dims: int):
     """Negative log-likelihood in nats (per image, or summed over images) -> bits per dimension
@@ -44,6 +46,7 @@ class Bernoulli:
         """Binarize 8-bit images at the midpoint."""
         return (x_uint8 > 127).float()
 
+    @fp32
     def log_prob(self, params: torch.Tensor, x_uint8: torch.Tensor) -> torch.Tensor:
         target = self.target(x_uint8)
         ll = -F.binary_cross_entropy_with_logits(params, target, reduction="none")
@@ -103,6 +106,7 @@ class DiscretizedLogistic:
             out.append(m)
         return torch.stack(out, dim=2)
 
+    @fp32
     def log_prob(self, params: torch.Tensor, x_uint8: torch.Tensor) -> torch.Tensor:
         x = to_model_range(x_uint8)  # [B, C, H, W] in [-1, 1]
         logit_pi, means, log_scales, coeffs = self._split(params)

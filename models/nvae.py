@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .likelihoods import make_likelihood, to_model_range
+from .precision import fp32
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -36,12 +37,14 @@ def soft_clamp(x: torch.Tensor, bound: float = 5.0) -> torch.Tensor:
     return bound * torch.tanh(x / bound)
 
 
+@fp32
 def residual_normal_kl(d_mu: torch.Tensor, d_log_sigma: torch.Tensor, log_sigma_p: torch.Tensor) -> torch.Tensor:
     """KL(N(mu_p + d_mu, sigma_p d_sigma) || N(mu_p, sigma_p)), elementwise (the notes' closed form)."""
     d_var = torch.exp(2 * d_log_sigma)
     return 0.5 * (d_mu.pow(2) * torch.exp(-2 * log_sigma_p) + d_var - 2 * d_log_sigma - 1.0)
 
 
+@fp32
 def normal_log_prob(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     return -0.5 * (((z - mu) * torch.exp(-log_sigma)).pow(2) + 2 * log_sigma + LOG_2PI)
 

@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .precision import fp32
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -141,6 +143,10 @@ class VectorQuantizerEMA(nn.Module):
         self.restarts += dead.sum()
 
     # ---- forward -----------------------------------------------------------------
+    # Left out of torch.compile: compiled, its in-place codebook updates came out wrong (torch
+    # 2.14, CPU: the codebook 11 away from eager after one step); it is cheap next to the convs.
+    @torch.compiler.disable
+    @fp32  # distances, assignments and the EMA codebook in float32 under any autocast
     def forward(self, z: torch.Tensor):
         """z: [B, D, H, W] -> (z_q with straight-through gradient, codes [B, H, W], loss, stats)."""
         b, d, h, w = z.shape

@@ -52,6 +52,14 @@ class ClusterConfig(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray Train workers over nodes
 
 
+class TrainConfig(Section):
+    """How every training stage runs (the one training loop): the numerics of its steps."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # forward under autocast; fp16 adds a GradScaler
+    compile: bool = False  # torch.compile the model (the first steps pay for compiling)
+    channels_last: bool = False  # NHWC weights and activations (faster convolutions on GPUs)
+
+
 class TrackingConfig(Section):
     uri: str = "sqlite:///mlruns.db"  # MLflow tracking URI (relative sqlite paths are made absolute)
     experiment: str = "hvae"
@@ -252,7 +260,8 @@ def _section(cls):
 # The one schema: the product's sections, each model family's section after stage1, the stages'.
 PipelineConfig = create_model(
     "PipelineConfig", __base__=_Checks,
-    data=_section(DataConfig), cluster=_section(ClusterConfig), tracking=_section(TrackingConfig),
+    data=_section(DataConfig), cluster=_section(ClusterConfig), train=_section(TrainConfig),
+    tracking=_section(TrackingConfig),
     stage1=_section(Stage1Config), **{name: _section(families.get(name).Config) for name in families.names()},
     extract=_section(ExtractConfig), priors=_section(PriorsConfig), sample=_section(SampleConfig),
     evaluate=_section(EvaluateConfig), sweep=(Optional[SweepConfig], None),

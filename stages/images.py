@@ -66,12 +66,12 @@ class ImageTask(TrainTask):
         self.epoch, self.steps_per_epoch = epoch, max(1, math.ceil(per_rank / self.batch_size))
         batches = self.shard("train").iter_torch_batches(
             batch_size=self.batch_size, local_shuffle_buffer_size=shuffle_buffer(self.batch_size),
-            local_shuffle_seed=self.seed * 1009 + epoch * 31 + rank)
+            local_shuffle_seed=self.seed * 1009 + epoch * 31 + rank, pin_memory=_cuda())
         for batch in batches:
             yield batch["image"]
 
     def val_batches(self, rank, world):
-        for batch in self.shard("val").iter_torch_batches(batch_size=self.batch_size):
+        for batch in self.shard("val").iter_torch_batches(batch_size=self.batch_size, pin_memory=_cuda()):
             yield batch["image"]
 
     def image_dims(self) -> int:
@@ -90,7 +90,7 @@ def train_stage1(ctx: StageContext, family, model_config: dict):
                        batch_size=s1.batch_size, world_hint=cfg.cluster.num_workers, seed=s1.seed,
                        family=family.name, **extra),
         model_config=model_config, epochs=s1.epochs, lr=s1.lr, weight_decay=s1.weight_decay,
-        grad_clip=s1.grad_clip, seed=s1.seed, stage=ctx.name, report=ctx.report,
+        grad_clip=s1.grad_clip, seed=s1.seed, stage=ctx.name, report=ctx.report, **cfg.train.model_dump(),
     )
     return fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path, cluster=cfg.cluster,
                datasets={s: data.for_training(s) for s in ("train", "val")}, callbacks=ctx.train_callbacks)
@@ -99,6 +99,14 @@ def train_stage1(ctx: StageContext, family, model_config: dict):
 def quality(mse: float) -> dict[str, float]:
     """Test reconstruction MSE on [0, 1] pixels and its PSNR in dB."""
     return {"test_mse": mse, "test_psnr": 10 * math.log10(1.0 / max(mse, 1e-12))}
+
+
+def _cuda() -> bool:
+    """Batches bound for a GPU come through pinned memory (Ray Data then copies them to the
+    training device without blocking)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def save_reconstructions(model, data, n_recon: int, folder: Path) -> None:

@@ -67,7 +67,8 @@ class PriorTask(TrainTask):
         shuffle buffer of at least 16 batches, reseeded each epoch."""
         shuffle = {"local_shuffle_buffer_size": max(16 * self.batch_size, 1024),
                    "local_shuffle_seed": self.seed * 1009 + epoch} if epoch is not None else {}
-        return data.iter_torch_batches(batch_size=self.batch_size, device="cpu", **shuffle)
+        return data.iter_torch_batches(batch_size=self.batch_size, device="cpu", pin_memory=torch.cuda.is_available(),
+                                       **shuffle)
 
     def train_batches(self, epoch, rank, world):
         return self._batches("train", epoch)
@@ -76,8 +77,8 @@ class PriorTask(TrainTask):
         return self._batches("val", None)
 
     def _forward(self, model, batch, device):
-        codes = [batch[f"level{l}"].long().to(device) for l in range(self.levels)]
-        labels = batch["label"].long().to(device) if self.config["num_classes"] else None
+        codes = [batch[f"level{l}"].to(device, non_blocking=True).long() for l in range(self.levels)]
+        labels = batch["label"].to(device, non_blocking=True).long() if self.config["num_classes"] else None
         nlls = model(codes, labels)
         sums = {"count": torch.tensor(float(codes[0].shape[0]))}
         for l, nll in enumerate(nlls):
@@ -122,6 +123,7 @@ def run(ctx: StageContext) -> StageResult:
         make_task=PriorTask,
         task_args=dict(config=config, batch_size=pcfg.batch_size, world_hint=cluster.num_workers, seed=pcfg.seed),
         model_config=config, epochs=pcfg.epochs, lr=pcfg.lr, seed=pcfg.seed, stage=ctx.name, report=ctx.report,
+        **ctx.config.train.model_dump(),
     )
     fitted = fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path, cluster=cluster, datasets=datasets,
                  callbacks=ctx.train_callbacks)

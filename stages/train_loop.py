@@ -47,23 +47,42 @@ class LoopSpec:
     report: Callable[[dict, int], None] | None = None  # called on rank 0 once per epoch
     storage_path: str = ""  # checkpoints live under storage_path/name (set by fit)
     sync_every: int = 50  # steps between the loop's host syncs (the non-finite check)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: the forward pass under autocast (config train:)
+    compile: bool = False
+    channels_last: bool = False
+
+    def autocast(self, device: torch.device):
+        """The forward pass's autocast context (off for fp32). The models keep their float32
+        islands (codebook, likelihoods, KL terms) themselves: ``models/precision.py``."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
     name: str = ""
 
 
 # ---- one optimiser step and one epoch's sums: the same code for every stage ------------
 
-def train_step(task: TrainTask, model, optimizer, batch, device, grad_clip: float = 0.0,
+def train_step(task: TrainTask, model, optimizer, batch, device, spec: LoopSpec, scaler=None,
                guard: "Guard | None" = None, step: int = 0) -> dict[str, torch.Tensor]:
-    """Forward, backward and update on one batch; returns the batch's sums for the epoch (on
-    the device). ``guard`` watches the loss and the task's named terms without a host sync."""
-    loss, sums, *terms = task.train_step(model, batch, device)
+    """Forward (under the spec's autocast), backward and update on one batch; returns the
+    batch's sums for the epoch (on the device). ``scaler``: fp16's GradScaler. ``guard``
+    watches the loss and the task's named terms without a host sync."""
+    with spec.autocast(device):
+        loss, sums, *terms = task.train_step(model, batch, device)
     if guard is not None:
         guard.watch(step, {**(terms[0] if terms else {}), "loss": loss})
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
+    if spec.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.update()
     return sums
 
 
@@ -159,17 +178,25 @@ def _start(spec: LoopSpec, task: TrainTask, rank: int):
     if rank == 0 and spec.report is not None:
         # one point per start of the worker group: more than one means Ray Train restarted it
         spec.report({"worker_group_start_epoch": float(start_epoch)}, start_epoch)
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if spec.compile:
+        model.compile()  # in place: the state dict keeps its keys, checkpoints stay interchangeable
     # The codebooks keep themselves in sync (all-reduced EMA statistics): DDP must not
     # overwrite every rank's buffers with rank 0's at each forward.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
     optimizer, scheduler = make_optimizer(model, spec)
+    scaler = torch.amp.GradScaler(ray.train.torch.get_device().type) if spec.precision == "fp16" else None
     if restored is not None:
         optimizer.load_state_dict(restored["optimizer"])
         scheduler.load_state_dict(restored["scheduler"])
-    return model, optimizer, scheduler, start_epoch
+        if scaler is not None and "scaler" in restored:
+            scaler.load_state_dict(restored["scaler"])
+    return model, optimizer, scheduler, scaler, start_epoch
 
 
-def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, rank: int, world: int, device):
+def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, rank: int, world: int, device,
+              scaler=None):
     """Train one epoch, then validate -> (train sums, val sums, seconds of training)."""
     torch.manual_seed(spec.seed * 100003 + epoch * 7919 + rank)
     model.train()
@@ -184,7 +211,7 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
             break
         if step == 0:
             train_sums["first_batch_s"] = torch.tensor(time.perf_counter() - t0)
-        _accumulate(train_sums, train_step(task, model, optimizer, batch, device, spec.grad_clip, guard, step))
+        _accumulate(train_sums, train_step(task, model, optimizer, batch, device, spec, scaler, guard, step))
         if (step + 1) % spec.sync_every == 0:
             _stop_if_not_finite(spec, task, guard, epoch)
     _stop_if_not_finite(spec, task, guard, epoch)  # (a host sync: the epoch's time below is real on a GPU)
@@ -192,7 +219,7 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
     seconds = time.perf_counter() - t0
     model.eval()
     val_sums: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
+    with torch.no_grad(), spec.autocast(device):
         for batch in task.val_batches(rank, world):
             _accumulate(val_sums, task.val_step(model, batch, device))
     return train_sums, val_sums, seconds
@@ -232,7 +259,7 @@ def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds
     return metrics
 
 
-def _report(spec: LoopSpec, core, optimizer, scheduler, metrics: dict, epoch: int, nodes: list[str]) -> None:
+def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, epoch: int, nodes: list[str]) -> None:
     """Rank 0: log the epoch, save its checkpoint and report both to Ray Train."""
     import ray.train
 
@@ -243,6 +270,8 @@ def _report(spec: LoopSpec, core, optimizer, scheduler, metrics: dict, epoch: in
     log(f"[{spec.stage}] epoch {epoch + 1}/{spec.epochs} {shown} {metrics['images_per_s']:.0f} items/s")
     with tempfile.TemporaryDirectory() as tmp:
         state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
         meta = {"epoch": epoch, "model_config": spec.model_config, "metrics": metrics, "nodes": nodes}
         checkpoints.save(Path(tmp), state, meta)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -258,16 +287,16 @@ def train_worker(spec: LoopSpec) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     task = spec.make_task(**spec.task_args)
-    model, optimizer, scheduler, start_epoch = _start(spec, task, rank)
+    model, optimizer, scheduler, scaler, start_epoch = _start(spec, task, rank)
     core = getattr(model, "module", model)
     nodes = _worker_nodes()
     for epoch in range(start_epoch, spec.epochs):
-        train_sums, val_sums, seconds = run_epoch(spec, task, model, optimizer, epoch, rank, world, device)
+        train_sums, val_sums, seconds = run_epoch(spec, task, model, optimizer, epoch, rank, world, device, scaler)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics = epoch_metrics(task, spec, train_sums, val_sums, seconds, epoch, lr, world, device)
         if rank == 0:
-            _report(spec, core, optimizer, scheduler, metrics, epoch, nodes)
+            _report(spec, core, optimizer, scheduler, scaler, metrics, epoch, nodes)
         else:
             ray.train.report(metrics)
 

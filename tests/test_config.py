@@ -98,7 +98,7 @@ def test_extends_merges_the_base_file_underneath(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("sweep.space={stage1.lr: {grid: [-1]}}", "sweep.space.stage1.lr.grid value -1: stage1.lr: Input should be greater than 0"),
     ("sweep.space={priors.lr: {grid: [0.1]}}", "'priors.lr' is not a setting of stage1"),
-    ("sweep.space={nvae.hidden: {grid: [8]}}", "'nvae.hidden' is not a setting of stage1 (its sections: stage1, vqvae2)"),
+    ("sweep.space={nvae.hidden: {grid: [8]}}", "'nvae.hidden' is not a setting of stage1 (its sections: stage1, vqvae2, train)"),
     ("sweep.space={stage1.lr: {normal: [0, 1]}}", "must be one of {grid|choice|uniform|loguniform"),
     ("sweep.space={stage1.lr: {loguniform: [0, 1]}}", "loguniform needs low > 0"),
     ("sweep.space={stage1.lr: {uniform: [2, 1]}}", "must be [low, high] with low < high"),
