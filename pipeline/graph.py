@@ -29,21 +29,23 @@ class Stage:
     not_in_fingerprint: dict[str, frozenset] = field(default_factory=dict)  # keys that do not shape output
 
 
+SPEED_ONLY = frozenset({"compile", "channels_last"})  # train: keys that change speed, not what is learned
+
 STAGES = (
-    Stage("stage1", "stages.stage1", "train the model family's autoencoder on Ray Train", ("stage1", FAMILY),
-          trains=True, on_ray=True,
+    Stage("stage1", "stages.stage1", "train the model family's autoencoder on Ray Train", ("stage1", FAMILY, "train"),
+          trains=True, on_ray=True, not_in_fingerprint={"train": SPEED_ONLY},
           artifacts=("model/<family>.pt", "model/config.json", "figures/*.png"),
           shown=("val_bpd",), epoch_metrics=r"loss|bpd|nll_nats"),
     Stage("extract", "stages.extract", "encode every split into code maps with a Ray Data actor pool", (),
           ("stage1",), on_ray=True, artifacts=("codes/{train,val,test}/*.parquet", "codes/schema.json"),
           shown=("rows_train",)),
-    Stage("priors", "stages.priors", "train a gated PixelCNN per code level on Ray Train", ("priors",),
-          ("extract",), trains=True, on_ray=True, artifacts=("model/prior_level{l}.pt", "model/priors.json"),
+    Stage("priors", "stages.priors", "train a gated PixelCNN per code level on Ray Train", ("priors", "train"),
+          ("extract",), trains=True, on_ray=True, not_in_fingerprint={"train": SPEED_ONLY}, artifacts=("model/prior_level{l}.pt", "model/priors.json"),
           shown=("val_bits_per_code",), epoch_metrics=r"loss|bits_per_code|bits_per_code_level\d|nll_nats_level\d"),
     Stage("sample", "stages.sample", "draw samples through the hierarchy and decode them", ("sample",),
           ("stage1", "priors"), artifacts=("samples/grid.png", "samples/samples.npz"), linked="samples/grid.png"),
     Stage("evaluate", "stages.evaluate", "test NLL (bound or importance-weighted estimate) and its parts",
-          ("evaluate",), ("stage1", "priors"), artifacts=("report/nll_table.md",),
+          ("evaluate",), ("stage1", "priors"), on_ray=True, artifacts=("report/nll_table.md",),
           shown=("test_nll_bpd", "test_nll_nats"), printed="report/nll_table.md",
           not_in_fingerprint={"evaluate": frozenset({"batch_size", "num_actors"})}),
 )

@@ -1,5 +1,6 @@
 """End to end through the CLI on configs/smoke.yaml: Ray Train, Ray Data, MLflow on SQLite, real artifacts."""
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,20 @@ def test_a_prior_batch_from_a_class_sorted_source_holds_many_classes(smoke_run):
     finally:
         ray.shutdown()
     assert len(list((codes_dir / "train").glob("*.parquet"))) > 1  # several files: Ray Data can spread them
+
+
+@pytest.mark.slow
+def test_evaluate_over_two_actors_sums_to_the_same_nll_as_one(smoke_run, tmp_path):
+    """evaluate.num_actors shards the test split over actors; the driver adds their exact sums."""
+    import shutil
+
+    cwd, _, parent_id = smoke_run
+    for name in ("mlruns.db", "ray_results"):  # a copy of the store: the shared one stays as it is
+        (shutil.copytree if (cwd / name).is_dir() else shutil.copy)(cwd / name, tmp_path / name)
+    one = pipeline_runs(cwd, parent_id)["evaluate"].data.metrics
+    proc = hvae(tmp_path, "run", SMOKE, "--force", "evaluate", "evaluate.num_actors=2", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    parent = re.search(r"MLflow parent run ([0-9a-f]{32})", proc.stdout).group(1)
+    two = pipeline_runs(tmp_path, parent)["evaluate"].data.metrics
+    for key in ("test_nll_nats", "test_recon_nats", "test_prior_nats", "test_mse", "test_images"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
