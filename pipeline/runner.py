@@ -23,7 +23,7 @@ from stages.base import StageContext, StageError
 
 from . import datasets, graph
 from .config import PipelineConfig, to_yaml
-from .liveness import TAG_DRIVER, is_dead, this_driver
+from .liveness import TAG_DRIVER, TAG_HEARTBEAT, Heartbeat, is_dead, this_driver
 from .manifest import ManifestError, verify_manifest, write_manifest
 from .plan import PlannedStage, describe, plan, stages_from
 
@@ -68,13 +68,26 @@ def describe_error(exc: BaseException) -> str:
 
 
 def mark_dead_runs_killed(tracker) -> list[str]:
-    """Runs left RUNNING by a driver of this host that is gone are marked KILLED."""
+    """Runs left RUNNING by a driver that is gone (``liveness.is_dead``: its process on this
+    host, or its top run's heartbeat from any host) are marked KILLED."""
+    from .tracking import TAG_PARENT
+
+    running = {run.info.run_id: run for run in tracker.running_runs()}
+    tags = lambda run_id: (running[run_id] if run_id in running else tracker.client.get_run(run_id)).data.tags  # noqa: E731
+
+    def heartbeat(run_id: str, depth: int = 0):
+        """The run's own heartbeat, else its parent's (a stage's run, a sweep's pipelines)."""
+        t = tags(run_id)
+        if TAG_HEARTBEAT in t or TAG_PARENT not in t or depth > 3:
+            return t.get(TAG_HEARTBEAT)
+        return heartbeat(t[TAG_PARENT], depth + 1)
+
     killed = []
-    for run in tracker.running_runs():
+    for run_id, run in running.items():
         driver = run.data.tags.get(TAG_DRIVER)
-        if driver and is_dead(driver):
-            tracker.finish(run.info.run_id, "KILLED")
-            killed.append(run.info.run_id)
+        if driver and is_dead(driver, heartbeat(run_id)):
+            tracker.finish(run_id, "KILLED")
+            killed.append(run_id)
     return killed
 
 
@@ -274,7 +287,8 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     for run_id in mark_dead_runs_killed(tracker):
         print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
     parent_id = _open_parent(tracker, cfg, data_fp, config_path, extra_tags or {}, parent_of)
-    outcome = _run_stages(tracker, cfg, stages, forced, parent_id, data)
+    with Heartbeat(tracker.uri, parent_id):
+        outcome = _run_stages(tracker, cfg, stages, forced, parent_id, data)
     if outcome.code == 0:
         tracker.log_metrics(parent_id, {"pipeline_seconds": time.perf_counter() - t0})
         tracker.finish(parent_id)

@@ -23,9 +23,10 @@ from stages.data import DataSpec
 
 from . import datasets, graph
 from .config import PipelineConfig, set_key, to_yaml
-from .liveness import TAG_DRIVER, this_driver
+from .liveness import TAG_DRIVER, Heartbeat, this_driver
 from .plan import plan
-from .runner import StageFailed, _Fetcher, execute_stage, mark_dead_runs_killed, resolve_paths, run_pipeline
+from .runner import (StageFailed, _Fetcher, execute_stage, local_area, mark_dead_runs_killed, resolve_paths,
+                     run_pipeline)
 from .tracking import JOB_ENV, TAG_JOB
 
 TAG_TRIAL = "hvae.trial_id"
@@ -77,7 +78,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     planned = plan(cfg, ctx.data.fingerprint, until=ctx.stage)[-1]
     tracker = Tracker(cfg.tracking)
-    locks = Path(cfg.cluster.storage_path) / "locks"
+    locks = local_area(cfg.cluster.storage_path) / "locks"
     with FileLock(str(locks / f"{planned.checkpoint_name}.lock")):
         found = tracker.find_finished(ctx.stage, planned.fingerprint)
         if found is not None:  # the same settings were trained before: replay its curve to Tune
@@ -271,10 +272,8 @@ def _record_best(tracker, sweep_run: str, rows: list[dict], sweep, config_path, 
 
 
 def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
-    from .raycluster import connect
     from .tracking import Tracker
 
-    sweep = cfg.sweep
     cfg = resolve_paths(cfg)
     base = cfg.model_dump(mode="json", exclude={"sweep"})
     t0 = time.perf_counter()
@@ -287,7 +286,16 @@ def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
     for run_id in mark_dead_runs_killed(tracker):
         print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
     sweep_run = _open_sweep(tracker, cfg, config_path)
-    work = Path(cfg.cluster.storage_path) / "outputs" / sweep_run
+    with Heartbeat(tracker.uri, sweep_run):
+        return _sweep(tracker, cfg, base, data, sweep_run, config_path, t0)
+
+
+def _sweep(tracker, cfg: PipelineConfig, base: dict, data, sweep_run: str, config_path: str | None, t0: float) -> int:
+    """The sweep under its open MLflow run: fixed upstream stages, the trials, the best one."""
+    from .raycluster import connect
+
+    sweep = cfg.sweep
+    work = local_area(cfg.cluster.storage_path) / "outputs" / sweep_run
     code, upstream = _fixed_stages(tracker, cfg, sweep_run, work)
     if code != 0:
         tracker.finish(sweep_run, "FAILED")

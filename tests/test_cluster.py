@@ -74,6 +74,10 @@ def test_dockerfile_copies_what_the_pipeline_imports():
     text = (CLUSTER / "Dockerfile").read_text()
     for folder in ("models", "stages", "pipeline", "configs"):
         assert f"COPY --chown=ray:users {folder} {folder}" in text
+    # torch pinned to the version the tests run with, from a CUDA build's index
+    import torch
+
+    assert f"torch=={torch.__version__.split('+')[0]} " in text and "download.pytorch.org/whl/cu" in text
 
 
 def test_a_sweep_is_submitted_as_hvae_sweep():
@@ -110,3 +114,33 @@ def test_artifacts_go_to_the_servers_store_or_beside_the_sqlite_file(tmp_path):
     assert resolve_artifact_location(None, "sqlite:///mlruns.db", base=tmp_path) == (tmp_path / "mlartifacts").as_uri()
     assert resolve_artifact_location("s3://bucket/art", "http://mlflow:5000") == "s3://bucket/art"
     assert resolve_artifact_location("art", "http://mlflow:5000", base=tmp_path) == (tmp_path / "art").as_uri()
+
+
+def test_a_run_whose_driver_on_another_host_stopped_beating_is_marked_killed(tmp_path):
+    """A head pod that died with its node leaves its runs RUNNING; the next start anywhere sees
+    that their heartbeat stopped and marks them KILLED (a fresh heartbeat keeps a run alive;
+    a run that never beat, from another host, is left alone)."""
+    import time
+
+    from pipeline.config import TrackingConfig
+    from pipeline.liveness import STALE_S, TAG_DRIVER, TAG_HEARTBEAT, Heartbeat
+    from pipeline.runner import mark_dead_runs_killed
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlruns.db"))
+    elsewhere = {TAG_DRIVER: "head-pod-gone:12345:678"}
+    stale = tracker.start_parent("stale", {}, {**elsewhere, TAG_HEARTBEAT: f"{time.time() - STALE_S - 60:.0f}"})
+    stale_child = tracker.start_child(stale, "stage1", "f" * 16, {}, elsewhere)
+    fresh = tracker.start_parent("fresh", {}, {**elsewhere, TAG_HEARTBEAT: f"{time.time():.0f}"})
+    fresh_child = tracker.start_child(fresh, "stage1", "e" * 16, {}, elsewhere)
+    silent = tracker.start_parent("silent", {}, elsewhere)
+    assert sorted(mark_dead_runs_killed(tracker)) == sorted([stale, stale_child])
+    status = {r: tracker.client.get_run(r).info.status for r in (stale, stale_child, fresh, fresh_child, silent)}
+    assert status == {stale: "KILLED", stale_child: "KILLED", fresh: "RUNNING", fresh_child: "RUNNING",
+                      silent: "RUNNING"}
+
+    # a live driver's heartbeat: written at once, then every `every` seconds
+    with Heartbeat(tracker.uri, silent, every=0.2):
+        time.sleep(0.5)
+    beat = float(tracker.client.get_run(silent).data.tags[TAG_HEARTBEAT])
+    assert time.time() - beat < 5
