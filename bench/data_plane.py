@@ -5,10 +5,10 @@
 1. Memory does not grow with the data: a synthetic ImageFolder of ``--images`` PNG images at
    64x64 (10 classes, written once under bench/.cache/), then one stage-1 epoch on it (a tiny
    VQ-VAE-2, ``data.in_memory=false``: every image read and decoded by Ray Data tasks), and
-   the same on the 5,000-image default. Peak RSS of the driver, of the largest Ray Train
-   worker (and its private memory: RSS also counts the object store's shared pages it has
-   touched) and of the largest other Ray worker (data tasks), sampled every 0.2 s; time to the
-   first batch and items/s from the run's MLflow metrics.
+   the same on the 5,000-image default. Peaks of the driver, of the largest Ray Train worker
+   and of the largest other Ray worker (data tasks), sampled every 0.2 s: RSS, and its parts
+   heap (RssAnon) and object-store pages (RssShmem); time to the first batch and items/s
+   from the run's MLflow metrics.
 2. Throughput on the default set: this tree's stage 1 against the tree at ``--baseline`` (the
    in-memory path it replaced), 3 epochs each, run one after the other in this one call;
    mean items/s of epochs 2-3 (epoch 1 includes start-up).
@@ -72,8 +72,11 @@ def image_folder(n: int) -> Path:
 
 # ---- one run, its memory sampled ----------------------------------------------------------
 
-def _processes() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, RSS bytes, command line), read from /proc (Linux)."""
+def _processes() -> dict[int, tuple[int, dict, str]]:
+    """pid -> (parent pid, {"rss", "anon", "shmem"} bytes, command line), read from /proc (Linux).
+    RSS = anon (the process's own heap: Python objects, tensors, Arrow buffers) + file (mapped
+    code) + shmem (shared memory it has touched: for a Ray worker, pages of the node's object
+    store, which count toward the store's fixed size, not toward the process)."""
     out = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -81,26 +84,20 @@ def _processes() -> dict[int, tuple[int, int, str]]:
         try:
             stat = Path(f"/proc/{entry.name}/stat").read_text()
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            rss = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{entry.name}/status").read_text().splitlines()
-                       if line.startswith("VmRSS:"))
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024
+                      for line in Path(f"/proc/{entry.name}/status").read_text().splitlines()
+                      if line.startswith(("VmRSS:", "RssAnon:", "RssShmem:"))}
+            mem = {"rss": fields["VmRSS"], "anon": fields["RssAnon"], "shmem": fields["RssShmem"]}
             cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, StopIteration, ValueError, IndexError):
+        except (OSError, KeyError, ValueError, IndexError):
             continue
-        out[int(entry.name)] = (ppid, rss, cmd)
+        out[int(entry.name)] = (ppid, mem, cmd)
     return out
 
 
-def _uss(pid: int) -> int:
-    """Memory only this process holds (private pages), from /proc/<pid>/smaps_rollup."""
-    try:
-        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-    except OSError:
-        return 0
-    return sum(int(line.split()[1]) * 1024 for line in lines if line.startswith(("Private_Clean:", "Private_Dirty:")))
-
-
 def _rss_peaks(pid: int, stop: threading.Event, peaks: dict) -> None:
-    """Peak RSS of the driver (``pid``), of its Ray Train workers and of its other Ray workers."""
+    """Peaks of the driver (``pid``), of its Ray Train workers and of its other Ray workers:
+    ``<role>`` RSS, ``<role>_anon`` heap, ``<role>_shmem`` object-store pages, each its own peak."""
     while not stop.is_set():
         procs = _processes()
         tree, grew = {pid}, True
@@ -109,13 +106,12 @@ def _rss_peaks(pid: int, stop: threading.Event, peaks: dict) -> None:
             tree |= new
             grew = bool(new)
         for p in tree & procs.keys():
-            _, rss, cmd = procs[p]
+            _, mem, cmd = procs[p]
             role = ("driver" if p == pid else "train_worker" if "RayTrainWorker" in cmd
                     else "ray_worker" if cmd.startswith("ray::") else None)
             if role:
-                peaks[role] = max(peaks.get(role, 0), rss)
-            if role == "train_worker":  # RSS counts the object store's shared pages it touched
-                peaks["train_worker_uss"] = max(peaks.get("train_worker_uss", 0), _uss(p))
+                for key, suffix in (("rss", ""), ("anon", "_anon"), ("shmem", "_shmem")):
+                    peaks[role + suffix] = max(peaks.get(role + suffix, 0), mem[key])
         time.sleep(0.2)
 
 
@@ -164,8 +160,9 @@ def memory_rows(sizes: list[int]) -> list[str]:
         with tempfile.TemporaryDirectory() as tmp:
             r = run(Path(tmp), [str(ROOT / "configs" / "default.yaml"), "data.in_memory=false", *args, *TINY])
         p = r["peaks"]
-        rows.append(f"| {name} | {_mib(p.get('driver', 0))} | {_mib(p.get('train_worker', 0))} | "
-                    f"{_mib(p.get('train_worker_uss', 0))} | {_mib(p.get('ray_worker', 0))} | {r['first_batch_s'][0]:.1f} | {r['items_per_s'][0]:.0f} | "
+        cells = [_mib(p.get(k, 0)) for k in ("driver", "driver_anon", "train_worker", "train_worker_anon",
+                                             "train_worker_shmem", "ray_worker", "ray_worker_anon")]
+        rows.append(f"| {name} | {' | '.join(cells)} | {r['first_batch_s'][0]:.1f} | {r['items_per_s'][0]:.0f} | "
                     f"{r['data_wait_s'][0]:.1f} | {r['seconds']:.0f} |")
         print(rows[-1], flush=True)
     return rows
@@ -199,14 +196,19 @@ def main() -> int:
     ap.add_argument("--skip-throughput", action="store_true", help="only the memory rows")
     a = ap.parse_args()
     sizes = [int(n) for n in a.images.split(",")]
-    flags = " --skip-throughput" if a.skip_throughput else f" --baseline {a.baseline}"
-    lines = [f"\n### `python bench/data_plane.py --images {a.images}{flags}` — {date.today()}\n",
+    flags = ("" if a.skip_folder else f" --images {a.images}") + (" --skip-folder" if a.skip_folder else "") + \
+        (" --skip-throughput" if a.skip_throughput else f" --baseline {a.baseline}")
+    lines = [f"\n### `python bench/data_plane.py{flags}` — {date.today()}\n",
              f"Machine: {machine()}.\n"]
     if not a.skip_folder:
         lines += ["One stage-1 epoch, tiny VQ-VAE-2, 2 workers × 1 CPU, `data.in_memory=false` (every image read "
-                  "and decoded by Ray Data tasks sharing the workers' CPUs, `data.decode_cpus=0`). Peak RSS in MiB.\n",
-                  "| data | driver | largest train worker | its private memory (USS) | largest other Ray worker | "
-                  "first batch s | items/s | data wait s | run s |", "|---|---|---|---|---|---|---|---|---|",
+                  "and decoded by Ray Data tasks sharing the workers' CPUs, `data.decode_cpus=0`).\n",
+                  "Peak MiB of each: RSS, heap (RssAnon: the process's own memory) and, for the training "
+                  "workers, object-store pages (RssShmem: shared pages of the node's object store it has "
+                  "touched, bounded by the store's size, not by the process).\n",
+                  "| data | driver RSS | driver heap | train worker RSS | its heap | its object-store pages | "
+                  "other Ray worker RSS | its heap | first batch s | items/s | data wait s | run s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|",
                   *memory_rows(sizes), ""]
     if not a.skip_throughput:
         lines += ["Stage-1 throughput on the default set (configs/default.yaml, 3 epochs), the two trees one after "

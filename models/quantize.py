@@ -62,6 +62,7 @@ class VectorQuantizerEMA(nn.Module):
         kmeans_iters: int = 10,
         dead_code_threshold: float = 0.0,
         sync: bool = True,
+        restart_every: int = 10,
     ):
         super().__init__()
         self.num_codes, self.dim = num_codes, dim
@@ -69,6 +70,8 @@ class VectorQuantizerEMA(nn.Module):
         self.kmeans_iters = kmeans_iters
         self.dead_code_threshold = dead_code_threshold
         self.sync = sync
+        self.restart_every = restart_every  # training steps between dead-code checks
+        self._steps = 0  # training forwards so far (the same count on every rank)
         embedding = torch.randn(num_codes, dim)
         self.register_buffer("embedding", embedding)
         self.register_buffer("cluster_size", torch.ones(num_codes))  # N
@@ -130,17 +133,21 @@ class VectorQuantizerEMA(nn.Module):
 
     @torch.no_grad()
     def _restart_dead(self, flat: torch.Tensor) -> None:
-        """Move codes whose EMA count fell below the threshold onto random encoder outputs.
-        Written for every code and masked (no host sync to count the dead ones first)."""
+        """Move codes whose EMA count fell below the threshold onto random encoder outputs (rank
+        0's, when synced). Called every ``restart_every`` steps: its one host sync and, only when
+        a code is dead, its one broadcast stay off the other steps. ``dead`` needs no broadcast:
+        the counts behind it are all-reduced, the same bits on every rank."""
         dead = self.cluster_size < self.dead_code_threshold
-        self._broadcast(dead)  # identical on every rank already when synced; keep rank 0's
-        pick = torch.randint(0, flat.shape[0], (self.num_codes,), device=flat.device)
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return
+        pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
         fresh = flat[pick].clone()
         self._broadcast(fresh)
-        self.embedding.copy_(torch.where(dead[:, None], fresh, self.embedding))
-        self.embed_sum.copy_(torch.where(dead[:, None], fresh, self.embed_sum))
-        self.cluster_size.copy_(torch.where(dead, torch.ones_like(self.cluster_size), self.cluster_size))
-        self.restarts += dead.sum()
+        self.embedding[dead] = fresh
+        self.embed_sum[dead] = fresh
+        self.cluster_size[dead] = 1.0
+        self.restarts += n_dead
 
     # ---- forward -----------------------------------------------------------------
     # Left out of torch.compile: compiled, its in-place codebook updates came out wrong (torch
@@ -159,8 +166,9 @@ class VectorQuantizerEMA(nn.Module):
         z_q = self.embed(codes.view(b, h, w))  # the codebook that chose the codes
         if self.training:
             counts = self._ema_update(flat.detach(), codes)
-            if self.dead_code_threshold > 0:
+            if self.dead_code_threshold > 0 and self._steps % self.restart_every == 0:
                 self._restart_dead(flat.detach())
+            self._steps += 1
         else:
             counts = torch.bincount(codes, minlength=self.num_codes).to(flat.dtype)
         codes = codes.view(b, h, w)

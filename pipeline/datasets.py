@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import posixpath
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 
 from stages.data import SPLITS, DataSpec, join, open_location, rows_per_file
 
-FORMAT = 1  # the prepared layout and the split rule; a change makes every data fingerprint new
+FORMAT = 2  # the prepared layout and the split rule; a change makes every data fingerprint new
 MANIFEST = "manifest.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -189,9 +190,22 @@ def _array_source(cfg):
     return _stat(folder / f for f in files), lambda: loaded or read()
 
 
-def _imagefolder_listing(cfg) -> tuple[list[list], list[str]]:
-    """Every image under ``<root>/<class>/`` -> ([relative path, size, mtime_ns] sorted by class
-    then path, class names); one listing call, no image opened."""
+class Listing:
+    """An image folder's listing, compact: one Arrow string array of relative paths and numpy
+    labels, sorted by class then path, and the SHA-256 of every (path, size, mtime_ns).
+    (A Python list of the same holds ~650 bytes an image; this holds ~50.)"""
+
+    def __init__(self, paths, labels: np.ndarray, classes: list[str], digest: str):
+        self.paths, self.labels, self.classes, self.digest = paths, labels, classes, digest
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _imagefolder_listing(cfg) -> Listing:
+    """Every image under ``<root>/<class>/`` -> Listing; one listing call per class folder (the
+    driver never holds more than one class's file infos), no image opened."""
+    import pyarrow as pa
     from pyarrow import fs
 
     try:
@@ -201,18 +215,28 @@ def _imagefolder_listing(cfg) -> tuple[list[list], list[str]]:
         raise DataError(f"data.dataset=imagefolder: cannot open data.root={cfg.root}: {exc}") from None
     if info.type != fs.FileType.Directory:
         raise DataError(f"data.dataset=imagefolder: data.root={cfg.root} is not a folder of class folders")
-    entries = []
-    for e in filesystem.get_file_info(fs.FileSelector(root, recursive=True)):
-        rel = e.path[len(root):].lstrip("/")
-        parts = rel.split("/")
-        if (e.type == fs.FileType.File and len(parts) >= 2 and rel.lower().endswith(IMAGE_SUFFIXES)
-                and not any(p.startswith(".") for p in parts)):
-            entries.append([rel, int(e.size or 0), int(e.mtime_ns or 0)])
-    if not entries:
+    names = sorted(e.base_name for e in filesystem.get_file_info(fs.FileSelector(root))
+                   if e.type == fs.FileType.Directory and not e.base_name.startswith("."))
+    digest, paths, labels, classes = hashlib.sha256(), [], [], []
+    for name in names:
+        folder = posixpath.join(root, name)
+        found = sorted((e.path[len(folder):].lstrip("/"), int(e.size or 0), int(e.mtime_ns or 0))
+                       for e in filesystem.get_file_info(fs.FileSelector(folder, recursive=True))
+                       if e.type == fs.FileType.File)
+        found = [f for f in found if f[0].lower().endswith(IMAGE_SUFFIXES)
+                 and not any(q.startswith(".") for q in f[0].split("/"))]
+        if not found:
+            continue  # (like ImageFolder: a class is a folder with images)
+        rel = [f"{name}/{p}" for p, _, _ in found]
+        digest.update("\n".join(rel).encode() + b"\0" + np.array([f[1:] for f in found], dtype=np.int64).tobytes())
+        paths.append(pa.array(rel, pa.string()))
+        labels.append(np.full(len(rel), len(classes), dtype=np.int64))
+        classes.append(name)
+        del found, rel
+    if not paths:
         raise DataError(f"data.dataset=imagefolder: no images ({' '.join(IMAGE_SUFFIXES)}) in class folders "
                         f"under data.root={cfg.root}")
-    entries.sort(key=lambda e: (e[0].split("/", 1)[0], e[0]))
-    return entries, sorted({e[0].split("/", 1)[0] for e in entries})
+    return Listing(pa.concat_arrays(paths), np.concatenate(labels), classes, digest.hexdigest())
 
 
 def _choose(cfg, n: int, n_test: int | None) -> dict[str, np.ndarray]:
@@ -227,7 +251,8 @@ def _choose(cfg, n: int, n_test: int | None) -> dict[str, np.ndarray]:
 
 
 def data_fingerprint(cfg, listing) -> str:
-    """The data config's keys that shape the images, and the listing (names, sizes, mtimes)."""
+    """The data config's keys that shape the images, and the listing (names, sizes, mtimes; of
+    an image folder, the Listing's digest of them)."""
     keys = cfg.model_dump(mode="json", exclude={"root", "download", "decode_cpus", "in_memory"})
     blob = json.dumps([FORMAT, keys, listing], separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -235,20 +260,43 @@ def data_fingerprint(cfg, listing) -> str:
 
 # ---- the prepared dataset --------------------------------------------------------------
 
+def locate(cfg, cache: str):
+    """List and fingerprint the source (no image read, nothing written) -> (fingerprint, the
+    prepared DataSpec when it exists already or None, a function that prepares it, what the
+    listing says of a dataset not prepared yet)."""
+    listed = "not prepared yet"
+    if cfg.dataset == "imagefolder":
+        listing, load = _imagefolder_listing(cfg), None
+        fp = data_fingerprint(cfg, listing.digest)
+        sizes = ", ".join(f"{s} {len(i)}" for s, i in _choose(cfg, len(listing), None).items())
+        listed = f"{sizes} images of {cfg.channels or 3}x{cfg.image_size}x{cfg.image_size}, listed, not prepared yet"
+    else:
+        stats, load = _array_source(cfg)
+        fp = data_fingerprint(cfg, stats)
+    location = join(cache, "data", f"{cfg.dataset}-{fp}")
+    spec = _read_manifest(location, cfg)
+
+    def write() -> DataSpec:
+        return _write_files(cfg, location, fp, listing) if load is None else _write_pixels(cfg, location, fp, load)
+
+    return fp, spec, write, listed
+
+
 def prepare(cfg, cache: str) -> DataSpec:
     """List and fingerprint the source, and prepare it under ``<cache>/data/`` unless it is
     there already (then no image is read) -> the DataSpec every stage reads."""
-    if cfg.dataset == "imagefolder":
-        listing, classes = _imagefolder_listing(cfg)
-        load = None
-    else:
-        listing, load = _array_source(cfg)
-    fp = data_fingerprint(cfg, listing)
-    location = join(cache, "data", f"{cfg.dataset}-{fp}")
-    spec = _read_manifest(location, cfg)
-    if spec is None:
-        spec = _write_files(cfg, location, fp, listing, classes) if load is None else _write_pixels(cfg, location, fp, load)
-    return replace(spec, cpus=cfg.decode_cpus, in_memory=cfg.in_memory)
+    _, spec, write, _ = locate(cfg, cache)
+    return replace(spec if spec is not None else write(), cpus=cfg.decode_cpus, in_memory=cfg.in_memory)
+
+
+# channels of each source's images before any is read (a dry run of a dataset not prepared yet)
+SOURCE_CHANNELS = {"mnist5k": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
+
+
+def channels(cfg, spec: DataSpec | None) -> int:
+    if spec is not None:
+        return spec.channels
+    return cfg.channels or 3 if cfg.dataset == "imagefolder" else SOURCE_CHANNELS[cfg.dataset]
 
 
 def _read_manifest(location: str, cfg) -> DataSpec | None:
@@ -277,7 +325,8 @@ def _write_split(filesystem, folder: str, columns: dict, image_bytes: int) -> li
     step, names = rows_per_file(n, image_bytes), []
     for i, start in enumerate(range(0, n, step)):
         part = {k: v[start : start + step] for k, v in columns.items()}
-        table = pa.table({k: (pa.array(v, pa.binary()) if k == "image" else pa.array(v)) for k, v in part.items()})
+        table = pa.table({k: (v if isinstance(v, pa.Array) else pa.array(v, pa.binary()) if k == "image"
+                              else pa.array(v)) for k, v in part.items()})
         name = f"part-{i:05d}.parquet"
         pq.write_table(table, join(folder, name), filesystem=filesystem)
         names.append(name)
@@ -302,18 +351,15 @@ def _finish(cfg, location: str, fp: str, kind: str, shape, columns_of, num_class
     return DataSpec(**{**manifest, "shape": tuple(shape), "location": location, "root": cfg.root})
 
 
-def _write_files(cfg, location, fp, listing, classes) -> DataSpec:
-    label_of = {c: i for i, c in enumerate(classes)}
-    paths = np.array([e[0] for e in listing], dtype=object)
-    labels = np.array([label_of[e[0].split("/", 1)[0]] for e in listing], dtype=np.int64)
+def _write_files(cfg, location, fp, listing: Listing) -> DataSpec:
     chosen = _choose(cfg, len(listing), None)
     shape = (cfg.channels or 3, cfg.image_size, cfg.image_size)
 
     def columns_of(split):
         idx = chosen[split]
-        return {"path": paths[idx].tolist(), "label": labels[idx], "index": idx.astype(np.int64)}
+        return {"path": listing.paths.take(idx), "label": listing.labels[idx], "index": idx.astype(np.int64)}
 
-    return _finish(cfg, location, fp, "files", shape, columns_of, len(classes))
+    return _finish(cfg, location, fp, "files", shape, columns_of, len(listing.classes))
 
 
 def _write_pixels(cfg, location, fp, load) -> DataSpec:

@@ -12,24 +12,11 @@ import numpy as np
 from .base import StageContext, TrainTask
 
 
-def iterate(data, batch_size: int):
-    """uint8 image batches [B, C, H, W] as torch tensors, in order: of an array, or of a split
-    streamed from a DataSpec (``(spec, split)``; decoded by Ray Data tasks)."""
-    import torch
-
-    if isinstance(data, np.ndarray):
-        for i in range(0, len(data), batch_size):
-            yield torch.from_numpy(np.array(data[i : i + batch_size]))
-        return
-    spec, split = data
-    for batch in spec.stream(split).iter_batches(batch_size=batch_size, batch_format="numpy"):
-        yield torch.from_numpy(np.array(batch["image"]))
-
-
-def shuffle_buffer(batch_size: int) -> int:
-    """Rows a training iterator shuffles among: 16 batches, at least 1024 (the prepared files
-    are in a seeded random order already; this reorders them differently every epoch)."""
-    return max(16 * batch_size, 1024)
+def shuffle_window(batch_size: int) -> int:
+    """Batches a training iterator shuffles together: a window of at least 1024 rows and 16
+    batches (the prepared files are in a seeded random order already; this reorders them
+    differently every epoch)."""
+    return max(16, -(-1024 // batch_size))
 
 
 class ImageTask(TrainTask):
@@ -46,7 +33,7 @@ class ImageTask(TrainTask):
         self.seed = seed
         self.family = family
         self.sources = None  # {"train"|"val": Ray Data dataset} to read instead of Ray Train's shards
-        self.epoch, self.steps_per_epoch = 0, 1
+        self.epoch = 0
 
     def build_model(self):
         from .families import get
@@ -62,13 +49,18 @@ class ImageTask(TrainTask):
         return ray.train.get_dataset_shard(split)
 
     def train_batches(self, epoch, rank, world):
-        per_rank = self.train_rows // world  # equal shards: every rank takes the same number of steps
-        self.epoch, self.steps_per_epoch = epoch, max(1, math.ceil(per_rank / self.batch_size))
-        batches = self.shard("train").iter_torch_batches(
-            batch_size=self.batch_size, local_shuffle_buffer_size=shuffle_buffer(self.batch_size),
-            local_shuffle_seed=self.seed * 1009 + epoch * 31 + rank, pin_memory=_cuda())
-        for batch in batches:
-            yield batch["image"]
+        """This rank's batches: windows of ``shuffle_window`` batches fetched whole from Ray
+        Data and permuted by a generator seeded from (seed, epoch, rank). One formatted Arrow
+        batch per window instead of Ray's per-batch shuffle buffer: the training CPUs spend
+        less on batch assembly. Every rank takes ceil(rows / batch) batches, as before."""
+        import torch
+
+        self.epoch = epoch
+        window = shuffle_window(self.batch_size) * self.batch_size
+        gen = torch.Generator().manual_seed(self.seed * 1009 + epoch * 31 + rank)
+        for chunk in self.shard("train").iter_torch_batches(batch_size=window, pin_memory=_cuda()):
+            images = chunk["image"]
+            yield from images[torch.randperm(len(images), generator=gen)].split(self.batch_size)
 
     def val_batches(self, rank, world):
         for batch in self.shard("val").iter_torch_batches(batch_size=self.batch_size, pin_memory=_cuda()):

@@ -83,13 +83,20 @@ def test_kmeans_init_and_dead_code_restart():
     for g, c in zip(got, sorted(centres.tolist())):
         assert np.allclose(g, c, atol=0.2)
 
-    vq = _vq(decay=0.5, dead_code_threshold=0.3).train()
+    vq = _vq(decay=0.5, dead_code_threshold=0.3, restart_every=1).train()
     near_zero = 0.01 * torch.randn(1, 2, 4, 4)  # all vectors pick code 0: codes 1, 2 decay 1 -> .5 -> .25
     vq(near_zero)
     assert int(vq.restarts) == 0
     vq(near_zero)
     assert int(vq.restarts) == 2  # both fell below 0.3 and were moved onto encoder outputs
     assert vq.embedding[1:].abs().max() < 0.1
+
+    vq = _vq(decay=0.5, dead_code_threshold=0.3, restart_every=3).train()  # checks at steps 0, 3, 6, ...
+    seen = []
+    for _ in range(4):
+        vq(near_zero)
+        seen.append(int(vq.restarts))
+    assert seen == [0, 0, 0, 2]  # dead from step 1 on, restarted at the next check
 
 
 # ---- two gloo processes --------------------------------------------------------------
