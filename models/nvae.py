@@ -15,6 +15,13 @@ whose KL to the prior is the closed form of the notes,
 The sample z_l is merged into h, decoder cells (1x1 expand, depthwise 5x5, 1x1 project,
 squeeze-excitation) refine it, and the last state gives the pixel likelihood.
 
+``flows`` > 0 adds that many inverse autoregressive flow cells to every group's posterior
+("NVAE with flow" of the lecture; the paper's CIFAR-10 model has them): z_0 is drawn from the
+residual normal above, then each cell maps z <- sigma * z + (1 - sigma) * m, with m and
+sigma functions of the channels before each channel (a masked network, MADE-style) and of
+the group's context; log q(z) = log q(z_0) - sum log sigma. The KL has no closed form then:
+each group's KL is the one-sample estimate log q(z) - log p(z).
+
 ``residual_posterior=False`` with one scale and one group is the plain Gaussian VAE of
 the lecture: prior N(0, I), posterior N(mu_q(x), sigma_q(x)) from the encoder alone.
 """
@@ -89,10 +96,50 @@ class DecoderCell(nn.Module):
         return x + 0.1 * self.f(x)
 
 
+class MaskedConv1x1(nn.Conv2d):
+    """A 1x1 convolution whose weight is masked (autoregressive connections over channels)."""
+
+    def __init__(self, in_ch: int, out_ch: int, mask: torch.Tensor):
+        super().__init__(in_ch, out_ch, 1)
+        self.register_buffer("mask", mask[:, :, None, None].float())
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, self.bias)
+
+
+@fp32
+def _iaf_update(z, m, s):
+    gate = torch.sigmoid(s + 2.0)  # (+2: the IAF paper's forget-gate bias)
+    return gate * z + (1 - gate) * m, torch.log(gate).flatten(1).sum(1)
+
+
+class IAFCell(nn.Module):
+    """One inverse autoregressive flow step over a latent map's channels, position by position:
+    z' = sigma * z + (1 - sigma) * m, where (m_i, sigma_i) depend on z_1..z_{i-1} (masked 1x1
+    convolutions) and on ``context``; returns (z', log|det dz'/dz| per image)."""
+
+    def __init__(self, channels: int, context_channels: int, hidden: int = 0):
+        super().__init__()
+        hidden = hidden or 4 * channels
+        d_in = torch.arange(1, channels + 1)
+        d_hid = torch.arange(hidden) % max(channels - 1, 1) + 1  # degrees 1..C-1
+        d_out = torch.arange(1, channels + 1).repeat(2)  # m and s of channel i: degree i
+        self.inp = MaskedConv1x1(channels, hidden, d_hid[:, None] >= d_in[None, :])
+        self.context = nn.Conv2d(context_channels, hidden, 3, padding=1)
+        self.out = MaskedConv1x1(hidden, 2 * channels, d_out[:, None] > d_hid[None, :])
+        nn.init.zeros_(self.out.weight)  # start near the identity: sigma = sigmoid(2) ~ 0.88
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, z: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, s = self.out(F.elu(self.inp(z) + self.context(context))).chunk(2, dim=1)
+        return _iaf_update(z, m, s)
+
+
 class NVAE(nn.Module):
     def __init__(self, in_channels: int = 1, image_size: int = 32, hidden: int = 32, latent_channels: int = 8,
                  scales: int = 2, groups_per_scale: int = 2, cells_per_group: int = 1,
-                 residual_posterior: bool = True, likelihood: str = "dlogistic", num_mixtures: int = 5):
+                 residual_posterior: bool = True, likelihood: str = "dlogistic", num_mixtures: int = 5,
+                 flows: int = 0):
         super().__init__()
         if image_size % (2 ** scales):
             raise ValueError(f"image_size {image_size} must be a multiple of {2 ** scales} for {scales} scales")
@@ -126,6 +173,8 @@ class NVAE(nn.Module):
         self.posterior_heads = nn.ModuleList(nn.Conv2d(2 * hidden, 2 * latent_channels, 3, padding=1)
                                              for _ in range(self.num_groups))
         self.merge = nn.ModuleList(nn.Conv2d(hidden + latent_channels, hidden, 1) for _ in range(self.num_groups))
+        self.flows = nn.ModuleList(nn.ModuleList(IAFCell(latent_channels, 2 * hidden) for _ in range(flows))
+                                   for _ in range(self.num_groups if flows else 0))
         self.post = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), DecoderCell(hidden), nn.SiLU(),
                                   nn.Conv2d(hidden, self.likelihood.num_params(), 3, padding=1))
         self._spectral_init()
@@ -148,6 +197,10 @@ class NVAE(nn.Module):
     def spectral_loss(self) -> torch.Tensor:
         """Sum over conv weights of their largest singular value, one power iteration per call
         (the vectors are buffers: they persist across steps and in checkpoints)."""
+        with torch.autocast(device_type=self.h0.device.type, enabled=False):  # float32, whatever the loop runs
+            return self._spectral_sum()
+
+    def _spectral_sum(self) -> torch.Tensor:
         total = self.h0.new_zeros(())
         for conv in self._spectral_convs():
             w = conv.weight.flatten(1)
@@ -198,13 +251,20 @@ class NVAE(nn.Module):
             h = self.dec_groups[g](h)
             mu_p, log_sigma_p = self._prior(g, h)
             if feats is not None:
-                d_mu, d_log_sigma = self.posterior_heads[g](torch.cat([h, feats[g]], dim=1)).chunk(2, dim=1)
+                context = torch.cat([h, feats[g]], dim=1)
+                d_mu, d_log_sigma = self.posterior_heads[g](context).chunk(2, dim=1)
                 d_log_sigma = soft_clamp(d_log_sigma)
                 mu_q, log_sigma_q = mu_p + d_mu, log_sigma_p + d_log_sigma
                 eps = torch.randn(mu_q.shape, generator=generator, device=h.device, dtype=h.dtype)
                 z = mu_q + torch.exp(log_sigma_q) * eps
-                kl = residual_normal_kl(d_mu, d_log_sigma, log_sigma_p).flatten(1).sum(1)
                 log_q = normal_log_prob(z, mu_q, log_sigma_q).flatten(1).sum(1)
+                if self.flows:
+                    for cell in self.flows[g]:
+                        z, log_det = cell(z, context)
+                        log_q = log_q - log_det
+                    kl = log_q - normal_log_prob(z, mu_p, log_sigma_p).flatten(1).sum(1)  # one-sample estimate
+                else:
+                    kl = residual_normal_kl(d_mu, d_log_sigma, log_sigma_p).flatten(1).sum(1)
             else:
                 if g == 0 and top is not None:
                     z = top

@@ -10,6 +10,14 @@ Every layer is a gated unit, tanh(a) * sigmoid(b), with a residual connection on
 horizontal stack (not in the first layer, whose input is the current pixel) and a skip
 connection to the output head.
 
+Attention (optional, ``attention_every`` > 0): a causal self-attention block after every
+``attention_every`` gated layers, on the horizontal stack, as PixelSNAIL adds them: the
+convolutions see a bounded neighbourhood above (12 layers of kernel 5 reach 24 rows up),
+attention sees every earlier position. Position (i, j) attends to every (i', j') <= (i, j)
+in raster order: the horizontal stack at a position knows only of the positions before it,
+so its own entry is safe to read. Queries and keys get the map coordinates (PixelSNAIL's
+"background"). ``dropout`` applies to the attention weights and to every gated layer's output.
+
 Conditioning (all optional, added into every gate of both stacks):
 - ``cond_codes``: the code map of the level above (embedded, brought to this map's size
   by nearest upsampling and a 3x3 convolution);
@@ -32,10 +40,39 @@ def right_shift(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
 
 
+class CausalAttention(nn.Module):
+    """Multi-head self-attention over a map in raster order, residual, pre-normalised per
+    position (a norm across positions would leak the future)."""
+
+    def __init__(self, channels: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"attention: {channels} channels do not split into {heads} heads")
+        self.heads, self.dropout = heads, dropout
+        self.norm = nn.LayerNorm(channels)
+        self.position = nn.Linear(2, channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.out = nn.Linear(channels, channels)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = h.shape
+        x = h.flatten(2).transpose(1, 2)  # [B, HW, C], raster order
+        rows = torch.linspace(-0.5, 0.5, hgt, device=h.device, dtype=x.dtype)
+        cols = torch.linspace(-0.5, 0.5, wid, device=h.device, dtype=x.dtype)
+        coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).reshape(1, hgt * wid, 2)
+        q, k, v = self.qkv(self.norm(x) + self.position(coords)).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, hgt * wid, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = self.out(y.transpose(1, 2).reshape(b, hgt * wid, c))
+        return h + y.transpose(1, 2).reshape(b, c, hgt, wid)
+
+
 class GatedLayer(nn.Module):
-    def __init__(self, channels: int, kernel: int, first: bool, cond_channels: int, num_classes: int):
+    def __init__(self, channels: int, kernel: int, first: bool, cond_channels: int, num_classes: int,
+                 dropout: float = 0.0):
         super().__init__()
         self.first = first
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.k = kernel
         kh = kernel // 2 + 1
         self.v_conv = nn.Conv2d(channels, 2 * channels, (kh, kernel))
@@ -64,7 +101,7 @@ class GatedLayer(nn.Module):
             extra = lab if extra is None else extra + lab
         bias_v, bias_h = extra.chunk(2, dim=1) if extra is not None else (0, 0)
         v_new = self._gate(v_pre + bias_v)
-        gated_h = self._gate(h_pre + bias_h)
+        gated_h = self.dropout(self._gate(h_pre + bias_h))
         h_new = self.h_out(gated_h) + (0 if self.first else h)
         return v_new, h_new, self.skip(gated_h)
 
@@ -79,6 +116,9 @@ class GatedPixelCNN(nn.Module):
         cond_codes: int = 0,  # codebook size of the level above (0: unconditional)
         cond_factor: int = 2,  # this map's size / the level above's
         num_classes: int = 0,  # > 0: class-conditional
+        attention_every: int = 0,  # a causal attention block after every this many layers (0: none)
+        attention_heads: int = 4,
+        dropout: float = 0.0,
     ):
         super().__init__()
         if kernel % 2 == 0 or kernel < 3:
@@ -92,7 +132,12 @@ class GatedPixelCNN(nn.Module):
             self.cond_net = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
                                           nn.Conv2d(hidden, hidden, 3, padding=1))
         self.layers = nn.ModuleList(
-            [GatedLayer(hidden, kernel, i == 0, cond_ch, num_classes) for i in range(layers)]
+            [GatedLayer(hidden, kernel, i == 0, cond_ch, num_classes, dropout) for i in range(layers)]
+        )
+        # attention[str(i)] follows layer i
+        self.attention = nn.ModuleDict(
+            {str(i): CausalAttention(hidden, attention_heads, dropout)
+             for i in range(layers) if attention_every and (i + 1) % attention_every == 0}
         )
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, num_codes, 1))
 
@@ -109,8 +154,10 @@ class GatedPixelCNN(nn.Module):
         v = h = x
         skip = 0
         stacks = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             v, h, s = layer(v, h, cond, labels)
+            if str(i) in self.attention:
+                h = self.attention[str(i)](h)
             skip = skip + s
             stacks.append((down_shift(v), h))
         logits = self.head(skip + h)  # skip connections of every layer plus the last residual stream
@@ -148,18 +195,22 @@ class HierarchicalPrior(nn.Module):
     """One PixelCNN per code level: level 0 (top) unconditional, level l conditioned on level l-1.
 
     ``shapes`` are the code maps' [H, W], top first; ``num_classes`` > 0 makes every level
-    class-conditional as well.
+    class-conditional as well; ``attention_every``: one for all levels or one per level, top
+    first (the VQ-VAE-2 paper attends in the top prior only).
     """
 
     def __init__(self, codebook_sizes: list[int], shapes: list[list[int]], hidden: int = 64,
-                 layers: int = 6, kernel: int = 5, num_classes: int = 0):
+                 layers: int = 6, kernel: int = 5, num_classes: int = 0,
+                 attention_every: int | list[int] = 0, attention_heads: int = 4, dropout: float = 0.0):
         super().__init__()
         self.shapes = [list(s) for s in shapes]
         self.levels = nn.ModuleList()
+        every = attention_every if isinstance(attention_every, list) else [attention_every] * len(codebook_sizes)
         for l, k in enumerate(codebook_sizes):
             cond = codebook_sizes[l - 1] if l > 0 else 0
             factor = shapes[l][0] // shapes[l - 1][0] if l > 0 else 1
-            self.levels.append(GatedPixelCNN(k, hidden, layers, kernel, cond, factor, num_classes))
+            self.levels.append(GatedPixelCNN(k, hidden, layers, kernel, cond, factor, num_classes,
+                                             every[l], attention_heads, dropout))
 
     def forward(self, codes: list[torch.Tensor], labels: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per-level negative log-likelihood in nats per map, [B] each (teacher-forced)."""

@@ -4,7 +4,7 @@ The training loop may run the forward pass under autocast (bf16 or fp16). Some a
 must stay in float32 whatever the loop does: codebook distances and the EMA update (a code
 assignment flips on a rounding error), likelihoods and KL terms (sums of many small log
 terms). ``fp32`` marks such a function: its floating-point tensor arguments are cast to
-float32 and autocast is off inside it.
+float32 (float64 stays float64) and autocast is off inside it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import torch
 
 
 def _up(value):
-    return value.float() if torch.is_tensor(value) and value.is_floating_point() else value
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(torch.promote_types(value.dtype, torch.float32))
+    return value
 
 
 def fp32(fn):

@@ -1,8 +1,11 @@
 """Hierarchical VQ-VAE (VQ-VAE-2, Razavi et al. 2019), single-device torch.
 
 Levels are numbered top-down: level 0 is the coarsest map, level L-1 the finest.
-The bottom encoder downsamples the image by 4, each level above by 2 more (32x32 input:
-8x8 bottom, 4x4 top, 2x2 for a third level). ``levels=1`` is the plain VQ-VAE.
+``downsample`` (top first) says by how much each level's encoder shrinks its input: the
+bottom's input is the image, every other level's the map below it. The default is 4 for the
+bottom and 2 for each level above (32x32 input: 8x8 bottom, 4x4 top, 2x2 for a third level);
+the paper's FFHQ-1024 model is ``[2, 2, 8]`` (128/64/32 maps). Every factor is a power of two.
+``levels=1`` is the plain VQ-VAE.
 
 Algorithm 1 of the notes, generalised to L levels:
     h_{L-1} = E_bottom(x);  h_l = E_l(h_{l+1})                  (bottom-up features)
@@ -13,6 +16,8 @@ The decoder sees only code vectors, so ``decode_codes`` reproduces the reconstru
 from the integer code maps alone.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -39,17 +44,41 @@ def _res_stack(channels: int, hidden: int, n: int) -> list[nn.Module]:
     return [ResBlock(channels, hidden) for _ in range(n)] + [nn.ReLU()]
 
 
-def _upsampler(in_ch: int, out_ch: int, factor: int) -> nn.Module:
-    """Transposed convolutions that multiply the resolution by ``factor`` (a power of two)."""
+def _steps(factor: int) -> int:
+    """log2 of a resize factor, which must be a power of two (1 included)."""
+    if factor < 1 or factor & (factor - 1):
+        raise ValueError(f"resize factors must be powers of two, got {factor}")
+    return factor.bit_length() - 1
+
+
+def _downsampler(in_ch: int, hidden: int, factor: int) -> list[nn.Module]:
+    """Strided 4x4 convolutions that divide the resolution by ``factor`` (to hidden/2, then
+    hidden channels), then a 3x3 convolution to ``hidden``."""
     layers: list[nn.Module] = []
     ch = in_ch
-    while factor > 1:
-        layers += [nn.ConvTranspose2d(ch, out_ch, 4, stride=2, padding=1)]
-        factor //= 2
-        if factor > 1:
+    for i in range(_steps(factor)):
+        out = hidden // 2 if i == 0 else hidden
+        layers += [nn.Conv2d(ch, out, 4, stride=2, padding=1), nn.ReLU()]
+        ch = out
+    return layers + [nn.Conv2d(ch, hidden, 3, padding=1)]
+
+
+def _upsampler(in_ch: int, out_ch: int, factor: int, mid_ch: int | None = None) -> list[nn.Module]:
+    """Transposed 4x4 convolutions that multiply the resolution by ``factor`` (through
+    ``mid_ch`` channels, default ``out_ch``)."""
+    layers: list[nn.Module] = []
+    ch, n = in_ch, _steps(factor)
+    for i in range(n):
+        out = out_ch if i == n - 1 else (mid_ch or out_ch)
+        layers.append(nn.ConvTranspose2d(ch, out, 4, stride=2, padding=1))
+        if i < n - 1:
             layers.append(nn.ReLU())
-        ch = out_ch
-    return nn.Sequential(*layers) if layers else nn.Identity()
+        ch = out
+    return layers
+
+
+def default_downsample(levels: int) -> list[int]:
+    return [2] * (levels - 1) + [4]
 
 
 class VQVAE2(nn.Module):
@@ -69,6 +98,7 @@ class VQVAE2(nn.Module):
         likelihood: str = "dlogistic",
         num_mixtures: int = 5,
         sync_codebooks: bool = True,
+        downsample: list[int] | None = None,
     ):
         super().__init__()
         if levels < 1:
@@ -76,34 +106,31 @@ class VQVAE2(nn.Module):
         sizes = codebook_size if isinstance(codebook_size, list) else [codebook_size] * levels
         if len(sizes) != levels:
             raise ValueError(f"codebook_size has {len(sizes)} entries for {levels} levels")
+        down = list(downsample) if downsample is not None else default_downsample(levels)
+        if len(down) != levels:
+            raise ValueError(f"downsample has {len(down)} factors for {levels} levels")
         self.levels = levels
         self.codebook_sizes = list(sizes)
+        self.downsample = down
         self.likelihood = make_likelihood(likelihood, in_channels, num_mixtures)
         h, d = hidden, embed_dim
 
         # bottom-up encoders, stored top-first to match level numbering
-        bottom = nn.Sequential(
-            nn.Conv2d(in_channels, h // 2, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(h // 2, h, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(h, h, 3, padding=1), *_res_stack(h, res_hidden, res_blocks),
-        )
-        uppers = [
-            nn.Sequential(
-                nn.Conv2d(h, h // 2, 4, stride=2, padding=1), nn.ReLU(),
-                nn.Conv2d(h // 2, h, 3, padding=1), *_res_stack(h, res_hidden, res_blocks),
-            )
-            for _ in range(levels - 1)
-        ]
-        self.encoders = nn.ModuleList(uppers + [bottom])
+        def encoder(l: int) -> nn.Module:
+            return nn.Sequential(*_downsampler(in_channels if l == levels - 1 else h, h, down[l]),
+                                 *_res_stack(h, res_hidden, res_blocks))
+
+        bottom = encoder(levels - 1)  # (made first: the same initial weights as before per-level factors)
+        self.encoders = nn.ModuleList([encoder(l) for l in range(levels - 1)] + [bottom])
         # level l > 0 quantizes its features together with the decoded level above
         self.pre_quant = nn.ModuleList(
             [nn.Conv2d(h if l == 0 else h + d, d, 1) for l in range(levels)]
         )
-        self.cond_up = nn.ModuleList(
+        self.cond_up = nn.ModuleList(  # level l-1's codes up to level l's resolution
             [
                 nn.Sequential(nn.Conv2d(d, h, 3, padding=1), *_res_stack(h, res_hidden, res_blocks),
-                              nn.ConvTranspose2d(h, d, 4, stride=2, padding=1))
-                for _ in range(levels - 1)
+                              *_upsampler(h, d, down[l - 1]))
+                for l in range(1, levels)
             ]
         )
         self.quantizers = nn.ModuleList(
@@ -113,15 +140,22 @@ class VQVAE2(nn.Module):
                 for k in sizes
             ]
         )
-        # decoder: every level's codes brought to the bottom resolution, then stride-4 up
+        # decoder: every level's codes brought to the bottom resolution, then up to the image's
         self.dec_up = nn.ModuleList(
-            [_upsampler(d, d, 2 ** (levels - 1 - l)) for l in range(levels - 1)]
+            [nn.Sequential(*_upsampler(d, d, math.prod(down[l:-1]))) for l in range(levels - 1)]
         )
         self.decoder = nn.Sequential(
             nn.Conv2d(d * levels, h, 3, padding=1), *_res_stack(h, res_hidden, res_blocks),
-            nn.ConvTranspose2d(h, h // 2, 4, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(h // 2, self.likelihood.num_params(), 4, stride=2, padding=1),
+            *_upsampler(h, self.likelihood.num_params(), down[-1], mid_ch=h // 2),
         )
+
+    def map_shapes(self, image_size: int) -> list[tuple[int, int]]:
+        """The code maps' sizes (top first) for square images of ``image_size``."""
+        sizes, size = [], image_size
+        for factor in reversed(self.downsample):
+            size //= factor
+            sizes.insert(0, (size, size))
+        return sizes
 
     # ---- encoding ----------------------------------------------------------------
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
@@ -58,6 +58,12 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # forward under autocast; fp16 adds a GradScaler
     compile: bool = False  # torch.compile the model (the first steps pay for compiling)
     channels_last: bool = False  # NHWC weights and activations (faster convolutions on GPUs)
+    # gradients of this many batches summed per optimizer step: the stage's batch_size is then
+    # a micro-batch and the effective global batch is batch_size x accumulate_steps
+    accumulate_steps: int = Field(1, ge=1)
+    # optimizer steps over which the LR rises linearly from lr/warmup_steps to lr; after it, a
+    # cosine decay to lr/10 at the last step (the schedule moves every optimizer step)
+    warmup_steps: int = Field(0, ge=0)
 
 
 class TrackingConfig(Section):
@@ -101,6 +107,20 @@ class PriorsConfig(Section):
     layers: int = Field(6, ge=1)
     kernel: int = Field(5, ge=3)
     class_conditional: bool = False
+    # a causal self-attention block after every this many gated layers (0: none); one value
+    # for every level or one per level, top first (the VQ-VAE-2 paper: the top prior only)
+    attention_every: Union[int, list[int]] = 0
+    attention_heads: int = Field(4, ge=1)  # must divide hidden
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the attention weights and every gated layer's output
+
+    @model_validator(mode="after")
+    def _attention(self):
+        every = self.attention_every if isinstance(self.attention_every, list) else [self.attention_every]
+        if any(e < 0 for e in every):
+            raise ValueError(f"attention_every must be >= 0, got {self.attention_every}")
+        if any(every) and self.hidden % self.attention_heads:
+            raise ValueError(f"attention_heads={self.attention_heads} must divide hidden={self.hidden}")
+        return self
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -218,6 +238,9 @@ class _Checks(Section):
         factor, why = self.family.downsampling(self)
         if self.data.image_size % factor:
             raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of {factor} for {why}")
+        every = self.priors.attention_every
+        if isinstance(every, list) and "priors" in self.family.stages and len(every) != self.vqvae2.levels:
+            raise ValueError(f"priors.attention_every lists {len(every)} values for vqvae2.levels={self.vqvae2.levels}")
         return self
 
     @model_validator(mode="after")

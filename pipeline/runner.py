@@ -211,12 +211,27 @@ class Outcome:
     run_ids: dict[str, str] = field(default_factory=dict)
 
 
-def _dry_run(cfg: PipelineConfig, stages: list[PlannedStage], forced: set[str], data, data_fp: str) -> Outcome:
+def _dry_run(cfg: PipelineConfig, until: str | None, forced: set[str]) -> Outcome:
+    """Print the resolved config, the data, every model's parameter count and what each stage
+    would do. Lists the data's files but reads no image and writes nothing: a dataset that is
+    not prepared yet (or not on this machine) is said so, and the models are still counted."""
     from .tracking import Tracker, store_exists
 
+    try:
+        no_download = cfg.data.model_copy(update={"download": False})
+        data_fp, spec, _, listed = datasets.locate(no_download, cfg.cluster.storage_path)
+        data_line = f"{spec.describe() if spec is not None else listed} (fingerprint {data_fp})"
+    except datasets.DataError as exc:
+        data_fp, spec = "unknown", None
+        data_line = f"not readable here: {exc} (the stage fingerprints below stand for no data)"
+    stages = plan(cfg, data_fp, until)
     tracker = Tracker(cfg.tracking, create=False) if store_exists(cfg.tracking.uri) else None
     print(to_yaml(cfg), end="")
-    print(f"# data: {cfg.data.dataset}: {data.describe()} (fingerprint {data_fp})")
+    print(f"# data: {cfg.data.dataset}: {data_line}")
+    family = families.of(cfg)
+    counts = family.param_counts(cfg, datasets.channels(cfg.data, spec), spec.num_classes if spec else 10)
+    print("# parameters: " + ", ".join(f"{what} {n:,}" for what, n in counts.items())
+          + f" ({sum(counts.values()) / 1e6:.1f} M in all)")
     for line in describe(cfg, stages, forced, tracker):
         print(f"# {line}")
     return Outcome(0)
@@ -270,6 +285,8 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
 
     cfg = resolve_paths(cfg)
     forced = {name for f in force for name in stages_from(f)}
+    if dry_run:
+        return _dry_run(cfg, until, forced)
     t0 = time.perf_counter()
     try:
         data = datasets.prepare(cfg.data, cfg.cluster.storage_path)
@@ -278,8 +295,6 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
         return Outcome(2)
     data_fp = data.fingerprint
     stages = plan(cfg, data_fp, until)
-    if dry_run:
-        return _dry_run(cfg, stages, forced, data, data_fp)
 
     print(f"[hvae] data {cfg.data.dataset}: {data.describe()}, prepared at {data.location} "
           f"({time.perf_counter() - t0:.1f} s)")

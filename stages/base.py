@@ -7,6 +7,7 @@ inside a Ray Train worker).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -53,6 +54,14 @@ class TrainTask:
 
     def build_model(self):
         raise NotImplementedError
+
+    train_rows: int = 0  # rows of the training split (all workers together)
+    batch_size: int = 1  # rows per batch on one worker
+
+    def steps_per_epoch(self, world: int) -> int:
+        """Batches each rank trains on per epoch: Ray Train gives every rank an equal shard
+        (``train_rows // world`` rows), and the last batch may be short."""
+        return max(1, math.ceil((self.train_rows // world) / self.batch_size))
 
     def train_batches(self, epoch: int, rank: int, world: int) -> Iterable:
         """This rank's training batches for ``epoch``; every rank must yield the same number."""

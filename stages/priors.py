@@ -28,7 +28,8 @@ CONFIG_FILE = "priors.json"
 def prior_config(schema: dict, pcfg) -> dict:
     return {"codebook_sizes": schema["codebook_sizes"], "shapes": schema["shapes"], "hidden": pcfg.hidden,
             "layers": pcfg.layers, "kernel": pcfg.kernel,
-            "num_classes": schema["num_classes"] if pcfg.class_conditional else 0}
+            "num_classes": schema["num_classes"] if pcfg.class_conditional else 0,
+            "attention_every": pcfg.attention_every, "attention_heads": pcfg.attention_heads, "dropout": pcfg.dropout}
 
 
 def save_priors(model: HierarchicalPrior, config: dict, folder: Path) -> None:
@@ -48,8 +49,8 @@ def load_priors(folder: Path) -> HierarchicalPrior:
 
 
 class PriorTask(TrainTask):
-    def __init__(self, config: dict, batch_size: int, world_hint: int, seed: int):
-        self.config = config
+    def __init__(self, config: dict, batch_size: int, world_hint: int, seed: int, train_rows: int):
+        self.config, self.train_rows = config, train_rows
         self.levels = len(config["codebook_sizes"])
         self.batch_size = max(1, math.ceil(batch_size / world_hint))
         self.seed = seed
@@ -121,7 +122,8 @@ def run(ctx: StageContext) -> StageResult:
                 for s in ("train", "val")}
     spec = LoopSpec(
         make_task=PriorTask,
-        task_args=dict(config=config, batch_size=pcfg.batch_size, world_hint=cluster.num_workers, seed=pcfg.seed),
+        task_args=dict(config=config, batch_size=pcfg.batch_size, world_hint=cluster.num_workers, seed=pcfg.seed,
+                       train_rows=schema["rows"]["train"]),
         model_config=config, epochs=pcfg.epochs, lr=pcfg.lr, seed=pcfg.seed, stage=ctx.name, report=ctx.report,
         **ctx.config.train.model_dump(),
     )

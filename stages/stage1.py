@@ -23,7 +23,7 @@ def run(ctx: StageContext) -> StageResult:
     model.eval()
     save_model(family, model, model_config, ctx.output_dir / "model")
     metrics = dict(fitted.metrics)
-    metrics.update(family.figures(model, ctx.data, cfg, ctx.output_dir / "figures"))
+    metrics.update(family.figures(model, ctx.data, cfg, ctx.output_dir / "figures", fitted.meta.get("val_sums", {})))
     metrics["num_params"] = float(sum(p.numel() for p in model.parameters()))
     return StageResult(metrics=metrics, output_dir=ctx.output_dir,
                        tags={"hvae.checkpoint": fitted.checkpoint, **fitted.placement_tags})

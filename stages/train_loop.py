@@ -14,6 +14,7 @@ have done.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -50,6 +51,8 @@ class LoopSpec:
     precision: str = "fp32"  # fp32 | bf16 | fp16: the forward pass under autocast (config train:)
     compile: bool = False
     channels_last: bool = False
+    accumulate_steps: int = 1  # batches whose gradients one optimizer step sums
+    warmup_steps: int = 0  # optimizer steps of linear LR warm-up before the cosine decay
 
     def autocast(self, device: torch.device):
         """The forward pass's autocast context (off for fp32). The models keep their float32
@@ -62,28 +65,42 @@ class LoopSpec:
 # ---- one optimiser step and one epoch's sums: the same code for every stage ------------
 
 def train_step(task: TrainTask, model, optimizer, batch, device, spec: LoopSpec, scaler=None,
-               guard: "Guard | None" = None, step: int = 0) -> dict[str, torch.Tensor]:
-    """Forward (under the spec's autocast), backward and update on one batch; returns the
-    batch's sums for the epoch (on the device). ``scaler``: fp16's GradScaler. ``guard``
-    watches the loss and the task's named terms without a host sync."""
-    with spec.autocast(device):
-        loss, sums, *terms = task.train_step(model, batch, device)
-    if guard is not None:
-        guard.watch(step, {**(terms[0] if terms else {}), "loss": loss})
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is None:
-        loss.backward()
-    else:
-        scaler.scale(loss).backward()
+               guard: "Guard | None" = None, step: int = 0, update: bool = True, scheduler=None) -> dict[str, torch.Tensor]:
+    """Forward (under the spec's autocast) and backward on one batch, then, when ``update``,
+    the optimizer step (``apply_update``); returns the batch's sums for the epoch (on the
+    device). With ``spec.accumulate_steps`` > 1 the gradients of that many batches add up
+    (each loss divided by their number) and DDP all-reduces only at the update.
+    ``scaler``: fp16's GradScaler. ``guard`` watches the loss and the task's named terms
+    without a host sync."""
+    accumulate = spec.accumulate_steps
+    quiet = not update and accumulate > 1 and hasattr(model, "no_sync")
+    with model.no_sync() if quiet else contextlib.nullcontext():
+        with spec.autocast(device):
+            loss, sums, *terms = task.train_step(model, batch, device)
+        if guard is not None:
+            guard.watch(step, {**(terms[0] if terms else {}), "loss": loss})
+        scaled = loss / accumulate if accumulate > 1 else loss
+        (scaled if scaler is None else scaler.scale(scaled)).backward()
+    if update:
+        apply_update(model, optimizer, spec, scaler, scheduler)
+    return sums
+
+
+def apply_update(model, optimizer, spec: LoopSpec, scaler=None, scheduler=None) -> None:
+    """One optimizer step on the gradients gathered since the last: clipped, through fp16's
+    scaler (which skips the step when they overflowed), then cleared; the LR schedule moves."""
+    if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients
     if spec.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
     if scaler is None:
         optimizer.step()
     else:
-        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.step(optimizer)
         scaler.update()
-    return sums
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
 
 
 class Guard:
@@ -116,10 +133,27 @@ class Guard:
         return step, [n for n in names if n != "loss"] or names
 
 
-def make_optimizer(model, spec: LoopSpec):
+class Schedule:
+    """The LR factor at optimizer step ``s``: a linear warm-up over ``warmup`` steps, then a
+    cosine decay to ``floor`` at step ``total`` (for ``LambdaLR``; moves every step)."""
+
+    def __init__(self, warmup: int, total: int, floor: float = 0.1):
+        self.warmup, self.total, self.floor = warmup, max(total, 1), floor
+
+    def __call__(self, s: int) -> float:
+        if s < self.warmup:
+            return (s + 1) / self.warmup
+        progress = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, spec: LoopSpec, steps_per_epoch: int = 1):
+    """AdamW and its per-step schedule over the run's optimizer steps (``steps_per_epoch``
+    batches an epoch, ``spec.accumulate_steps`` of them to a step)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(spec.epochs, 1), eta_min=spec.lr * 0.1)
-    return optimizer, scheduler
+    updates = math.ceil(steps_per_epoch / spec.accumulate_steps)
+    schedule = Schedule(spec.warmup_steps, spec.epochs * updates)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def _accumulate(total: dict[str, torch.Tensor], part: dict[str, torch.Tensor]) -> None:
@@ -158,7 +192,7 @@ def _quiet_ray_train() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
-def _start(spec: LoopSpec, task: TrainTask, rank: int):
+def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int):
     """Build model, optimizer and schedule, restored from the checkpoint ``checkpoints.newest`` picks."""
     import ray.train
     import ray.train.torch
@@ -185,7 +219,7 @@ def _start(spec: LoopSpec, task: TrainTask, rank: int):
     # The codebooks keep themselves in sync (all-reduced EMA statistics): DDP must not
     # overwrite every rank's buffers with rank 0's at each forward.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
-    optimizer, scheduler = make_optimizer(model, spec)
+    optimizer, scheduler = make_optimizer(model, spec, task.steps_per_epoch(world))
     scaler = torch.amp.GradScaler(ray.train.torch.get_device().type) if spec.precision == "fp16" else None
     if restored is not None:
         optimizer.load_state_dict(restored["optimizer"])
@@ -196,13 +230,16 @@ def _start(spec: LoopSpec, task: TrainTask, rank: int):
 
 
 def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, rank: int, world: int, device,
-              scaler=None):
-    """Train one epoch, then validate -> (train sums, val sums, seconds of training)."""
+              scaler=None, scheduler=None):
+    """Train one epoch, then validate -> (train sums, val sums, seconds of training). An
+    optimizer step every ``spec.accumulate_steps`` batches, and one for the epoch's last
+    batches (their gradients are then divided by ``accumulate_steps`` all the same)."""
     torch.manual_seed(spec.seed * 100003 + epoch * 7919 + rank)
     model.train()
+    optimizer.zero_grad(set_to_none=True)
     train_sums: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
-    batches, waited, guard = iter(task.train_batches(epoch, rank, world)), 0.0, Guard()
+    batches, waited, guard, pending = iter(task.train_batches(epoch, rank, world)), 0.0, Guard(), False
     for step in itertools.count():
         t_wait = time.perf_counter()
         batch = next(batches, None)
@@ -211,10 +248,15 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
             break
         if step == 0:
             train_sums["first_batch_s"] = torch.tensor(time.perf_counter() - t0)
-        _accumulate(train_sums, train_step(task, model, optimizer, batch, device, spec, scaler, guard, step))
+        update = (step + 1) % spec.accumulate_steps == 0
+        _accumulate(train_sums, train_step(task, model, optimizer, batch, device, spec, scaler, guard, step,
+                                           update=update, scheduler=scheduler))
+        pending = not update
         if (step + 1) % spec.sync_every == 0:
-            _stop_if_not_finite(spec, task, guard, epoch)
-    _stop_if_not_finite(spec, task, guard, epoch)  # (a host sync: the epoch's time below is real on a GPU)
+            _stop_if_not_finite(spec, task, guard, epoch, world)
+    _stop_if_not_finite(spec, task, guard, epoch, world)  # (a host sync: the epoch's time below is real on a GPU)
+    if pending:
+        apply_update(model, optimizer, spec, scaler, scheduler)
     train_sums["data_wait_s"] = torch.tensor(waited)  # blocked on the input pipeline
     seconds = time.perf_counter() - t0
     model.eval()
@@ -225,20 +267,22 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
     return train_sums, val_sums, seconds
 
 
-def _stop_if_not_finite(spec: LoopSpec, task: TrainTask, guard: Guard, epoch: int) -> None:
+def _stop_if_not_finite(spec: LoopSpec, task: TrainTask, guard: Guard, epoch: int, world: int = 1) -> None:
     found = guard.check()
     if found is None:
         return
     step, names = found
     what = "loss" if names == ["loss"] else f"{', '.join(names)} term{'s' if len(names) > 1 else ''}"
-    per_epoch = getattr(task, "steps_per_epoch", None)
-    at = f"global step {epoch * per_epoch + step}; " if per_epoch else ""
+    at = f"global step {epoch * task.steps_per_epoch(world) + step}; " if hasattr(task, "steps_per_epoch") else ""
     raise FloatingPointError(f"{spec.stage}: non-finite {what} at epoch {epoch + 1} step {step} "
                              f"({at}the checkpoints of earlier epochs are kept)")
 
 
 def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds, epoch, lr, world,
-                  device=torch.device("cpu")) -> dict:
+                  device=torch.device("cpu"), val_out: dict | None = None) -> dict:
+    """The epoch's metrics from every worker's sums (one all-reduce); ``val_out`` receives the
+    validation sums added up over the workers, as lists (the checkpoint keeps them: stage 1's
+    figures are drawn from them, not from another pass over the data on the driver)."""
     reduced = _reduce_sums({**{f"train/{k}": v for k, v in train_sums.items()},
                             **{f"val/{k}": v for k, v in val_sums.items()},
                             "seconds": torch.tensor(seconds)}, device)
@@ -248,6 +292,8 @@ def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds
         return {k[len(prefix) + 1:]: v for k, v in reduced.items() if k.startswith(prefix + "/")}
 
     train = split("train")
+    if val_out is not None:
+        val_out.update({k: v.tolist() for k, v in split("val").items()})
     waits = {k: float(train.pop(k)) / world for k in ("first_batch_s", "data_wait_s") if k in train}
     metrics = {**task.summarize("train", train), **task.summarize("val", split("val")), **waits}
     mean_seconds = float(reduced["seconds"]) / world  # workers step in lockstep
@@ -259,7 +305,8 @@ def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds
     return metrics
 
 
-def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, epoch: int, nodes: list[str]) -> None:
+def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, epoch: int, nodes: list[str],
+            val_sums: dict | None = None) -> None:
     """Rank 0: log the epoch, save its checkpoint and report both to Ray Train."""
     import ray.train
 
@@ -272,7 +319,8 @@ def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, e
         state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
-        meta = {"epoch": epoch, "model_config": spec.model_config, "metrics": metrics, "nodes": nodes}
+        meta = {"epoch": epoch, "model_config": spec.model_config, "metrics": metrics, "nodes": nodes,
+                "val_sums": val_sums or {}}
         checkpoints.save(Path(tmp), state, meta)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -287,16 +335,17 @@ def train_worker(spec: LoopSpec) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     task = spec.make_task(**spec.task_args)
-    model, optimizer, scheduler, scaler, start_epoch = _start(spec, task, rank)
+    model, optimizer, scheduler, scaler, start_epoch = _start(spec, task, rank, world)
     core = getattr(model, "module", model)
     nodes = _worker_nodes()
     for epoch in range(start_epoch, spec.epochs):
-        train_sums, val_sums, seconds = run_epoch(spec, task, model, optimizer, epoch, rank, world, device, scaler)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        metrics = epoch_metrics(task, spec, train_sums, val_sums, seconds, epoch, lr, world, device)
+        lr = optimizer.param_groups[0]["lr"]  # (at the epoch's start)
+        train_sums, val_sums, seconds = run_epoch(spec, task, model, optimizer, epoch, rank, world, device, scaler,
+                                                  scheduler)
+        val_out: dict = {}
+        metrics = epoch_metrics(task, spec, train_sums, val_sums, seconds, epoch, lr, world, device, val_out)
         if rank == 0:
-            _report(spec, core, optimizer, scheduler, scaler, metrics, epoch, nodes)
+            _report(spec, core, optimizer, scheduler, scaler, metrics, epoch, nodes, val_out)
         else:
             ray.train.report(metrics)
 

@@ -153,7 +153,8 @@ def test_a_prior_batch_from_a_class_sorted_source_holds_many_classes(smoke_run):
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")  # a new one, here
     try:
         ds = ray.data.read_parquet(str(codes_dir / "train"))
-        task = PriorTask(config={"codebook_sizes": [16, 32]}, batch_size=64, world_hint=2, seed=0)  # as smoke.yaml
+        task = PriorTask(config={"codebook_sizes": [16, 32]}, batch_size=64, world_hint=2, seed=0,
+                         train_rows=ds.count())  # as smoke.yaml
         for epoch in (0, 1):
             first = next(iter(task.iterate(ds, epoch)))
             classes = len(set(first["label"].tolist()))

@@ -12,12 +12,13 @@ def _model(**kw):
     return GatedPixelCNN(num_codes=7, hidden=8, layers=4, kernel=5, **kw).double()
 
 
-@pytest.mark.parametrize("kw", [{}, {"cond_codes": 5, "cond_factor": 2, "num_classes": 3}])
+@pytest.mark.parametrize("kw", [{}, {"cond_codes": 5, "cond_factor": 2, "num_classes": 3},
+                                {"attention_every": 2, "attention_heads": 2}])
 def test_every_stack_of_every_layer_is_causal_in_raster_order(kw):
     m = _model(**kw)
     x = torch.randn(1, 8, H, W, dtype=torch.double, requires_grad=True)
-    cond = m.condition(torch.randint(0, 5, (1, H // 2, W // 2))) if kw else None
-    labels = torch.tensor([1]) if kw else None
+    cond = m.condition(torch.randint(0, 5, (1, H // 2, W // 2))) if "cond_codes" in kw else None
+    labels = torch.tensor([1]) if "num_classes" in kw else None
     logits, stacks = m.forward_embedded(x, cond, labels, return_stacks=True)
     outputs = [("logits", logits)] + [(f"layer{l}.{name}", t) for l, (v, h) in enumerate(stacks)
                                       for name, t in (("vertical", v), ("horizontal", h))]
@@ -34,8 +35,9 @@ def test_every_stack_of_every_layer_is_causal_in_raster_order(kw):
                     assert flat[:p].abs().sum() > 0, f"{name} at {(i, j)} sees nothing before it"
 
 
-def test_no_blind_spot_the_last_position_sees_every_earlier_one():
-    m = _model()
+@pytest.mark.parametrize("kw", [{}, {"attention_every": 2, "attention_heads": 2, "dropout": 0.1}])
+def test_no_blind_spot_the_last_position_sees_every_earlier_one(kw):
+    m = _model(**kw)
     x = torch.randn(1, 8, H, W, dtype=torch.double, requires_grad=True)
     g, = torch.autograd.grad(m.forward_embedded(x)[0, :, H - 1, W - 1].sum(), x)
     seen = g[0].abs().sum(0).flatten()[: H * W - 1]
@@ -66,3 +68,15 @@ def test_sampling_with_the_same_seed_is_identical():
     c = m.sample((3, H, W), labels=labels, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() < 7
+
+
+def test_attention_reaches_rows_the_convolutions_cannot():
+    """Two layers of kernel 3 see two rows up; an attention block sees the whole map above."""
+    def reach(**kw):
+        torch.manual_seed(0)
+        m = GatedPixelCNN(num_codes=7, hidden=8, layers=2, kernel=3, **kw).double()
+        x = torch.randn(1, 8, 8, 8, dtype=torch.double, requires_grad=True)
+        g, = torch.autograd.grad(m.forward_embedded(x)[0, :, 7, 0].sum(), x)
+        return bool(g[0, :, 0].abs().sum() > 0)  # does (7, 0) depend on row 0?
+
+    assert not reach() and reach(attention_every=1, attention_heads=2)

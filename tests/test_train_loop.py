@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from stages.train_loop import Guard, LoopSpec, _reduce_sums, _stop_if_not_finite
+from stages.train_loop import Guard, LoopSpec, Schedule, _reduce_sums, _stop_if_not_finite, make_optimizer, run_epoch
 
 
 def test_the_epoch_reduction_runs_on_the_training_device_as_nccl_requires(monkeypatch):
@@ -38,7 +38,8 @@ def test_the_guard_names_the_first_bad_step_and_term_without_a_sync_per_step():
     assert guard.check() == (3, ["kl"])  # the loss went bad at the same step: the term is named
 
     class Task:
-        steps_per_epoch = 4
+        def steps_per_epoch(self, world):
+            return 4
 
     with pytest.raises(FloatingPointError, match=r"^stage1: non-finite kl term at epoch 2 step 3 \(global step 7; "):
         _stop_if_not_finite(LoopSpec(make_task=Task, task_args={}, model_config={}, epochs=2, lr=1e-3,
@@ -47,3 +48,63 @@ def test_the_guard_names_the_first_bad_step_and_term_without_a_sync_per_step():
     only_loss.watch(0, {"loss": torch.tensor(float("inf"))})
     assert only_loss.check() == (0, ["loss"])
     assert Guard().check() is None
+
+
+class Regression:
+    """A pure task (no batch statistics): a linear model's mean squared error on fixed rows."""
+
+    def __init__(self, batch_size: int, rows: int = 40):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.batch_size, self.train_rows = torch.randn(rows, 4, generator=g), batch_size, rows
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1
+
+    def steps_per_epoch(self, world):
+        return -(-self.train_rows // self.batch_size)
+
+    def build_model(self):
+        torch.manual_seed(0)
+        return torch.nn.Linear(4, 1)
+
+    def train_batches(self, epoch, rank, world):
+        for i in range(0, self.train_rows, self.batch_size):
+            yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
+
+    def val_batches(self, rank, world):
+        return iter(())
+
+    def train_step(self, model, batch, device):
+        x, y = batch
+        loss = ((model(x).squeeze(1) - y) ** 2).mean()
+        return loss, {"count": torch.tensor(float(len(x)))}
+
+
+def _train(batch_size: int, accumulate: int, epochs: int = 2, warmup: int = 0):
+    spec = LoopSpec(make_task=Regression, task_args={}, model_config={}, epochs=epochs, lr=0.05,
+                    accumulate_steps=accumulate, warmup_steps=warmup)
+    task = Regression(batch_size)
+    model = task.build_model()
+    optimizer, scheduler = make_optimizer(model, spec, task.steps_per_epoch(1))
+    lrs = []
+    for epoch in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        run_epoch(spec, task, model, optimizer, epoch, 0, 1, torch.device("cpu"), scheduler=scheduler)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), scheduler.last_epoch, lrs
+
+
+def test_accumulated_gradients_make_the_same_steps_as_one_large_batch():
+    large, steps_large, _ = _train(batch_size=20, accumulate=1)
+    small, steps_small, _ = _train(batch_size=10, accumulate=2)
+    assert steps_large == steps_small == 4  # optimizer steps: 2 an epoch, the schedule moves with each
+    torch.testing.assert_close(small, large, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(_train(batch_size=10, accumulate=1)[0], large)  # (the test can tell)
+    # 40 rows in batches of 16: 3 batches an epoch, 2 of them to a step: the short tail steps too
+    assert _train(batch_size=16, accumulate=2)[1] == 4
+
+
+def test_the_schedule_warms_up_per_step_then_decays_to_a_tenth():
+    schedule = Schedule(warmup=4, total=14)
+    assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert schedule(4) == 1.0 and schedule(9) == pytest.approx(0.55) and schedule(14) == pytest.approx(0.1)
+    assert all(schedule(s) > schedule(s + 1) for s in range(4, 14))  # every step, not every epoch
+    _, steps, lrs = _train(batch_size=10, accumulate=1, epochs=2, warmup=3)
+    assert steps == 8 and lrs == pytest.approx([0.05 / 3, 0.05 * Schedule(3, 8)(4)])

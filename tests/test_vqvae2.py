@@ -47,3 +47,31 @@ def test_gradients_reach_the_encoders_through_the_quantizers():
     (out["nll"] + out["commit"]).mean().backward()
     for enc in m.encoders:
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+
+
+@pytest.mark.parametrize("downsample,size,shapes", [
+    ([2, 2, 8], 128, [(4, 4), (8, 8), (16, 16)]),  # FFHQ-1024's factors (128/64/32 maps at 1024)
+    ([4, 2], 64, [(8, 8), (32, 32)]),
+    ([8], 32, [(4, 4)]),
+])
+def test_per_level_downsampling_gives_the_configured_maps(downsample, size, shapes):
+    torch.manual_seed(0)
+    m = VQVAE2(in_channels=3, levels=len(downsample), hidden=16, res_hidden=8, res_blocks=1, embed_dim=8,
+               codebook_size=16, downsample=downsample).eval()
+    x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    out = m(x)
+    assert [tuple(c.shape[1:]) for c in out["codes"]] == shapes == m.map_shapes(size)
+    assert out["params"].shape[-2:] == (size, size)
+    torch.testing.assert_close(m.decode_codes(out["codes"]), out["params"])
+
+
+def test_downsampling_factors_are_checked():
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="downsample lists 1 factors for 2 levels"):
+        load_config(None, ["vqvae2.downsample=[4]"])
+    with pytest.raises(ConfigError, match="powers of two"):
+        load_config(None, ["vqvae2.downsample=[3,4]"])
+    with pytest.raises(ConfigError, match="data.image_size=32 must be a multiple of 64 for vqvae2.downsample"):
+        load_config(None, ["vqvae2.downsample=[8,8]"])
+    assert load_config(None, ["vqvae2.downsample=[2,4]"]).family.model_config(load_config(None), 1)["downsample"] == [2, 4]

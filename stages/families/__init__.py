@@ -53,6 +53,14 @@ class Family:
     def build(self, model_config: dict):
         raise NotImplementedError
 
+    def param_counts(self, cfg, channels: int, num_classes: int) -> dict[str, int]:
+        """Trainable parameters of every model the config trains, by what it is (``--dry-run``:
+        the models are built on the meta device, no memory, no data)."""
+        import torch
+
+        with torch.device("meta"):
+            return {"stage1": count_params(self.build(self.model_config(cfg, channels)))}
+
     def describe(self, model_config: dict) -> tuple[str, str]:
         """(model name, structure) for tables, e.g. ("VQ-VAE-2 (K=64/128) + ...", "2 levels, K=64/128")."""
         raise NotImplementedError
@@ -62,9 +70,11 @@ class Family:
         """Stage 1's TrainTask class (an ImageTask) and its extra constructor arguments."""
         raise NotImplementedError
 
-    def figures(self, model, data, cfg, folder: Path) -> dict[str, float]:
-        """Stage 1's figures (written into ``folder``) from the validation split of ``data`` (a
-        stages.data.DataSpec); returns metrics they computed."""
+    def figures(self, model, data, cfg, folder: Path, val_sums: dict) -> dict[str, float]:
+        """Stage 1's figures (written into ``folder``) from the last epoch's validation sums
+        (``val_sums``: its TrainTask's val_step sums, added up over the training workers) and a
+        few validation images of ``data`` (a stages.data.DataSpec); returns metrics they computed.
+        The driver runs it: it must not pass over the data."""
         raise NotImplementedError
 
     def sample(self, model, upstream: dict[str, Path], scfg) -> tuple[Any, list, Any]:
@@ -80,6 +90,10 @@ class Family:
         """The test metrics from every batch's sums added up: test_nll_nats, test_nll_bpd (with
         test_iw_samples when estimated), their parts."""
         raise NotImplementedError
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def names() -> list[str]:

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from pipeline.schema import Section
 from stages.families import Family
-from stages.images import ImageTask, iterate, quality, save_bars, save_reconstructions
+from stages.images import ImageTask, quality, save_bars, save_reconstructions
 
 # tests only: make the KL non-finite at this global step (read by the driver, passed to the task)
 INJECT_NAN_ENV = "HVAE_TEST_INJECT_NAN_AT_STEP"
@@ -34,6 +34,7 @@ class NVAEConfig(Section):
     scales: int = Field(2, ge=1, le=4)  # latent scales: image/2 (finest) down to image/2^scales
     groups_per_scale: int = Field(2, ge=1)
     cells_per_group: int = Field(1, ge=1)  # residual cells per group in each tower
+    flows: int = Field(0, ge=0)  # inverse autoregressive flow cells in each group's posterior (NVAE with flow)
     kl_warmup: float = Field(0.3, ge=0, le=1)  # fraction of training over which the KL weight rises to 1
     kl_min: float = Field(1e-2, ge=0, le=1)  # the KL weight at the start of warm-up
     kl_balance: bool = True  # NVAE's per-group KL balancing during warm-up
@@ -43,7 +44,7 @@ class NVAEConfig(Section):
 class NVAETask(ImageTask):
     def __init__(self, *, loss: dict, epochs: int, **kwargs):
         super().__init__(**kwargs)
-        self.loss, self.epochs, self.step, self.in_epoch = loss, epochs, 0, 0
+        self.loss, self.epochs, self.step, self.in_epoch, self.per_epoch = loss, epochs, 0, 0, 1
 
     def build_model(self):
         import torch
@@ -58,12 +59,13 @@ class NVAETask(ImageTask):
         warm = self.loss["kl_warmup"] * self.epochs
         if warm <= 0:
             return 1.0
-        progress = self.epoch + step_in_epoch / self.steps_per_epoch
+        progress = self.epoch + step_in_epoch / self.per_epoch
         return min(1.0, self.loss["kl_min"] + (1 - self.loss["kl_min"]) * progress / warm)
 
     def train_batches(self, epoch, rank, world):
+        self.per_epoch = self.steps_per_epoch(world)
         for i, batch in enumerate(super().train_batches(epoch, rank, world)):
-            self.in_epoch, self.step = i, epoch * self.steps_per_epoch + i  # step: global, from 0
+            self.in_epoch, self.step = i, epoch * self.per_epoch + i  # step: global, from 0
             yield batch
 
     def _sums(self, out, x) -> dict:
@@ -163,7 +165,7 @@ class NVAEFamily(Family):
         n = self.section(cfg)
         return {"in_channels": channels, "image_size": cfg.data.image_size, "hidden": n.hidden,
                 "latent_channels": n.latent_channels, "scales": n.scales, "groups_per_scale": n.groups_per_scale,
-                "cells_per_group": n.cells_per_group, "residual_posterior": True,
+                "cells_per_group": n.cells_per_group, "residual_posterior": True, "flows": n.flows,
                 "likelihood": cfg.stage1.likelihood, "num_mixtures": cfg.stage1.num_mixtures}
 
     def build(self, model_config):
@@ -185,18 +187,12 @@ class NVAEFamily(Family):
     def task(self, cfg):
         return NVAETask, {"loss": self.loss_settings(cfg), "epochs": cfg.stage1.epochs}
 
-    def figures(self, model, data, cfg, folder: Path):
+    def figures(self, model, data, cfg, folder: Path, val_sums: dict):
         import numpy as np
-        import torch
 
         save_reconstructions(model, data, cfg.stage1.recon_images, folder)
-        total, n = None, 0
-        with torch.no_grad():
-            for batch in iterate((data, "val"), 256):
-                kl = model(batch)["kl"].sum(1)
-                total = kl if total is None else total + kl
-                n += len(batch)
-        per_group = (total / n).numpy()
+        # the KL of the last validation pass, summed over the training workers
+        per_group = np.array([val_sums[f"kl_group{g}"] for g in range(model.num_groups)]) / val_sums["count"]
         per_dim = per_group / np.array(model.group_sizes())
         save_bars([(per_dim, f"validation KL per group, total {per_group.sum():.1f} nats/image")],
                   folder / "kl_per_group.png", xlabel="latent group (top-down)",

@@ -7,20 +7,24 @@ Test NLL: the upper bound of a one-hot posterior,
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from pydantic import Field, model_validator
 
 from pipeline.schema import Section
 from stages.families import Family
-from stages.images import ImageTask, iterate, quality, save_bars, save_reconstructions
+from stages.images import ImageTask, quality, save_bars, save_reconstructions
 
 
 class VQVAE2Config(Section):
     """The ``vqvae2:`` section (stage1.model: vqvae2); training keys (epochs, lr, ...) stay in stage1."""
 
-    levels: int = Field(2, ge=1, le=3)  # 1 = VQ-VAE, 2 = VQ-VAE-2, 3 = three maps
+    levels: int = Field(2, ge=1, le=4)  # 1 = VQ-VAE, 2 = VQ-VAE-2, 3 = three maps (FFHQ-1024)
+    # per level, top first: the factor its encoder shrinks its input by (the bottom's input is
+    # the image); powers of two; unset: 4 for the bottom and 2 for each level above
+    downsample: Optional[list[int]] = None
     hidden: int = Field(64, ge=4)
     res_hidden: int = Field(32, ge=1)
     res_blocks: int = Field(2, ge=0)
@@ -38,7 +42,17 @@ class VQVAE2Config(Section):
         sizes = self.codebook_size if isinstance(self.codebook_size, list) else [self.codebook_size]
         if any(k < 2 for k in sizes):
             raise ValueError("codebook_size must be >= 2")
+        if self.downsample is not None:
+            if len(self.downsample) != self.levels:
+                raise ValueError(f"downsample lists {len(self.downsample)} factors for {self.levels} levels")
+            if any(f < 2 or f & (f - 1) for f in self.downsample):
+                raise ValueError(f"downsample factors must be powers of two >= 2, got {self.downsample}")
         return self
+
+    def factors(self) -> list[int]:
+        from models.vqvae2 import default_downsample
+
+        return list(self.downsample) if self.downsample is not None else default_downsample(self.levels)
 
 
 class VQTask(ImageTask):
@@ -168,20 +182,40 @@ class VQVAE2Family(Family):
     figures_note = "reconstructions.png (validation images over their reconstructions), codebook_usage.png"
 
     def downsampling(self, cfg):
-        levels = cfg.vqvae2.levels
-        return 2 ** (levels + 1), f"vqvae2.levels={levels}"
+        v = cfg.vqvae2
+        setting = f"vqvae2.downsample={v.downsample}" if v.downsample is not None else f"vqvae2.levels={v.levels}"
+        return math.prod(v.factors()), setting
 
     def model_config(self, cfg, channels):
         v = cfg.vqvae2
         keys = ["levels", "hidden", "res_hidden", "res_blocks", "embed_dim", "codebook_size", "beta",
                 "decay", "kmeans_init", "dead_code_threshold"]
-        return {"in_channels": channels, **{k: getattr(v, k) for k in keys},
+        return {"in_channels": channels, **{k: getattr(v, k) for k in keys}, "downsample": v.factors(),
                 "likelihood": cfg.stage1.likelihood, "num_mixtures": cfg.stage1.num_mixtures}
 
     def build(self, model_config):
         from models.vqvae2 import VQVAE2
 
         return VQVAE2(**model_config)
+
+    def param_counts(self, cfg, channels, num_classes):
+        import torch
+
+        from models.pixelcnn import HierarchicalPrior
+        from stages.priors import prior_config
+
+        from . import count_params
+
+        counts = super().param_counts(cfg, channels, num_classes)
+        with torch.device("meta"):
+            vq = self.build(self.model_config(cfg, channels))
+            schema = {"codebook_sizes": vq.codebook_sizes, "shapes": [list(s) for s in vq.map_shapes(cfg.data.image_size)],
+                      "num_classes": num_classes}
+            priors = HierarchicalPrior(**prior_config(schema, cfg.priors))
+        for l, level in enumerate(priors.levels):
+            h, w = schema["shapes"][l]
+            counts[f"priors level {l} ({h}x{w} codes)"] = count_params(level)
+        return counts
 
     def describe(self, model):
         sizes = "/".join(map(str, model.codebook_sizes))
@@ -192,16 +226,14 @@ class VQVAE2Family(Family):
     def task(self, cfg):
         return VQTask, {}
 
-    def figures(self, model, data, cfg, folder: Path):
+    def figures(self, model, data, cfg, folder: Path, val_sums: dict):
         import torch
 
         from models.quantize import perplexity
 
         save_reconstructions(model, data, cfg.stage1.recon_images, folder)
-        usage = [torch.zeros(k) for k in model.codebook_sizes]
-        for batch in iterate((data, "val"), 256):
-            for l, codes in enumerate(model.encode(batch)):
-                usage[l] += torch.bincount(codes.flatten(), minlength=model.codebook_sizes[l]).float()
+        # the code counts of the last validation pass, summed over the training workers
+        usage = [torch.tensor(val_sums[f"usage_level{l}"], dtype=torch.float64) for l in range(model.levels)]
         panels, stats = [], {}
         for l, u in enumerate(usage):
             used = int((u > 0).sum())
