@@ -80,6 +80,12 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long))
         self._known_initialized = False  # read the buffer (a host sync) until it says so
 
+    def get_extra_state(self) -> dict:
+        return {"steps": self._steps}  # (in checkpoints: a resumed run checks at the same steps)
+
+    def set_extra_state(self, state: dict) -> None:
+        self._steps = int(state["steps"])
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._known_initialized = False  # the loaded buffer decides again
         super()._load_from_state_dict(*args, **kwargs)

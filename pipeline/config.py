@@ -64,6 +64,17 @@ class TrainConfig(Section):
     # optimizer steps over which the LR rises linearly from lr/warmup_steps to lr; after it, a
     # cosine decay to lr/10 at the last step (the schedule moves every optimizer step)
     warmup_steps: int = Field(0, ge=0)
+    # a step checkpoint every this many batches inside an epoch (0: at epoch ends only); a run
+    # killed mid-epoch resumes at the next batch, exactly as if it had not stopped; a multiple
+    # of accumulate_steps (checkpoints are taken at optimizer steps)
+    checkpoint_every_steps: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _checkpoints_at_updates(self):
+        if self.checkpoint_every_steps % self.accumulate_steps:
+            raise ValueError(f"checkpoint_every_steps={self.checkpoint_every_steps} must be a multiple of "
+                             f"accumulate_steps={self.accumulate_steps} (checkpoints are taken at optimizer steps)")
+        return self
 
 
 class TrackingConfig(Section):

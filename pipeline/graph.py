@@ -29,7 +29,8 @@ class Stage:
     not_in_fingerprint: dict[str, frozenset] = field(default_factory=dict)  # keys that do not shape output
 
 
-SPEED_ONLY = frozenset({"compile", "channels_last"})  # train: keys that change speed, not what is learned
+# train: keys that change speed or resilience, not what is learned
+SPEED_ONLY = frozenset({"compile", "channels_last", "checkpoint_every_steps"})
 
 STAGES = (
     Stage("stage1", "stages.stage1", "train the model family's autoencoder on Ray Train", ("stage1", FAMILY, "train"),

@@ -63,10 +63,12 @@ def action(cfg, planned: PlannedStage, forced: set[str], tracker) -> str:
     found = None if tracker is None else tracker.find_finished(planned.name, planned.fingerprint)
     if found is not None:
         return f"reuse {found.info.run_id}"
-    epoch = checkpoints.resume_epoch(cfg.cluster.storage_path, planned.checkpoint_name)
-    if epoch is not None:
-        return f"resume from epoch {epoch + 1} (checkpoint of epoch {epoch})"
-    return "run"
+    found = checkpoints.newest(cfg.cluster.storage_path, planned.checkpoint_name)
+    if found is None:
+        return "run"
+    if found.step is None:
+        return f"resume from epoch {found.epoch + 1} (checkpoint of epoch {found.epoch})"
+    return f"resume in epoch {found.epoch} at batch {found.step} ({found.describe()})"
 
 
 def describe(cfg, stages: list[PlannedStage], forced: set[str], tracker) -> list[str]:

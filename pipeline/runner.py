@@ -155,14 +155,16 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
         cleared = checkpoints.clear(cfg.cluster.storage_path, planned.checkpoint_name)
         if cleared:
             print(f"[hvae] {st.name}: --force: {cleared}")
-    resume_epoch = checkpoints.resume_epoch(cfg.cluster.storage_path, planned.checkpoint_name)
+    found = checkpoints.newest(cfg.cluster.storage_path, planned.checkpoint_name)
+    resume_epoch = found.completed_epoch if found else None
     params = {s: getattr(cfg, s).model_dump(mode="json") for s in st.sections}
     tags = {**tags, **{f"hvae.upstream.{u}": upstream[u][0] for u in st.upstream}}
     run_id = tracker.start_child(parent_id, st.name, planned.fingerprint, params, tags)
     if resume_epoch is not None:
         _continue_curve(tracker, st.name, planned.fingerprint, run_id, resume_epoch)
     out_dir.mkdir(parents=True, exist_ok=True)
-    how = f"resume after epoch {resume_epoch}" if resume_epoch is not None else "run"
+    how = ("run" if found is None else f"resume after epoch {found.epoch}" if found.step is None else
+           f"resume in epoch {found.epoch} after batch {found.step}")
     print(f"[hvae] {st.name}: {how} as MLflow run {run_id} (fingerprint {planned.fingerprint})", flush=True)
     s0 = time.perf_counter()
     try:

@@ -1,8 +1,12 @@
 """Training checkpoints: how they are written, read, checked, and which one a stage resumes from.
 
-A checkpoint is a folder ``storage_path/<stage>-<fingerprint>/checkpoint_*/`` (Ray Train
-names it) holding ``state.pt`` (model, optimizer, scheduler) and ``meta.json`` (the epoch it
-closes, the model config, the epoch's metrics, where the workers ran).
+A checkpoint is a folder ``storage_path/<stage>-<fingerprint>/checkpoint_*/`` holding
+``state.pt`` (model, optimizer, scheduler) and ``meta.json`` (the epoch it closes, the model
+config, the epoch's metrics, where the workers ran). Ray Train names and writes the one that
+closes an epoch; a *step* checkpoint (``train.checkpoint_every_steps``), written by rank 0
+itself as ``checkpoint_step_<epoch>_<batches>``, is taken inside an epoch: its meta's
+``step`` says how many of the epoch's batches it has done, and its state also holds every
+rank's RNG state and partial epoch sums, so that a resume continues at the next batch.
 
 ``newest()`` is the one authority on what to resume from: the driver asks it what the
 plan and the run will do, each worker asks it where to start, and the stage asks it for
@@ -45,25 +49,44 @@ def load(folder: Path) -> tuple[dict, dict]:
     return state, json.loads((Path(folder) / META_FILE).read_text())
 
 
-def _epoch_if_complete(filesystem, folder: str) -> int | None:
-    """The epoch a checkpoint folder closes, or None when it was cut while being written (or
-    is not ours). Reads only the meta file and the state archive's central directory."""
+def _position_if_complete(filesystem, folder: str) -> tuple[int, int | None] | None:
+    """(epoch, step) of a checkpoint folder (step None: the epoch is complete), or None when
+    it was cut while being written (or is not ours). Reads only the meta file and the state
+    archive's central directory."""
     try:
         with filesystem.open_input_stream(posixpath.join(folder, META_FILE)) as f:
-            epoch = int(json.loads(f.read())["epoch"])
+            meta = json.loads(f.read())
+        epoch, step = int(meta["epoch"]), meta.get("step")
         with filesystem.open_input_file(posixpath.join(folder, STATE_FILE)) as f, zipfile.ZipFile(f):
             pass
     except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile):
         return None
-    return epoch
+    return epoch, (None if step is None else int(step))
 
 
 @dataclass
 class Checkpoint:
-    """A complete checkpoint: the epoch it closes, and where it lies (a path or a URI)."""
+    """A complete checkpoint: the epoch it is in, where it lies (a path or a URI) and, for a
+    step checkpoint, how many of that epoch's batches it has done (None: all of them)."""
 
     epoch: int
     path: str
+    step: int | None = None
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        """Sorts checkpoints by how far training had got: an epoch's end after its steps."""
+        return (self.epoch, 1, 0) if self.step is None else (self.epoch, 0, self.step)
+
+    @property
+    def completed_epoch(self) -> int | None:
+        """The last whole epoch before this checkpoint (None: none yet)."""
+        last = self.epoch if self.step is None else self.epoch - 1
+        return last if last >= 0 else None
+
+    def describe(self) -> str:
+        return (f"the checkpoint of epoch {self.epoch}" if self.step is None else
+                f"the checkpoint of epoch {self.epoch} after batch {self.step}")
 
     @contextmanager
     def folder(self) -> Iterator[Path]:
@@ -83,25 +106,69 @@ class Checkpoint:
             return load(folder)
 
 
-def newest(storage_path: str, name: str) -> Checkpoint | None:
-    """The checkpoint to resume ``storage_path/name`` from (None: start afresh): the newest
-    complete one, on a local path or any storage pyarrow opens (``s3://``, ``gs://``, ``file://``)."""
+def _all(storage_path: str, name: str) -> list[Checkpoint]:
     from pyarrow import fs
 
     filesystem, base = open_location(join(storage_path, name))
     found = []
     for info in filesystem.get_file_info(fs.FileSelector(base, allow_not_found=True)):
         if info.type == fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
-            epoch = _epoch_if_complete(filesystem, info.path)
-            if epoch is not None:
-                found.append(Checkpoint(epoch, join(storage_path, name, info.base_name)))
-    return max(found, key=lambda c: c.epoch) if found else None
+            position = _position_if_complete(filesystem, info.path)
+            if position is not None:
+                found.append(Checkpoint(position[0], join(storage_path, name, info.base_name), position[1]))
+    return found
+
+
+def newest(storage_path: str, name: str) -> Checkpoint | None:
+    """The checkpoint to resume ``storage_path/name`` from (None: start afresh): the newest
+    complete one, epoch or step, on a local path or any storage pyarrow opens (``s3://``,
+    ``gs://``, ``file://``)."""
+    found = _all(storage_path, name)
+    return max(found, key=lambda c: c.order) if found else None
 
 
 def resume_epoch(storage_path: str, name: str) -> int | None:
-    """The epoch a resume of ``storage_path/name`` continues after (None: nothing to resume)."""
+    """The last whole epoch a resume of ``storage_path/name`` continues after (None: none)."""
     found = newest(storage_path, name)
-    return found.epoch if found else None
+    return found.completed_epoch if found else None
+
+
+STEP_PREFIX = "checkpoint_step_"
+
+
+def save_step(storage_path: str, name: str, epoch: int, step: int, state: dict, meta: dict) -> str:
+    """Rank 0 writes a step checkpoint straight to the storage (Ray Train keeps only the epoch
+    ones it is told of), then removes the step checkpoints it supersedes. -> its location."""
+    from pyarrow import fs
+
+    filesystem, base = open_location(join(storage_path, name))
+    folder_name = f"{STEP_PREFIX}{epoch:06d}_{step:09d}"
+    with tempfile.TemporaryDirectory(prefix="hvae-step-") as tmp:
+        save(Path(tmp), state, {**meta, "epoch": epoch, "step": step})
+        target = posixpath.join(base, folder_name)
+        filesystem.create_dir(target, recursive=True)
+        # the state first, the meta last: a folder cut while being written has no readable pair
+        for file in (STATE_FILE, META_FILE):
+            fs.copy_files(str(Path(tmp) / file), posixpath.join(target, file),
+                          source_filesystem=fs.LocalFileSystem(), destination_filesystem=filesystem)
+    prune_steps(storage_path, name)
+    return join(storage_path, name, folder_name)
+
+
+def prune_steps(storage_path: str, name: str) -> None:
+    """Delete every step checkpoint but the newest checkpoint, when that is a step one: an
+    epoch's end or a later step supersedes them (Ray Train prunes the epoch ones itself)."""
+    found = _all(storage_path, name)
+    if not found:
+        return
+    keep = max(found, key=lambda c: c.order)
+    filesystem, _ = open_location(join(storage_path, name))
+    for c in found:
+        if c.step is not None and c is not keep:
+            try:
+                filesystem.delete_dir(open_location(c.path)[1])
+            except OSError:
+                pass  # another rank of a restarted group got there first
 
 
 def clear(storage_path: str, name: str) -> str | None:

@@ -53,6 +53,7 @@ class LoopSpec:
     channels_last: bool = False
     accumulate_steps: int = 1  # batches whose gradients one optimizer step sums
     warmup_steps: int = 0  # optimizer steps of linear LR warm-up before the cosine decay
+    checkpoint_every_steps: int = 0  # a step checkpoint every this many batches of an epoch (0: epoch ends only)
 
     def autocast(self, device: torch.device):
         """The forward pass's autocast context (off for fp32). The models keep their float32
@@ -192,21 +193,41 @@ def _quiet_ray_train() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
+@dataclass
+class Resume:
+    """Where an epoch continues from a step checkpoint, for one rank: the batches it had done,
+    the LR the epoch started with, this rank's RNG states, partial sums and data wait."""
+
+    step: int
+    lr: float
+    rng: torch.Tensor
+    cuda_rng: torch.Tensor | None
+    sums: dict
+    waited: float
+
+
 def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int):
-    """Build model, optimizer and schedule, restored from the checkpoint ``checkpoints.newest`` picks."""
+    """Build model, optimizer and schedule, restored from the checkpoint ``checkpoints.newest``
+    picks -> (model, optimizer, scheduler, scaler, first epoch, Resume or None)."""
     import ray.train
     import ray.train.torch
 
     torch.manual_seed(spec.seed)
     model = task.build_model()
     found = checkpoints.newest(spec.storage_path, spec.name)
-    restored, start_epoch = None, 0
+    restored, start_epoch, resume = None, 0, None
     if found is not None:
         restored, meta = found.load()
         model.load_state_dict(restored["model"])
-        start_epoch = found.epoch + 1
+        start_epoch = found.epoch + 1 if found.step is None else found.epoch
+        ranks = restored.get("ranks") or []
+        if found.step is not None and len(ranks) == world:
+            resume = Resume(found.step, meta["epoch_lr"], **ranks[rank])
+        elif found.step is not None and rank == 0:
+            log(f"[{spec.stage}] the step checkpoint was taken by {len(ranks)} workers, this group has {world}: "
+                f"epoch {found.epoch} starts again from its first batch (from the weights it had reached)")
         if rank == 0:
-            log(f"[{spec.stage}] resuming from the checkpoint of epoch {found.epoch}")
+            log(f"[{spec.stage}] resuming from {found.describe()}")
             if spec.report is not None:  # one point per restore: after a crash or a lost worker
                 spec.report({"restored_from_epoch": float(found.epoch)}, found.epoch)
     if rank == 0 and spec.report is not None:
@@ -226,23 +247,38 @@ def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int):
         scheduler.load_state_dict(restored["scheduler"])
         if scaler is not None and "scaler" in restored:
             scaler.load_state_dict(restored["scaler"])
-    return model, optimizer, scheduler, scaler, start_epoch
+    return model, optimizer, scheduler, scaler, start_epoch, resume
 
 
 def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, rank: int, world: int, device,
-              scaler=None, scheduler=None):
+              scaler=None, scheduler=None, resume: Resume | None = None,
+              checkpoint: Callable[[int, dict, float], None] | None = None):
     """Train one epoch, then validate -> (train sums, val sums, seconds of training). An
     optimizer step every ``spec.accumulate_steps`` batches, and one for the epoch's last
-    batches (their gradients are then divided by ``accumulate_steps`` all the same)."""
+    batches (their gradients are then divided by ``accumulate_steps`` all the same).
+    ``resume``: continue after the batches a step checkpoint had done (they come again, in the
+    same order, and are passed over); ``checkpoint(batches done, sums, data wait)`` is called
+    every ``spec.checkpoint_every_steps`` batches, at an optimizer step, on every rank."""
     torch.manual_seed(spec.seed * 100003 + epoch * 7919 + rank)
+    start = 0
+    train_sums: dict[str, torch.Tensor] = {}
+    waited = 0.0
+    if resume is not None:
+        start, waited = resume.step, resume.waited
+        torch.set_rng_state(resume.rng)
+        if resume.cuda_rng is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(resume.cuda_rng, device)
+        train_sums = {k: v.to(device) for k, v in resume.sums.items()}
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    train_sums: dict[str, torch.Tensor] = {}
+    every, last = spec.checkpoint_every_steps, task.steps_per_epoch(world)
     t0 = time.perf_counter()
-    batches, waited, guard, pending = iter(task.train_batches(epoch, rank, world)), 0.0, Guard(), False
+    batches, guard, pending = iter(task.train_batches(epoch, rank, world)), Guard(), False
     for step in itertools.count():
         t_wait = time.perf_counter()
         batch = next(batches, None)
+        if step < start and batch is not None:
+            continue  # done before the step checkpoint
         waited += time.perf_counter() - t_wait
         if batch is None:
             break
@@ -254,6 +290,9 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
         pending = not update
         if (step + 1) % spec.sync_every == 0:
             _stop_if_not_finite(spec, task, guard, epoch, world)
+        if checkpoint is not None and every and update and (step + 1) % every == 0 and step + 1 < last:
+            _stop_if_not_finite(spec, task, guard, epoch, world)  # a bad step never reaches a checkpoint
+            checkpoint(step + 1, train_sums, waited)
     _stop_if_not_finite(spec, task, guard, epoch, world)  # (a host sync: the epoch's time below is real on a GPU)
     if pending:
         apply_update(model, optimizer, spec, scaler, scheduler)
@@ -316,13 +355,13 @@ def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, e
                      if k.startswith(("train_loss", "val_")) and "level" not in k and "group" not in k)
     log(f"[{spec.stage}] epoch {epoch + 1}/{spec.epochs} {shown} {metrics['images_per_s']:.0f} items/s")
     with tempfile.TemporaryDirectory() as tmp:
-        state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
+        state = _state(core, optimizer, scheduler, scaler)
         meta = {"epoch": epoch, "model_config": spec.model_config, "metrics": metrics, "nodes": nodes,
                 "val_sums": val_sums or {}}
         checkpoints.save(Path(tmp), state, meta)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if spec.checkpoint_every_steps:
+        checkpoints.prune_steps(spec.storage_path, spec.name)  # the epoch's end supersedes its steps
 
 
 def train_worker(spec: LoopSpec) -> None:
@@ -335,19 +374,48 @@ def train_worker(spec: LoopSpec) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     task = spec.make_task(**spec.task_args)
-    model, optimizer, scheduler, scaler, start_epoch = _start(spec, task, rank, world)
+    model, optimizer, scheduler, scaler, start_epoch, resume = _start(spec, task, rank, world)
     core = getattr(model, "module", model)
     nodes = _worker_nodes()
     for epoch in range(start_epoch, spec.epochs):
-        lr = optimizer.param_groups[0]["lr"]  # (at the epoch's start)
+        lr = resume.lr if resume is not None else optimizer.param_groups[0]["lr"]  # (at the epoch's start)
+
+        def step_checkpoint(done: int, sums: dict, waited: float, epoch=epoch, lr=lr) -> None:
+            mine = {"rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "sums": {k: v.detach().cpu() for k, v in sums.items()}, "waited": waited}
+            ranks = _gather(mine)
+            if rank == 0:
+                state = _state(core, optimizer, scheduler, scaler)
+                state["ranks"] = ranks
+                meta = {"model_config": spec.model_config, "metrics": {}, "nodes": nodes, "epoch_lr": lr}
+                checkpoints.save_step(spec.storage_path, spec.name, epoch, done, state, meta)
+
         train_sums, val_sums, seconds = run_epoch(spec, task, model, optimizer, epoch, rank, world, device, scaler,
-                                                  scheduler)
+                                                  scheduler, resume, step_checkpoint)
+        resume = None
         val_out: dict = {}
         metrics = epoch_metrics(task, spec, train_sums, val_sums, seconds, epoch, lr, world, device, val_out)
         if rank == 0:
             _report(spec, core, optimizer, scheduler, scaler, metrics, epoch, nodes, val_out)
         else:
             ray.train.report(metrics)
+
+
+def _state(core, optimizer, scheduler, scaler) -> dict:
+    state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def _gather(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _worker_entry(config: dict) -> None:
@@ -358,12 +426,7 @@ def _worker_nodes() -> list[str]:
     """The Ray node id of every rank, in rank order (the same list on every rank)."""
     import ray
 
-    node = ray.get_runtime_context().get_node_id()
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return [node]
-    nodes: list = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, node)
-    return nodes
+    return _gather(ray.get_runtime_context().get_node_id())
 
 
 # ---- the driver side -------------------------------------------------------------------

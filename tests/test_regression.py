@@ -146,3 +146,58 @@ def test_mixed_precision_and_compile_follow_fp32(precision, compiled, digits):
     for key in ("train_loss", "val_loss"):
         assert other[key] == pytest.approx(reference[key], rel=tol), (key, other[key], reference[key])
     assert _start  # the worker builds the same way (channels_last, compile, scaler): stages/train_loop.py
+
+
+# A step checkpoint inside an epoch, and a resume from it in a fresh model, optimizer and
+# schedule, against the same two epochs run straight: the weights agree exactly (the batches
+# come again in the same order and are passed over; the RNG state, the partial sums and the
+# quantizer's step count come from the checkpoint). The NVAE draws its posterior noise from
+# the RNG; the VQ-VAE-2 restarts dead codes (on a step count, from the RNG).
+@pytest.mark.parametrize("name,extra", [("nvae", []), ("vqvae2", ["vqvae2.dead_code_threshold=4"])])
+def test_a_resume_from_a_step_checkpoint_equals_the_run_it_cut(name, extra, digits):
+    import copy
+
+    from stages.train_loop import Resume
+
+    cfg = load_config(None, ["stage1.batch_size=16", "stage1.lr=1e-3", *TINY[name], *extra])
+    family = families.of(cfg)
+    model_config = family.model_config(cfg, 1)
+    task_cls, extra_args = family.task(cfg)
+    spec = LoopSpec(make_task=task_cls, task_args={}, model_config=model_config, epochs=2, lr=1e-3,
+                    stage="stage1", checkpoint_every_steps=3, warmup_steps=2)
+
+    def fresh():
+        task = task_cls(model_config=model_config, shape=digits["train"].shape[1:], train_rows=len(digits["train"]),
+                        batch_size=16, world_hint=1, seed=0, family=family.name, **extra_args)
+        task.sources = {s: ArrayShard(images) for s, images in digits.items()}
+        torch.manual_seed(spec.seed)
+        model = task.build_model()
+        optimizer, scheduler = make_optimizer(model, spec, task.steps_per_epoch(1))
+        return task, model, optimizer, scheduler
+
+    def train(task, model, optimizer, scheduler, epochs, resume=None, checkpoint=None):
+        for epoch in epochs:
+            run_epoch(spec, task, model, optimizer, epoch, 0, 1, torch.device("cpu"), None, scheduler, resume, checkpoint)
+            resume = None
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    straight = train(*fresh(), [0, 1])
+    saved = {}
+
+    def checkpoint(done, sums, waited):
+        if done == 6 and not saved:  # in epoch 1 (8 batches an epoch): after its 6th batch
+            saved.update(state=copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "scheduler": scheduler.state_dict()}),
+                         resume=Resume(done, 0.0, torch.get_rng_state(), None,
+                                       {k: v.clone() for k, v in sums.items()}, waited))
+
+    task, model, optimizer, scheduler = fresh()
+    train(task, model, optimizer, scheduler, [0])
+    train(task, model, optimizer, scheduler, [1], checkpoint=checkpoint)  # (runs on past the checkpoint: cut here)
+    assert saved, "no step checkpoint was taken"
+    task, model, optimizer, scheduler = fresh()
+    model.load_state_dict(saved["state"]["model"])
+    optimizer.load_state_dict(saved["state"]["optimizer"])
+    scheduler.load_state_dict(saved["state"]["scheduler"])
+    resumed = train(task, model, optimizer, scheduler, [1], resume=saved["resume"])
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=0)

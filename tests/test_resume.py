@@ -162,6 +162,55 @@ def test_a_killed_and_resumed_stage1_equals_an_uninterrupted_one(tmp_path):
     print(f"resumed after epoch {m.group(1)}; resume to the end of stage 1: {time.perf_counter() - t0:.1f} s")
 
 
+@pytest.mark.slow
+def test_a_driver_killed_mid_epoch_resumes_at_the_next_batch_and_equals_an_uninterrupted_run(tmp_path):
+    """Step checkpoints every 4 batches (16 batches an epoch on each worker); the driver is
+    killed (SIGKILL, its whole process group: the workers die with it) as soon as a step
+    checkpoint of the second epoch exists; the resume continues after that batch, and the
+    final weights and the logged curves equal those of the same run done straight."""
+    import torch
+
+    args = ["run", SMOKE, "data.limit=1024", "stage1.epochs=2", "train.checkpoint_every_steps=4", "--until", "stage1"]
+    straight_dir, cut_dir = tmp_path / "straight", tmp_path / "cut"
+    straight_dir.mkdir()
+    cut_dir.mkdir()
+    straight = hvae(straight_dir, *args)
+    assert straight.returncode == 0, straight.stdout[-3000:]
+
+    proc = hvae_background(cut_dir, *args)
+    steps = lambda: list(cut_dir.glob("ray_results/stage1-*/checkpoint_step_000001_*/meta.json"))  # noqa: E731
+    try:
+        end = time.time() + 300
+        while not steps() and proc.poll() is None and time.time() < end:
+            time.sleep(0.02)
+    finally:
+        kill_group(proc)
+    assert steps(), "no step checkpoint of the second epoch before the driver ended"
+    _, all_runs = runs(cut_dir)
+    cut_parent = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline")
+    plan = hvae(cut_dir, *args, "--dry-run")
+    assert re.search(r"#   stage1\s+resume in epoch 1 at batch \d+", plan.stdout), plan.stdout[-2000:]
+    again = hvae(cut_dir, "resume", cut_parent.info.run_id, "--until", "stage1")
+    assert again.returncode == 0, again.stdout[-3000:]
+    m = re.search(r"\[hvae\] stage1: resume in epoch 1 after batch (\d+)", again.stdout)
+    assert m and 0 < int(m.group(1)) < 16, again.stdout[-3000:]
+    assert f"[stage1] resuming from the checkpoint of epoch 1 after batch {m.group(1)}" in again.stdout
+    assert "epoch 1/2" not in again.stdout and "epoch 2/2" in again.stdout  # only the cut epoch was finished
+    # the step checkpoints are gone once the epoch's end supersedes them
+    assert not list(cut_dir.glob("ray_results/stage1-*/checkpoint_step_*"))
+
+    _, straight_runs = runs(straight_dir)
+    client, all_runs = runs(cut_dir)
+    s1 = sorted(stage_runs(all_runs, "stage1"), key=lambda r: r.info.start_time)
+    want_weights, want_curves = _stage1_result(straight_dir, stage_runs(straight_runs, "stage1")[0].info.run_id)
+    got_weights, got_curves = _stage1_result(cut_dir, s1[-1].info.run_id)
+    for key, value in want_weights.items():
+        torch.testing.assert_close(got_weights[key], value, rtol=0, atol=1e-6, msg=f"weights differ at {key}")
+    for key, curve in want_curves.items():  # epoch 0 copied from the cut run, epoch 1 finished by the resume
+        assert [step for step, _ in got_curves[key]] == [0, 1] == [step for step, _ in curve], key
+        assert [v for _, v in got_curves[key]] == pytest.approx([v for _, v in curve], rel=1e-6, abs=1e-9), key
+
+
 def _train_worker_pids():
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in ps.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
