@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import noise
 from .precision import fp32
 
 
@@ -57,7 +58,7 @@ class Bernoulli:
         return torch.sigmoid(params) * 255.0
 
     def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        u = torch.rand(params.shape, generator=generator, device=params.device)
+        u = noise.uniform(params.shape, generator, params.device)
         return ((u < torch.sigmoid(params)).float() * 255.0).to(torch.uint8)
 
 
@@ -155,21 +156,21 @@ class DiscretizedLogistic:
     def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         logit_pi, means, log_scales, coeffs = self._split(params)
         b, k, c, h, w = means.shape
-        gumbel = -torch.log(-torch.log(torch.rand(logit_pi.shape, generator=generator, device=params.device).clamp(1e-10, 1 - 1e-10)))
+        gumbel = -torch.log(-torch.log(noise.uniform(logit_pi.shape, generator, params.device).clamp(1e-10, 1 - 1e-10)))
         comp = (logit_pi + gumbel).argmax(dim=1, keepdim=True)  # [B, 1, H, W]
         onehot = F.one_hot(comp.squeeze(1), k).permute(0, 3, 1, 2).float().unsqueeze(2)  # [B, K, 1, H, W]
         mu = (means * onehot).sum(1)
         ls = (log_scales * onehot).sum(1)
         co = (coeffs * onehot).sum(1) if self.num_coeffs else None
-        u = torch.rand(mu.shape, generator=generator, device=params.device).clamp(1e-5, 1 - 1e-5)
-        noise = torch.log(u) - torch.log1p(-u)
+        u = noise.uniform(mu.shape, generator, params.device).clamp(1e-5, 1 - 1e-5)
+        logistic = torch.log(u) - torch.log1p(-u)
         xs = []
         for ch in range(c):
             m = mu[:, ch]
             idx = ch * (ch - 1) // 2
             for j in range(ch):
                 m = m + co[:, idx + j] * xs[j]
-            xs.append((m + torch.exp(ls[:, ch]) * noise[:, ch]).clamp(-1, 1))
+            xs.append((m + torch.exp(ls[:, ch]) * logistic[:, ch]).clamp(-1, 1))
         x = torch.stack(xs, dim=1)
         return torch.round((x + 1.0) * 127.5).clamp(0, 255).to(torch.uint8)
 

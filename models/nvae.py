@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import noise
 from .likelihoods import make_likelihood, to_model_range
 from .precision import fp32
 
@@ -255,7 +256,7 @@ class NVAE(nn.Module):
                 d_mu, d_log_sigma = self.posterior_heads[g](context).chunk(2, dim=1)
                 d_log_sigma = soft_clamp(d_log_sigma)
                 mu_q, log_sigma_q = mu_p + d_mu, log_sigma_p + d_log_sigma
-                eps = torch.randn(mu_q.shape, generator=generator, device=h.device, dtype=h.dtype)
+                eps = noise.normal(mu_q.shape, generator, h.device, h.dtype)
                 z = mu_q + torch.exp(log_sigma_q) * eps
                 log_q = normal_log_prob(z, mu_q, log_sigma_q).flatten(1).sum(1)
                 if self.flows:
@@ -269,7 +270,7 @@ class NVAE(nn.Module):
                 if g == 0 and top is not None:
                     z = top
                 else:
-                    eps = torch.randn(mu_p.shape, generator=generator, device=h.device, dtype=h.dtype)
+                    eps = noise.normal(mu_p.shape, generator, h.device, h.dtype)
                     z = mu_p + temperature * torch.exp(log_sigma_p) * eps
                 kl = log_q = torch.zeros(batch, device=h.device)
             log_p = normal_log_prob(z, mu_p, log_sigma_p).flatten(1).sum(1)

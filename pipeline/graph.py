@@ -44,7 +44,7 @@ STAGES = (
           ("extract",), trains=True, on_ray=True, not_in_fingerprint={"train": SPEED_ONLY}, artifacts=("model/prior_level{l}.pt", "model/priors.json"),
           shown=("val_bits_per_code",), epoch_metrics=r"loss|bits_per_code|bits_per_code_level\d|nll_nats_level\d"),
     Stage("sample", "stages.sample", "draw samples through the hierarchy and decode them", ("sample",),
-          ("stage1", "priors"), artifacts=("samples/grid.png", "samples/samples.npz"), linked="samples/grid.png"),
+          ("stage1", "priors"), on_ray=True, artifacts=("samples/grid.png", "samples/samples.npz"), linked="samples/grid.png"),
     Stage("evaluate", "stages.evaluate", "test NLL (bound or importance-weighted estimate) and its parts",
           ("evaluate",), ("stage1", "priors"), on_ray=True, artifacts=("report/nll_table.md",),
           shown=("test_nll_bpd", "test_nll_nats"), printed="report/nll_table.md",

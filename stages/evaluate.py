@@ -8,8 +8,9 @@ VAE families the importance-weighted estimate with K = ``evaluate.iw_samples``
 (an upper bound in expectation, tighter as K grows; K = 1 is the negative ELBO, shown as ≤).
 
 The test split streams through ``map_batches`` with a pool of ``evaluate.num_actors`` actors,
-each holding the model (``Family.scorer``); every batch comes back as its sums, which the
-driver adds up (``Family.summary``). Output: report/nll_table.md.
+each holding the model (``Family.scorer``) on its device (one GPU each when
+``cluster.use_gpu``); every batch comes back as its sums, which the driver adds up
+(``Family.summary``). Output: report/nll_table.md.
 """
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ from .nll_table import bound_symbol, nll_table
 
 
 class Scorer:
-    """Ray Data actor: one test batch -> one row of its sums."""
+    """Ray Data actor: one test batch -> one row of its sums, on the actor's device (a GPU when
+    the stage asked for one)."""
 
-    def __init__(self, score):
-        self.score = score
+    def __init__(self, score, use_gpu: bool):
+        from .families import worker_device
+
+        self.score = score.to(worker_device(use_gpu))
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -43,9 +47,11 @@ def score(ctx: StageContext, family, model) -> dict:
     # the scorer is built here, with what it needs from the upstream folders, and shipped to the
     # actors whole: an actor on another node cannot see the driver's files
     scorer = family.scorer(model.eval(), dict(ctx.upstream), ecfg)
+    use_gpu = ctx.config.cluster.use_gpu
     rows = ctx.data.stream("test").map_batches(
-        Scorer, fn_constructor_kwargs={"score": scorer},
-        batch_size=ecfg.batch_size, compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors), num_cpus=1)
+        Scorer, fn_constructor_kwargs={"score": scorer, "use_gpu": use_gpu},
+        batch_size=ecfg.batch_size, compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors), num_cpus=1,
+        num_gpus=1 if use_gpu else 0)
     total: dict = {}
     for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in batch.items():

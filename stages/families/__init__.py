@@ -77,19 +77,54 @@ class Family:
         The driver runs it: it must not pass over the data."""
         raise NotImplementedError
 
-    def sample(self, model, upstream: dict[str, Path], scfg) -> tuple[Any, list, Any]:
-        """(images uint8 [N, C, H, W], codes per level (may be empty), labels or None)."""
+    def sampler(self, model, upstream: dict[str, Path], scfg) -> "OnDevice":
+        """Built on the driver, run on a Ray worker: () -> (images uint8 [N, C, H, W], codes per
+        level (may be empty), labels or None), on the CPU."""
         raise NotImplementedError
 
-    def scorer(self, model, upstream: dict[str, Path], ecfg) -> Callable:
-        """A function of one test batch (uint8 images [B, C, H, W], labels [B], the batch's first
-        source index) -> its sums (floats or arrays), run inside the evaluate stage's actors."""
+    def scorer(self, model, upstream: dict[str, Path], ecfg) -> "OnDevice":
+        """Built on the driver, run in the evaluate stage's actors: (uint8 images [B, C, H, W],
+        labels [B], the batch's first source index) -> its sums (floats or arrays)."""
         raise NotImplementedError
 
     def summary(self, sums: dict, dims: int, ecfg) -> dict[str, float]:
         """The test metrics from every batch's sums added up: test_nll_nats, test_nll_bpd (with
         test_iw_samples when estimated), their parts."""
         raise NotImplementedError
+
+
+class OnDevice:
+    """A function of some torch modules, built on the driver (which holds the upstream files)
+    and shipped whole to a Ray worker, which moves it to its device: ``to(device)`` moves the
+    modules; a call moves its tensor arguments there and gives ``fn(*args, **modules, **kwargs)``
+    (which returns host values). Random draws follow their CPU generators (models/noise.py),
+    so a seed gives the same result on any device."""
+
+    def __init__(self, fn: Callable, modules: dict, **kwargs):
+        import torch
+
+        self.fn, self.modules, self.kwargs, self.device = fn, dict(modules), kwargs, torch.device("cpu")
+
+    def to(self, device) -> "OnDevice":
+        import torch
+
+        self.device = torch.device(device)
+        self.modules = {k: m.to(self.device).eval() for k, m in self.modules.items()}
+        return self
+
+    def __call__(self, *args):
+        import torch
+
+        args = [a.to(self.device) if torch.is_tensor(a) else a for a in args]
+        with torch.no_grad():
+            return self.fn(*args, **self.modules, **self.kwargs)
+
+
+def worker_device(use_gpu: bool):
+    """The device of a Ray worker the stage asked a GPU for (``use_gpu``), else the CPU."""
+    import torch
+
+    return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
 def count_params(model) -> int:

@@ -129,6 +129,17 @@ def iw_sums(model, x, k: int, seed: int) -> dict:
                 "sq_err": float(((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum())}
 
 
+def _score(x, y, first_index, *, model, k) -> dict:
+    return iw_sums(model, x, k, seed=first_index)
+
+
+def _sample(*, model, num_samples, temperature, seed, pixels):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return model.sample(num_samples, temperature, gen, pixels=pixels).cpu(), [], None
+
+
 def iw_summary(sums: dict, dims: int, k: int) -> dict[str, float]:
     from models.likelihoods import to_bits_per_dim
 
@@ -200,16 +211,16 @@ class NVAEFamily(Family):
         # groups whose KL per latent dimension is below 0.01 nats carry almost no information
         return {"val_active_groups": float((per_dim > 0.01).sum())}
 
-    def sample(self, model, upstream, scfg):
-        import torch
+    def sampler(self, model, upstream, scfg):
+        from . import OnDevice
 
-        gen = torch.Generator().manual_seed(scfg.seed)
-        with torch.no_grad():
-            images = model.sample(scfg.num_samples, scfg.temperature, gen, pixels=scfg.pixels)
-        return images, [], None
+        return OnDevice(_sample, {"model": model}, num_samples=scfg.num_samples, temperature=scfg.temperature,
+                        seed=scfg.seed, pixels=scfg.pixels)
 
     def scorer(self, model, upstream, ecfg):
-        return lambda x, y, first_index: iw_sums(model, x, ecfg.iw_samples, seed=first_index)
+        from . import OnDevice
+
+        return OnDevice(_score, {"model": model}, k=ecfg.iw_samples)
 
     def summary(self, sums, dims, ecfg):
         return iw_summary(sums, dims, ecfg.iw_samples)

@@ -111,7 +111,7 @@ def nll_sums(vq, priors, x, y) -> dict:
         mean = vq.likelihood.mean(out["params"]) / 255.0
         sums["sq_err"] = float(((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum())
         for l, c in enumerate(out["codes"]):
-            sums[f"usage{l}"] = torch.bincount(c.flatten(), minlength=vq.codebook_sizes[l]).double().numpy()
+            sums[f"usage{l}"] = torch.bincount(c.flatten(), minlength=vq.codebook_sizes[l]).double().cpu().numpy()
     return sums
 
 
@@ -156,13 +156,23 @@ def nll_bound(vq, priors, images, labels, batch_size: int) -> dict[str, float]:
     return nll_summary(total, int(np.prod(images.shape[1:])))
 
 
+def _score(x, y, first_index, *, vq, priors) -> dict:
+    return nll_sums(vq, priors, x, y)
+
+
+def _draw(*, vq, priors, **settings):
+    images, codes, labels = draw(vq, priors, **settings)
+    return images.cpu(), [c.cpu() for c in codes], None if labels is None else labels.cpu()
+
+
 def draw(vq, priors, num_samples: int, temperature: float, seed: int, pixels: str = "mean"):
     """Ancestral sampling, top level first, then the decoder -> (images uint8, codes per level, labels)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     num_classes = priors.levels[0].num_classes
-    labels = torch.arange(num_samples) % num_classes if num_classes else None
+    device = next(priors.parameters()).device
+    labels = (torch.arange(num_samples) % num_classes).to(device) if num_classes else None
     with torch.no_grad():
         codes = priors.sample(num_samples, labels, temperature, gen)
         params = vq.decode_codes(codes)
@@ -244,17 +254,21 @@ class VQVAE2Family(Family):
         save_bars(panels, folder / "codebook_usage.png", xlabel="code", ylabel="count (val)")
         return stats
 
-    def sample(self, model, upstream, scfg):
+    def sampler(self, model, upstream, scfg):
         from stages.priors import load_priors
 
+        from . import OnDevice
+
         priors = load_priors(upstream["priors"] / "model")
-        return draw(model, priors, scfg.num_samples, scfg.temperature, scfg.seed, scfg.pixels)
+        return OnDevice(_draw, {"vq": model, "priors": priors}, num_samples=scfg.num_samples,
+                        temperature=scfg.temperature, seed=scfg.seed, pixels=scfg.pixels)
 
     def scorer(self, model, upstream, ecfg):
         from stages.priors import load_priors
 
-        priors = load_priors(upstream["priors"] / "model")
-        return lambda x, y, first_index: nll_sums(model, priors, x, y)
+        from . import OnDevice
+
+        return OnDevice(_score, {"vq": model, "priors": load_priors(upstream["priors"] / "model")})
 
     def summary(self, sums, dims, ecfg):
         return nll_summary(sums, dims)
