@@ -143,6 +143,10 @@ class SampleConfig(Section):
     temperature: float = Field(1.0, gt=0)  # VQ: prior logits are divided by it; NVAE: prior sigmas multiplied
     seed: int = 0
     pixels: Literal["mean", "sample"] = "mean"  # decoder mean, or a draw from the pixel likelihood
+    # images per Ray task (the tasks share the cluster's workers, a GPU each when use_gpu); each
+    # draws from its own generator, seeded from (seed, its first image): the images do not
+    # depend on how many workers draw them
+    batch_size: int = Field(64, ge=1)
 
 
 class EvaluateConfig(Section):

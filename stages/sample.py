@@ -3,8 +3,10 @@
 VQ families: top codes from the top prior, each lower level from its prior conditioned on
 the level above, then the decoder; the logits are divided by ``sample.temperature``. An
 NVAE samples its own top-down prior, each group's sigma multiplied by ``sample.temperature``.
-A fixed ``sample.seed`` gives identical samples, on a CPU or a GPU. The driver builds the
-family's sampler and a Ray task runs it (one GPU when ``cluster.use_gpu``). Output folder:
+A fixed ``sample.seed`` gives identical samples, on a CPU or a GPU, whatever the number of
+workers: the driver builds the family's sampler, and Ray tasks (one GPU each when
+``cluster.use_gpu``) draw ``sample.batch_size`` images each from generators seeded by
+(seed, first image). Output folder:
     samples/grid.png      the images in a grid
     samples/samples.npz   images (uint8 [N, C, H, W]), codes per level (level0 = top), labels
 """
@@ -18,11 +20,11 @@ from .base import StageContext, StageResult
 from .families import load_model
 
 
-def _draw(sampler, use_gpu: bool):
-    """On a Ray worker: the family's sampler on that worker's device -> CPU tensors."""
+def _draw(sampler, use_gpu: bool, first: int, count: int):
+    """On a Ray worker: samples ``first`` to ``first + count`` on that worker's device -> CPU tensors."""
     from .families import worker_device
 
-    return sampler.to(worker_device(use_gpu))()  # (it draws from its own seeded generators)
+    return sampler.to(worker_device(use_gpu))(first, count)  # (from its own seeded generator)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -33,9 +35,13 @@ def run(ctx: StageContext) -> StageResult:
 
     scfg, use_gpu = ctx.config.sample, ctx.config.cluster.use_gpu
     family, model = load_model(ctx.upstream["stage1"] / "model")
-    sampler = family.sampler(model, ctx.upstream, scfg)
+    sampler = ray.put(family.sampler(model, ctx.upstream, scfg))
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_draw)
-    images, codes, labels = ray.get(task.remote(sampler, use_gpu))
+    n, size = scfg.num_samples, scfg.batch_size
+    parts = ray.get([task.remote(sampler, use_gpu, first, min(size, n - first)) for first in range(0, n, size)])
+    images = torch.cat([p[0] for p in parts])
+    codes = [torch.cat([p[1][l] for p in parts]) for l in range(len(parts[0][1]))]
+    labels = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
     folder = ctx.output_dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     nrow = 10 if labels is not None else max(1, int(math.sqrt(scfg.num_samples)))

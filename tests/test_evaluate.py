@@ -51,3 +51,22 @@ def test_same_seed_same_samples():
     assert not all(torch.equal(x, y) for x, y in zip(a[1], c[1]))
     assert a[0].dtype == torch.uint8 and a[0].shape == (4, 1, 32, 32)
     assert [tuple(c.shape) for c in a[1]] == [(4, 4, 4), (4, 8, 8)]
+
+
+def test_the_sampler_draws_the_same_images_however_its_chunks_are_shared_out():
+    """Chunks of sample.batch_size images, each from its own generator seeded by (seed, first
+    image): drawn in any order, by any worker, they make the same set; labels count on."""
+    from stages.families import OnDevice, chunk_seed
+    from stages.families.vqvae2 import _draw
+
+    vq, priors = _known_models("dlogistic")
+    sampler = OnDevice(_draw, {"vq": vq, "priors": priors}, temperature=1.0, seed=3, pixels="sample")
+    forward = [sampler(first, 2) for first in (0, 2, 4)]
+    backward = [sampler(first, 2) for first in (4, 2, 0)][::-1]
+    for f, b in zip(forward, backward):
+        assert torch.equal(f[0], b[0]) and all(torch.equal(x, y) for x, y in zip(f[1], b[1]))
+    assert torch.equal(forward[0][0], draw(vq, priors, 2, 1.0, seed=3, pixels="sample")[0])  # chunk 0: the seed itself
+    assert torch.equal(forward[1][0], draw(vq, priors, 2, 1.0, seed=chunk_seed(3, 2), pixels="sample")[0])
+    assert not torch.equal(forward[0][0], forward[1][0])
+    priors.levels[0].num_classes = 3  # (labels only: class i % 3 for sample i, across chunks)
+    assert draw(vq, priors, 2, 1.0, seed=3, first=4)[2].tolist() == [1, 2]

@@ -78,8 +78,9 @@ class Family:
         raise NotImplementedError
 
     def sampler(self, model, upstream: dict[str, Path], scfg) -> "OnDevice":
-        """Built on the driver, run on a Ray worker: () -> (images uint8 [N, C, H, W], codes per
-        level (may be empty), labels or None), on the CPU."""
+        """Built on the driver, run on Ray workers: (first, count) -> images ``first`` to
+        ``first + count`` of the samples, drawn from a generator seeded by ``chunk_seed``:
+        (images uint8 [count, C, H, W], codes per level (may be empty), labels or None), on the CPU."""
         raise NotImplementedError
 
     def scorer(self, model, upstream: dict[str, Path], ecfg) -> "OnDevice":
@@ -118,6 +119,11 @@ class OnDevice:
         args = [a.to(self.device) if torch.is_tensor(a) else a for a in args]
         with torch.no_grad():
             return self.fn(*args, **self.modules, **self.kwargs)
+
+
+def chunk_seed(seed: int, first: int) -> int:
+    """The seed of the samples from index ``first`` on (``seed`` itself for the first chunk)."""
+    return seed + 1_000_003 * first
 
 
 def worker_device(use_gpu: bool):

@@ -81,7 +81,7 @@ class NVAETask(ImageTask):
 
         from models.nvae import kl_balance
 
-        x = batch.to(device)
+        x = batch.to(device, non_blocking=True)  # (pinned when bound for a GPU)
         core = getattr(model, "module", model)
         out = model(x)
         beta = self.kl_weight(self.in_epoch)
@@ -95,7 +95,7 @@ class NVAETask(ImageTask):
         return loss, self._sums(out, x), terms  # the loop names a non-finite term (and its step)
 
     def val_step(self, model, batch, device):
-        x = batch.to(device)
+        x = batch.to(device, non_blocking=True)  # (pinned when bound for a GPU)
         return self._sums(model(x), x)
 
     def summarize(self, split, sums):
@@ -133,11 +133,13 @@ def _score(x, y, first_index, *, model, k) -> dict:
     return iw_sums(model, x, k, seed=first_index)
 
 
-def _sample(*, model, num_samples, temperature, seed, pixels):
+def _sample(first, count, *, model, temperature, seed, pixels):
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
-    return model.sample(num_samples, temperature, gen, pixels=pixels).cpu(), [], None
+    from . import chunk_seed
+
+    gen = torch.Generator().manual_seed(chunk_seed(seed, first))
+    return model.sample(count, temperature, gen, pixels=pixels).cpu(), [], None
 
 
 def iw_summary(sums: dict, dims: int, k: int) -> dict[str, float]:
@@ -214,8 +216,7 @@ class NVAEFamily(Family):
     def sampler(self, model, upstream, scfg):
         from . import OnDevice
 
-        return OnDevice(_sample, {"model": model}, num_samples=scfg.num_samples, temperature=scfg.temperature,
-                        seed=scfg.seed, pixels=scfg.pixels)
+        return OnDevice(_sample, {"model": model}, temperature=scfg.temperature, seed=scfg.seed, pixels=scfg.pixels)
 
     def scorer(self, model, upstream, ecfg):
         from . import OnDevice

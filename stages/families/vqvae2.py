@@ -64,7 +64,7 @@ class VQTask(ImageTask):
         return {"count": torch.tensor(float(x.shape[0])), "nll": out["nll"].sum(), "commit": out["commit"].sum()}
 
     def train_step(self, model, batch, device):
-        x = batch.to(device)
+        x = batch.to(device, non_blocking=True)  # (pinned when bound for a GPU)
         out = model(x)
         loss = (out["nll"] + out["commit"]).mean() / x[0].numel()
         sums = self._sums(out, x)
@@ -73,7 +73,7 @@ class VQTask(ImageTask):
         return loss, sums
 
     def val_step(self, model, batch, device):
-        x = batch.to(device)
+        x = batch.to(device, non_blocking=True)  # (pinned when bound for a GPU)
         out = model(x)
         sums = self._sums(out, x)
         for l, st in enumerate(out["stats"]):
@@ -160,19 +160,22 @@ def _score(x, y, first_index, *, vq, priors) -> dict:
     return nll_sums(vq, priors, x, y)
 
 
-def _draw(*, vq, priors, **settings):
-    images, codes, labels = draw(vq, priors, **settings)
+def _draw(first, count, *, vq, priors, temperature, seed, pixels):
+    from . import chunk_seed
+
+    images, codes, labels = draw(vq, priors, count, temperature, chunk_seed(seed, first), pixels, first)
     return images.cpu(), [c.cpu() for c in codes], None if labels is None else labels.cpu()
 
 
-def draw(vq, priors, num_samples: int, temperature: float, seed: int, pixels: str = "mean"):
-    """Ancestral sampling, top level first, then the decoder -> (images uint8, codes per level, labels)."""
+def draw(vq, priors, num_samples: int, temperature: float, seed: int, pixels: str = "mean", first: int = 0):
+    """Ancestral sampling, top level first, then the decoder -> (images uint8, codes per level,
+    labels: class ``i % num_classes`` for sample ``i``, counting from ``first``)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     num_classes = priors.levels[0].num_classes
     device = next(priors.parameters()).device
-    labels = (torch.arange(num_samples) % num_classes).to(device) if num_classes else None
+    labels = (torch.arange(first, first + num_samples) % num_classes).to(device) if num_classes else None
     with torch.no_grad():
         codes = priors.sample(num_samples, labels, temperature, gen)
         params = vq.decode_codes(codes)
@@ -260,8 +263,8 @@ class VQVAE2Family(Family):
         from . import OnDevice
 
         priors = load_priors(upstream["priors"] / "model")
-        return OnDevice(_draw, {"vq": model, "priors": priors}, num_samples=scfg.num_samples,
-                        temperature=scfg.temperature, seed=scfg.seed, pixels=scfg.pixels)
+        return OnDevice(_draw, {"vq": model, "priors": priors}, temperature=scfg.temperature, seed=scfg.seed,
+                        pixels=scfg.pixels)
 
     def scorer(self, model, upstream, ecfg):
         from stages.priors import load_priors
