@@ -101,6 +101,16 @@ def _wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _straight_then_cut(tmp_path: Path, args: list[str]):
+    """Run ``args`` to the end in straight/, then start the same in cut/ -> (straight/, cut/, process)."""
+    straight_dir, cut_dir = tmp_path / "straight", tmp_path / "cut"
+    straight_dir.mkdir()
+    cut_dir.mkdir()
+    straight = hvae(straight_dir, *args)
+    assert straight.returncode == 0, straight.stdout[-3000:]
+    return straight_dir, cut_dir, hvae_background(cut_dir, *args)
+
+
 def _stage1_result(folder: Path, run_id: str):
     """The stage-1 run's final weights and its logged curves {metric: [(step, value)]}."""
     import torch
@@ -119,13 +129,7 @@ def test_a_killed_and_resumed_stage1_equals_an_uninterrupted_one(tmp_path):
     import torch
 
     args = ["run", SMOKE, "data.limit=2048", "stage1.epochs=4", "--until", "stage1"]
-    straight_dir, cut_dir = tmp_path / "straight", tmp_path / "cut"
-    straight_dir.mkdir()
-    cut_dir.mkdir()
-    straight = hvae(straight_dir, *args)
-    assert straight.returncode == 0, straight.stdout[-3000:]
-
-    proc = hvae_background(cut_dir, *args)
+    straight_dir, cut_dir, proc = _straight_then_cut(tmp_path, args)
     metas = lambda: list(cut_dir.glob("ray_results/stage1-*/checkpoint_*/meta.json"))  # noqa: E731
     try:
         _wait_for(lambda: len(metas()) >= 2 or proc.poll() is not None, 300, "two stage-1 checkpoints")
@@ -171,13 +175,7 @@ def test_a_driver_killed_mid_epoch_resumes_at_the_next_batch_and_equals_an_unint
     import torch
 
     args = ["run", SMOKE, "data.limit=1024", "stage1.epochs=2", "train.checkpoint_every_steps=4", "--until", "stage1"]
-    straight_dir, cut_dir = tmp_path / "straight", tmp_path / "cut"
-    straight_dir.mkdir()
-    cut_dir.mkdir()
-    straight = hvae(straight_dir, *args)
-    assert straight.returncode == 0, straight.stdout[-3000:]
-
-    proc = hvae_background(cut_dir, *args)
+    straight_dir, cut_dir, proc = _straight_then_cut(tmp_path, args)
     steps = lambda: list(cut_dir.glob("ray_results/stage1-*/checkpoint_step_000001_*/meta.json"))  # noqa: E731
     try:
         end = time.time() + 300
