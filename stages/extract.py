@@ -39,14 +39,20 @@ class Encoder:
 
 def read_codes(folder: Path, split: str) -> dict[str, np.ndarray]:
     """Read one split back in source order with plain pyarrow (no Ray needed):
-    {"level0": int16 [N, H0, W0], ..., "label": [N], "index": [N]}."""
+    {"level0": int16 [N, H0, W0], ..., "label": [N], "index": [N]}. (Where Ray Data is
+    imported, pyarrow reads the code maps as Ray's tensor extension type; its storage is the
+    same list array either way.)"""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = json.loads((Path(folder) / SCHEMA_FILE).read_text())
     table = pq.read_table(Path(folder) / split)
     out = {c: table.column(c).to_numpy() for c in ("label", "index")}
     for l, shape in enumerate(schema["shapes"]):
-        flat = table.column(f"level{l}").combine_chunks().flatten().to_numpy()
+        column = table.column(f"level{l}").combine_chunks()
+        if isinstance(column, pa.ExtensionArray):
+            column = column.storage
+        flat = column.flatten().to_numpy()
         out[f"level{l}"] = flat.reshape(len(table), *shape)
     order = np.argsort(out["index"], kind="stable")
     return {k: v[order] for k, v in out.items()}
