@@ -40,9 +40,7 @@ def connect(cluster_cfg) -> int:
         # dashboard port and tell every process this cluster starts.
         port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        # (tune_driver: slots for Tune trial drivers, which must not hold a CPU of their own)
-        ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, logging_level="WARNING",
-                 resources={"tune_driver": 64})
+        ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, logging_level="WARNING")
     else:
         ray.init(address=cluster_cfg.address, logging_level="WARNING")
     return len([n for n in ray.nodes() if n.get("Alive")])

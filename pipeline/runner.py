@@ -143,11 +143,13 @@ class StageFailed(RuntimeError):
 
 def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent_id: str, data,
                   upstream: dict[str, tuple[str, Path]], out_dir: Path, tags: dict[str, str],
-                  forced: bool = False, callbacks: list | None = None) -> tuple[str, object, float]:
+                  forced: bool = False, callbacks: list | None = None,
+                  datasets: dict | None = None) -> tuple[str, object, float]:
     """Run (or resume from its checkpoints) one stage as a child run of ``parent_id``.
 
     ``upstream`` maps each upstream stage to (its run id, its verified output folder). Returns
-    (run id, StageResult, seconds). A failure marks the run FAILED and raises StageFailed; an
+    (run id, StageResult, seconds). ``callbacks``: extra Ray Train callbacks and ``datasets``:
+    the stage's training datasets, built already (a sweep's trials share both). A failure marks the run FAILED and raises StageFailed; an
     interrupt marks it KILLED and propagates. Used by the pipeline and by every sweep trial.
     """
     st = planned.stage
@@ -168,7 +170,7 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
     print(f"[hvae] {st.name}: {how} as MLflow run {run_id} (fingerprint {planned.fingerprint})", flush=True)
     s0 = time.perf_counter()
     try:
-        result = _run_stage(tracker, cfg, planned, run_id, data, upstream, out_dir, callbacks)
+        result = _run_stage(tracker, cfg, planned, run_id, data, upstream, out_dir, callbacks, datasets)
         secs = time.perf_counter() - s0
         result.metrics[f"{st.name}_seconds"] = secs
         _log_result(tracker, run_id, result)
@@ -185,7 +187,8 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
     return run_id, result, secs
 
 
-def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, data, upstream, out_dir: Path, callbacks):
+def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, data, upstream, out_dir: Path, callbacks,
+               datasets):
     """The stage's own work: its module's run(ctx) with Ray up when it needs it."""
     from .raycluster import check_shared_storage, connect
 
@@ -196,6 +199,7 @@ def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, data, upstream,
         name=st.name, config=cfg, output_dir=out_dir, storage_path=cfg.cluster.storage_path,
         checkpoint_name=planned.checkpoint_name, data=data, report=tracker.reporter(run_id),
         upstream={u: upstream[u][1] for u in st.upstream}, train_callbacks=list(callbacks or []),
+        datasets=datasets,
     )
     result = importlib.import_module(st.module).run(ctx)
     if st.trains:

@@ -7,44 +7,36 @@ whose Ray Train callback forwards rank 0's epoch metrics to Tune, so ASHA can st
 MLflow child run sits under the sweep's parent run and carries the stage's usual
 fingerprint. Because of that fingerprint, ``sweep.then: pipeline`` simply runs the pipeline
 on the best trial's config: the runner finds the best trial's finished run and reuses its
-model instead of training it again.
+model instead of training it again. Trials, their placement and their checkpoints are in
+``pipeline/trials.py``.
+
+A sweep that was cut (Ctrl-C, a killed driver) is resumed by the same command: its MLflow
+run is reopened and Tune's experiment restored (``Tuner.restore``), so finished trials are
+not run again, cut ones go on from their last checkpoint and ASHA keeps its rungs.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
-import math
+import os
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from stages import families
-from stages.data import DataSpec
+from stages.data import join
 
 from . import datasets, graph
-from .config import PipelineConfig, set_key, to_yaml
+from .config import PipelineConfig, to_yaml
 from .liveness import TAG_DRIVER, Heartbeat, this_driver
-from .plan import plan
-from .runner import (StageFailed, _Fetcher, execute_stage, local_area, mark_dead_runs_killed, resolve_paths,
-                     run_pipeline)
+from .runner import _Fetcher, local_area, mark_dead_runs_killed, resolve_paths, run_pipeline
 from .tracking import JOB_ENV, TAG_JOB
+from .trials import (TAG_SWEEP, TAG_TRIAL, TIME_ATTR, ClusterPacedVariants, ResumableASHA, TrialContext, driver_bundle,
+                     run_trial, trial_config, trials_that_fit, worker_bundle)
 
-TAG_TRIAL = "hvae.trial_id"
-TAG_SWEEP = "hvae.sweep"
 TAG_EARLY = "hvae.early_stopped"
-DRIVER_RESOURCE = "tune_driver"  # a custom resource for trial drivers (they need no CPU of their own)
-
-
-@dataclass
-class TrialContext:
-    """What every trial needs from the sweep driver (shipped once through the object store)."""
-
-    base: dict  # the resolved config, without its sweep section
-    stage: str
-    sweep_run: str
-    data: DataSpec  # the prepared dataset (names and counts)
-    upstream: dict  # upstream stage -> (run id, output folder on shared storage)
-    work: str
+TAG_KEY = "hvae.sweep_key"  # the sweep's config and data: an interrupted sweep with this key is resumed
 
 
 def search_space(sweep) -> dict:
@@ -55,75 +47,24 @@ def search_space(sweep) -> dict:
     return {key: make[kind](values) for key, spec in sweep.space.items() for kind, values in spec.items()}
 
 
-def trial_config(base: dict, params: dict) -> PipelineConfig:
-    raw = base
-    for key, value in params.items():
-        raw = set_key(raw, key.split("."), value)
-    return PipelineConfig.model_validate(raw)
-
-
 def _epochs(cfg: PipelineConfig, stage: str) -> int:
     return int(getattr(cfg, stage).epochs)
 
 
-def run_trial(params: dict, ctx: TrialContext) -> None:
-    """One trial (runs inside a Tune trial actor)."""
-    from filelock import FileLock
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from .tracking import Tracker
-
-    cfg = trial_config(ctx.base, params)
-    trial_id = tune.get_context().get_trial_id()
-    planned = plan(cfg, ctx.data.fingerprint, until=ctx.stage)[-1]
-    tracker = Tracker(cfg.tracking)
-    locks = local_area(cfg.cluster.storage_path) / "locks"
-    with FileLock(str(locks / f"{planned.checkpoint_name}.lock")):
-        found = tracker.find_finished(ctx.stage, planned.fingerprint)
-        if found is not None:  # the same settings were trained before: replay its curve to Tune
-            metric = {k for k in found.data.metrics if k.startswith(("val_", "train_"))}
-            steps: dict[int, dict] = {}
-            for key in metric:
-                for m in tracker.metric_history(found.info.run_id, key):
-                    steps.setdefault(m.step, {})[key] = m.value
-            for step in sorted(steps):
-                tune.report({**steps[step], "epoch": step})
-            tracker.set_tags(found.info.run_id, {f"{TAG_TRIAL}.{ctx.sweep_run}": trial_id})
-            return
-        try:
-            execute_stage(
-                tracker, cfg, planned, parent_id=ctx.sweep_run, data=ctx.data, upstream=ctx.upstream,
-                out_dir=Path(ctx.work) / trial_id / ctx.stage, callbacks=[TuneReportCallback()],
-                tags={TAG_DRIVER: this_driver(), TAG_TRIAL: trial_id, TAG_SWEEP: ctx.sweep_run,
-                      "hvae.trial_params": json.dumps(params, sort_keys=True)})
-        except StageFailed as exc:
-            raise RuntimeError(str(exc)) from None
-
-
-def _driver_resources(cluster_cfg) -> tuple[dict, int]:
-    """(resources of one trial driver, how many trials fit on the cluster at once)."""
-    import ray
-
-    total = ray.cluster_resources()
-    per_trial = {"CPU": cluster_cfg.num_workers * cluster_cfg.cpus_per_worker}
-    if cluster_cfg.use_gpu:
-        per_trial["GPU"] = float(cluster_cfg.num_workers)
-    driver = {DRIVER_RESOURCE: 1} if total.get(DRIVER_RESOURCE, 0) >= 1 else {"CPU": 0.01}
-    need = dict(per_trial)
-    for k, v in driver.items():
-        need[k] = need.get(k, 0) + v
-    fits = min(math.floor(total.get(k, 0) / v + 1e-9) for k, v in need.items())
-    return driver, fits
+def sweep_key(cfg: PipelineConfig, data_fingerprint: str) -> str:
+    """What makes two ``hvae sweep`` commands the same sweep: the whole resolved config (its
+    sweep section included) and the data."""
+    text = json.dumps([cfg.model_dump(mode="json"), data_fingerprint], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _trial_runs(tracker, sweep_run: str) -> dict[str, object]:
     """trial id -> its MLflow run (including earlier runs a trial reused)."""
-    found = {}
+    found = {}  # (newest first: a trial cut by an interrupted sweep has a KILLED run before its last)
     for run in tracker.search([f"tags.`{TAG_SWEEP}` = '{sweep_run}'", f"tags.`{TAG_TRIAL}` != ''"]):
-        found[run.data.tags.get(TAG_TRIAL)] = run
+        found.setdefault(run.data.tags.get(TAG_TRIAL), run)
     for run in tracker.search([f"tags.`{TAG_TRIAL}.{sweep_run}` != ''"]):
-        found[run.data.tags[f"{TAG_TRIAL}.{sweep_run}"]] = run
+        found.setdefault(run.data.tags[f"{TAG_TRIAL}.{sweep_run}"], run)
     return found
 
 
@@ -179,20 +120,34 @@ def _best(rows: list[dict], mode: str) -> dict | None:
     return (min if mode == "min" else max)(done, key=lambda r: r["value"])
 
 
-def _open_sweep(tracker, cfg: PipelineConfig, config_path: str | None) -> str:
-    import os
+def _open_sweep(tracker, cfg: PipelineConfig, config_path: str | None, key: str) -> tuple[str, bool]:
+    """-> (the sweep's MLflow run, whether it resumes an interrupted one). The newest sweep
+    with the same key that was cut (KILLED) and left a Tune experiment to restore is reopened;
+    otherwise a new sweep run starts."""
+    from ray import tune
 
+    for run in tracker.search([f"tags.`{TAG_KEY}` = '{key}'"])[:1]:
+        if run.info.status == "KILLED" and tune.Tuner.can_restore(_experiment(cfg, run.info.run_id)):
+            tracker.reopen(run.info.run_id, {TAG_DRIVER: this_driver()})
+            print(f"[hvae] resuming the interrupted sweep {run.info.run_id} in experiment "
+                  f"'{tracker.experiment_name}' ({tracker.uri})")
+            return run.info.run_id, True
     sweep = cfg.sweep
     job = os.environ.get(JOB_ENV)
     sweep_run = tracker.start_parent(
         f"sweep-{sweep.stage}-{datetime.now():%Y%m%d-%H%M%S}", {"sweep": sweep.model_dump(mode="json")},
         tags={"hvae.kind": "sweep", "hvae.sweep_stage": sweep.stage, "hvae.dataset": cfg.data.dataset,
-              "hvae.model": families.of(cfg).name, TAG_DRIVER: this_driver(),
+              "hvae.model": families.of(cfg).name, TAG_DRIVER: this_driver(), TAG_KEY: key,
               **({TAG_JOB: job} if job else {}),
               **({"hvae.config_file": config_path} if config_path else {})})
     tracker.log_text(sweep_run, to_yaml(cfg), "config.yaml")
     print(f"[hvae] MLflow sweep run {sweep_run} in experiment '{tracker.experiment_name}' ({tracker.uri})")
-    return sweep_run
+    return sweep_run, False
+
+
+def _experiment(cfg: PipelineConfig, sweep_run: str) -> str:
+    """Where Tune keeps the sweep's experiment state (and each trial's checkpoints)."""
+    return join(cfg.cluster.storage_path, f"sweep-{sweep_run}")
 
 
 def _fixed_stages(tracker, cfg: PipelineConfig, sweep_run: str, work: Path) -> tuple[int, dict]:
@@ -210,24 +165,33 @@ def _fixed_stages(tracker, cfg: PipelineConfig, sweep_run: str, work: Path) -> t
     return 0, {name: (fixed.run_ids[name], fetch(fixed.run_ids[name])) for name in stages}
 
 
-def _tuner(cfg: PipelineConfig, ctx: TrialContext, driver: dict, concurrent: int):
+def _tuner(cfg: PipelineConfig, ctx: TrialContext, resume: bool):
+    """A new Tuner for the sweep, or the interrupted one restored (``Tuner.restore``): finished
+    trials stay finished, cut ones go on from their last checkpoint, the search and the ASHA
+    rungs where they were."""
     from ray import tune
 
     sweep = cfg.sweep
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+                                    tune.PlacementGroupFactory([driver_bundle()]))
+    path = _experiment(cfg, ctx.sweep_run)
+    if resume:
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     swept_epochs = [max(v) for k, s in sweep.space.items() if k == f"{sweep.stage}.epochs" for v in s.values()]
     max_t = max([_epochs(cfg, sweep.stage), *swept_epochs])
     # (max_t one past the last epoch: ASHA stops a trial that reaches max_t, and a finished trial
     # must be left to save its model and close its run)
-    scheduler = (tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=max_t + 1,
-                                               grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+    scheduler = (ResumableASHA(str(local_area(path) / "asha_rungs.json"), time_attr=TIME_ATTR, max_t=max_t + 1,
+                               grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
                  if sweep.scheduler == "asha" else tune.schedulers.FIFOScheduler())
-    search = tune.search.BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrent)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), driver)
+    search = ClusterPacedVariants(cfg.cluster, sweep.max_concurrent_trials, random_state=sweep.seed)
     return tune.Tuner(
         trainable, param_space=search_space(sweep),
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
                                     scheduler=scheduler, search_alg=search),
-        run_config=tune.RunConfig(name=f"sweep-{ctx.sweep_run}", storage_path=cfg.cluster.storage_path, verbose=0),
+        # (num_to_keep: Tune then snapshots the experiment whenever a trial reports a checkpoint)
+        run_config=tune.RunConfig(name=f"sweep-{ctx.sweep_run}", storage_path=cfg.cluster.storage_path, verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
 
 
@@ -274,6 +238,8 @@ def _record_best(tracker, sweep_run: str, rows: list[dict], sweep, config_path, 
 def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
     from .tracking import Tracker
 
+    # (Tune snapshots the experiment at every trial checkpoint, by design here: no warning about it)
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     cfg = resolve_paths(cfg)
     base = cfg.model_dump(mode="json", exclude={"sweep"})
     t0 = time.perf_counter()
@@ -285,12 +251,13 @@ def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
     tracker = Tracker(cfg.tracking)
     for run_id in mark_dead_runs_killed(tracker):
         print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
-    sweep_run = _open_sweep(tracker, cfg, config_path)
+    sweep_run, resume = _open_sweep(tracker, cfg, config_path, sweep_key(cfg, data.fingerprint))
     with Heartbeat(tracker.uri, sweep_run):
-        return _sweep(tracker, cfg, base, data, sweep_run, config_path, t0)
+        return _sweep(tracker, cfg, base, data, sweep_run, resume, config_path, t0)
 
 
-def _sweep(tracker, cfg: PipelineConfig, base: dict, data, sweep_run: str, config_path: str | None, t0: float) -> int:
+def _sweep(tracker, cfg: PipelineConfig, base: dict, data, sweep_run: str, resume: bool, config_path: str | None,
+           t0: float) -> int:
     """The sweep under its open MLflow run: fixed upstream stages, the trials, the best one."""
     from .raycluster import connect
 
@@ -302,23 +269,27 @@ def _sweep(tracker, cfg: PipelineConfig, base: dict, data, sweep_run: str, confi
         return code
 
     connect(cfg.cluster)
-    driver, fits = _driver_resources(cfg.cluster)
-    if fits < 1:
+    fits = trials_that_fit(cfg.cluster)
+    if fits < 1 and cfg.cluster.address is None:  # (a cluster we joined may grow; the local Ray cannot)
         tracker.finish(sweep_run, "FAILED")
-        print(f"error: one trial needs {cfg.cluster.num_workers} x {cfg.cluster.cpus_per_worker} CPUs plus its driver, "
-              f"more than the cluster has: lower cluster.num_workers or cluster.cpus_per_worker, or give the "
-              f"cluster a '{DRIVER_RESOURCE}' resource (ray start --resources='{{\"{DRIVER_RESOURCE}\": 16}}')")
+        print(f"error: one trial needs {cfg.cluster.num_workers} workers of {worker_bundle(cfg.cluster)}, more than "
+              f"this machine has: lower cluster.num_workers or cluster.cpus_per_worker")
         return 2
-    concurrent = min(sweep.max_concurrent_trials or fits, fits)
-    ctx = TrialContext(base=base, stage=sweep.stage, sweep_run=sweep_run, data=data,
-                       upstream=upstream, work=str(work))
-    print(f"[hvae] sweep: {sweep.stage} over {', '.join(sweep.space)}; {sweep.scheduler} on {sweep.metric} ({sweep.mode}); "
-          f"up to {concurrent} trial(s) at once")
+    stage = next(st for st in graph.for_family(families.of(cfg)) if st.name == sweep.stage)
+    shared = importlib.import_module(stage.module).training_datasets(data, {u: upstream[u][1] for u in stage.upstream})
+    ctx = TrialContext(base=base, stage=sweep.stage, sweep_run=sweep_run, data=data, upstream=upstream,
+                       work=str(work), datasets=shared)
+    cap = f", at most {sweep.max_concurrent_trials}" if sweep.max_concurrent_trials else ""
+    print(f"[hvae] sweep: {sweep.stage} over {', '.join(sweep.space)}; {sweep.scheduler} on {sweep.metric} "
+          f"({sweep.mode}); as many trials at once as the cluster holds{cap} (now {max(fits, 1)})")
     try:
-        results = _tuner(cfg, ctx, driver, concurrent).fit()
+        results = _tuner(cfg, ctx, resume).fit()
     except KeyboardInterrupt:
+        results = None
+    if results is None or len(results) > results.num_terminated + results.num_errors:
         _close_runs(tracker, sweep_run, "KILLED")
-        print("\n[hvae] sweep interrupted; runs marked KILLED")
+        print(f"\n[hvae] sweep interrupted; its trials' runs marked KILLED. The same command resumes it "
+              f"(hvae sweep {config_path or 'CONFIG'} ...)")
         return 130
 
     runs = _trial_runs(tracker, sweep_run)

@@ -190,6 +190,11 @@ class Tracker:
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
+    def reopen(self, run_id: str, tags: dict[str, str]) -> None:
+        """An ended run RUNNING again (a sweep that goes on where it was cut), with ``tags``."""
+        self.client.update_run(run_id, status="RUNNING")
+        self.set_tags(run_id, tags)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 

@@ -28,6 +28,9 @@ class StageContext:
     upstream: dict[str, Path] = field(default_factory=dict)  # stage name -> its downloaded output folder
     report: Callable[[dict, int], None] = _no_report
     train_callbacks: list = field(default_factory=list)  # extra Ray Train callbacks (a sweep's Tune reporter)
+    # a training stage's {"train", "val"} Ray Data datasets, built already: a sweep builds them
+    # once for all its trials; None: the stage builds its own (``training_datasets``)
+    datasets: dict | None = None
 
     @property
     def cluster(self):

@@ -70,6 +70,11 @@ class ImageTask(TrainTask):
         return int(np.prod(self.shape))
 
 
+def training_datasets(data, upstream: dict) -> dict:
+    """Stage 1's datasets: the prepared splits, as ``DataSpec.for_training`` keeps them."""
+    return {s: data.for_training(s) for s in ("train", "val")}
+
+
 def train_stage1(ctx: StageContext, family, model_config: dict):
     """Fit the family's stage-1 task on the shared loop -> train_loop.Fitted."""
     from .train_loop import LoopSpec, fit
@@ -85,7 +90,7 @@ def train_stage1(ctx: StageContext, family, model_config: dict):
         grad_clip=s1.grad_clip, seed=s1.seed, stage=ctx.name, report=ctx.report, **cfg.train.model_dump(),
     )
     return fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path, cluster=cfg.cluster,
-               datasets={s: data.for_training(s) for s in ("train", "val")}, callbacks=ctx.train_callbacks)
+               datasets=ctx.datasets or training_datasets(data, ctx.upstream), callbacks=ctx.train_callbacks)
 
 
 def quality(mse: float) -> dict[str, float]:

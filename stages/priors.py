@@ -109,17 +109,23 @@ class PriorTask(TrainTask):
         return out
 
 
-def run(ctx: StageContext) -> StageResult:
+def training_datasets(data, upstream: dict) -> dict:
+    """The extracted codes, read on this (the driver's) node, whose folder holds them, and
+    materialized: the trainer's workers then need no CPU for read tasks (a 2-CPU machine hangs
+    otherwise)."""
     import ray.data
 
+    codes_dir = upstream["extract"] / "codes"
+    return {s: ray.data.read_parquet(str(codes_dir / s), ray_remote_args=on_this_node()).materialize()
+            for s in ("train", "val")}
+
+
+def run(ctx: StageContext) -> StageResult:
     codes_dir = ctx.upstream["extract"] / "codes"
     schema = json.loads((codes_dir / SCHEMA_FILE).read_text())
     pcfg, cluster = ctx.config.priors, ctx.config.cluster
     config = prior_config(schema, pcfg)
-    # read on the driver's node (the codes are in its folder) and materialized: the trainer's
-    # workers then need no CPU for read tasks (a 2-CPU machine hangs otherwise)
-    datasets = {s: ray.data.read_parquet(str(codes_dir / s), ray_remote_args=on_this_node()).materialize()
-                for s in ("train", "val")}
+    datasets = ctx.datasets or training_datasets(ctx.data, ctx.upstream)
     spec = LoopSpec(
         make_task=PriorTask,
         task_args=dict(config=config, batch_size=pcfg.batch_size, world_hint=cluster.num_workers, seed=pcfg.seed,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from .base import StageContext, StageResult
 from .families import of, save_model
-from .images import train_stage1
+from .images import train_stage1, training_datasets
+
+__all__ = ["run", "training_datasets"]  # (a sweep builds the stage's datasets once: training_datasets)
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -53,6 +53,18 @@ def kill_group(proc) -> None:
     proc.wait(timeout=60)
 
 
+def wait_for(predicate, timeout, what, every=0.5):
+    """Poll ``predicate`` every ``every`` s until it holds; fail naming ``what`` after ``timeout`` s."""
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def runs(cwd, experiment="hvae"):
     from mlflow.tracking import MlflowClient
 

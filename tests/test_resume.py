@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMOKE, hvae, hvae_background, kill_group, runs, stage_runs
+from conftest import SMOKE, hvae, hvae_background, kill_group, runs, stage_runs, wait_for
 
 STAGES = ["stage1", "extract", "priors", "sample", "evaluate"]
 
@@ -92,15 +92,6 @@ def test_a_corrupted_artifact_is_named_and_its_stage_runs_again(finished):
     assert len(finished_stage1) == 2
 
 
-def _wait_for(predicate, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _straight_then_cut(tmp_path: Path, args: list[str]):
     """Run ``args`` to the end in straight/, then start the same in cut/ -> (straight/, cut/, process)."""
     straight_dir, cut_dir = tmp_path / "straight", tmp_path / "cut"
@@ -132,7 +123,7 @@ def test_a_killed_and_resumed_stage1_equals_an_uninterrupted_one(tmp_path):
     straight_dir, cut_dir, proc = _straight_then_cut(tmp_path, args)
     metas = lambda: list(cut_dir.glob("ray_results/stage1-*/checkpoint_*/meta.json"))  # noqa: E731
     try:
-        _wait_for(lambda: len(metas()) >= 2 or proc.poll() is not None, 300, "two stage-1 checkpoints")
+        wait_for(lambda: len(metas()) >= 2 or proc.poll() is not None, 300, "two stage-1 checkpoints")
     finally:
         kill_group(proc)
     assert proc.returncode != 0, "the driver finished before it could be killed"
@@ -225,7 +216,7 @@ def test_a_lost_worker_restarts_from_the_last_checkpoint(tmp_path):
         # Ray Train registers a reported checkpoint when its controller next polls the workers
         # (every 2 s), and rank 0 cannot write checkpoint k+2 before report k was taken:
         # with three on disk, the first is registered and a restart must restore from it.
-        _wait_for(lambda: len(list(tmp_path.glob("ray_results/stage1-*/checkpoint_*/meta.json"))) >= 3
+        wait_for(lambda: len(list(tmp_path.glob("ray_results/stage1-*/checkpoint_*/meta.json"))) >= 3
                   or proc.poll() is not None, 300, "three stage-1 checkpoints")
         pids = _train_worker_pids()
         assert pids, "no Ray Train worker process found"

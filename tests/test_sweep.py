@@ -1,9 +1,11 @@
 """hvae sweep through the CLI: Ray Tune trials over TorchTrainers, ASHA, MLflow nesting, then the pipeline."""
+import json
 import re
 
 import pytest
 
-from conftest import ROOT, hvae, runs, stage_runs
+from pipeline.liveness import is_dead
+from conftest import ROOT, hvae, hvae_background, kill_group, runs, stage_runs, wait_for
 
 pytestmark = pytest.mark.slow  # real clusters, sweeps or several pipelines: `make test` only
 
@@ -12,10 +14,51 @@ SWEEP = str(ROOT / "configs" / "sweep_smoke.yaml")
 
 @pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory):
+    """The smoke sweep, killed (SIGKILL, the driver and its local Ray) once its first trial has
+    reported its second epoch's checkpoint to Tune, then resumed by the same command."""
     cwd = tmp_path_factory.mktemp("sweep")
-    proc = hvae(cwd, "sweep", SWEEP, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return cwd, proc
+    proc = hvae_background(cwd, "sweep", SWEEP)
+    try:
+        wait_for(lambda: _trial_epochs(cwd) >= 1 or proc.poll() is not None, 600, "the first trial's 2nd epoch",
+                 every=0.05)  # (an epoch takes about 2 s)
+    finally:
+        kill_group(proc)
+    cut = (cwd / "driver.log").read_text()
+    assert _trial_epochs(cwd) == 1, cut[-4000:]  # (cut in its third and last epoch, or before it)
+    # the trial's process (a Ray worker, outside the killed group) ends once it sees its raylet gone
+    wait_for(lambda: all(is_dead(r.data.tags["hvae.driver"]) for r in runs(cwd)[1] if r.info.status == "RUNNING"),
+             120, "the cut trial's process to end")
+    again = hvae(cwd, "sweep", SWEEP, timeout=900)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    return cwd, again
+
+
+def _trial_epochs(cwd) -> int:
+    """The newest epoch (0-based) the first trial reported to Tune with a checkpoint, else -1."""
+    found = [json.loads(p.read_text())["epoch"]
+             for p in cwd.glob("ray_results/sweep-*/*_00000_*/checkpoint_*/trial_checkpoint.json")]
+    return max(found, default=-1)
+
+
+def test_an_interrupted_sweep_is_resumed_by_the_same_command(sweep_run):
+    cwd, proc = sweep_run
+    client, all_runs = runs(cwd)
+    sweep = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "sweep")
+    assert f"resuming the interrupted sweep {sweep.info.run_id}" in proc.stdout
+    trials = [r for r in stage_runs(all_runs, "stage1") if r.data.tags.get("hvae.sweep") == sweep.info.run_id]
+    first = [r for r in trials if r.data.params["stage1.lr"] == "0.003"]
+    # the cut trial: its run was KILLED (the driver died), a new one went on from its checkpoint
+    cut = next(r for r in first if r.info.status == "KILLED")
+    went_on = next(r for r in first if r.info.status == "FINISHED")
+    assert cut.data.tags["hvae.trial_id"] == went_on.data.tags["hvae.trial_id"]
+    # (Train may have finished an epoch more than Tune heard of before the kill: then the trial
+    # has nothing left to train and tells Tune its last epoch)
+    assert went_on.data.tags["hvae.resumed_from_epoch"] in ("1", "2")
+    assert went_on.data.tags["hvae.resumed_from_run"] == cut.info.run_id
+    assert "restored after epoch 2" in proc.stdout  # Tune handed the trial its checkpoint back
+    # Tune's experiment was restored, not started again: one experiment folder, the same trials
+    assert len(list(cwd.glob("ray_results/sweep-*/"))) == 1
+    assert len({r.data.tags["hvae.trial_id"] for r in trials}) == 2
 
 
 def test_trials_are_nested_under_the_sweep_run_and_asha_stops_the_bad_one(sweep_run):
@@ -24,13 +67,15 @@ def test_trials_are_nested_under_the_sweep_run_and_asha_stops_the_bad_one(sweep_
     sweeps = [r for r in all_runs if r.data.tags.get("hvae.kind") == "sweep"]
     assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
     sweep = sweeps[0]
-    trials = [r for r in stage_runs(all_runs, "stage1") if r.data.tags.get("hvae.sweep") == sweep.info.run_id]
+    trials = [r for r in stage_runs(all_runs, "stage1") if r.data.tags.get("hvae.sweep") == sweep.info.run_id
+              and (r.info.status != "KILLED" or "hvae.early_stopped" in r.data.tags)]  # (not the run the kill cut)
     assert len(trials) == 2
     assert all(r.data.tags["mlflow.parentRunId"] == sweep.info.run_id for r in trials)
     by_lr = {r.data.params["stage1.lr"]: r for r in trials}
     good, bad = by_lr["0.003"], by_lr["1e-06"]
     assert good.info.status == "FINISHED" and "hvae.early_stopped" not in good.data.tags
-    # the hopeless learning rate was stopped by ASHA at its first rung; its run says so
+    # the hopeless learning rate was stopped by ASHA at its first rung (the good trial's first
+    # epoch, from before the cut, is on it); its run says so
     assert bad.info.status == "KILLED" and "hvae.error" not in bad.data.tags
     assert bad.data.tags["hvae.early_stopped"].startswith("asha after epoch 1 of 3")
     assert sorted(m.step for m in client.get_metric_history(good.info.run_id, "val_loss")) == [0, 1, 2]
@@ -55,7 +100,7 @@ def test_then_pipeline_reuses_the_best_trials_model(sweep_run):
     assert pipeline.info.status == "FINISHED"
     assert pipeline.data.tags["mlflow.parentRunId"] == sweep.info.run_id
     assert pipeline.data.tags["hvae.reused_from.stage1"] == best  # not trained again
-    assert len(stage_runs(all_runs, "stage1")) == 2  # the two trials, nothing else
+    assert len(stage_runs(all_runs, "stage1")) == 3  # the two trials (one cut and resumed), nothing else
     evaluate = stage_runs(all_runs, "evaluate")
     assert len(evaluate) == 1 and evaluate[0].info.status == "FINISHED"
     assert evaluate[0].data.tags["hvae.upstream.stage1"] == best
@@ -70,7 +115,7 @@ def test_a_prior_sweep_keeps_stage1_fixed_and_continues_from_the_best_prior(swee
                 # one 1-CPU worker per trial: the sweep fits two trials at once on this 2-CPU machine
                 "cluster.num_workers=1", "cluster.cpus_per_worker=1", "sweep.max_concurrent_trials=null", timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "up to 2 trial(s) at once" in proc.stdout
+    assert "as many trials at once as the cluster holds (now 2)" in proc.stdout
     client, all_runs = runs(cwd)
     first = next(r for r in all_runs if r.data.tags.get("hvae.sweep_stage") == "stage1")
     sweep = next(r for r in all_runs if r.data.tags.get("hvae.sweep_stage") == "priors")
