@@ -1,5 +1,5 @@
 # make run            - set up .venv if needed, then run the pipeline on the embedded default
-# make test           - set up .venv if needed, then run the whole test suite (what CI runs)
+# make test           - set up .venv if needed, then run the whole test suite (what CI runs; prints the 25 slowest)
 # make test-fast      - the tests to run while working: every unit test and one smoke pipeline (about 3 min)
 # make test-shuffled  - the fast tier with files and tests in a shuffled order (SEED=<n>, default 1; ARGS= for more)
 # make ui             - MLflow UI for ./mlruns.db on http://127.0.0.1:5000
@@ -22,7 +22,7 @@ run: $(STAMP)
 	$(BIN)/hvae run configs/default.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -97,13 +97,22 @@ class DataSpec:
         return ds.map_batches(read_file, fn_kwargs={"spec": self}, batch_size=1, batch_format="numpy",
                               num_cpus=self.cpus)
 
+    def kept(self, split: str) -> bool:
+        """Whether training decodes the split once and keeps it: ``in_memory`` when set, else
+        whether it is at most IN_MEMORY_BYTES."""
+        return self.in_memory if self.in_memory is not None else self.rows[split] * self.dims <= IN_MEMORY_BYTES
+
+    def held_by_workers(self, split: str) -> bool:
+        """Whether each training worker holds its shard of the split after the first pass
+        (``stages/shards.py``): a kept split of at most IN_MEMORY_BYTES in all."""
+        return self.kept(split) and self.rows[split] * self.dims <= IN_MEMORY_BYTES
+
     def for_training(self, split: str):
         """The split for a training stage: decoded once and kept in the object store (one copy in
-        the cluster, blocks shared out to the workers) when ``in_memory`` says so or, left
-        unset, when it is at most IN_MEMORY_BYTES; otherwise streamed, decoded every epoch."""
-        keep = self.in_memory if self.in_memory is not None else self.rows[split] * self.dims <= IN_MEMORY_BYTES
+        the cluster, blocks shared out to the workers) when ``kept``; otherwise streamed,
+        decoded every epoch."""
         ds = self.stream(split)
-        return ds.materialize() if keep else ds
+        return ds.materialize() if self.kept(split) else ds
 
     def read_all(self, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
         """A small split (or its first ``limit`` rows) decoded in this process, no Ray: for tests

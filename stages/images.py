@@ -26,12 +26,14 @@ class ImageTask(TrainTask):
     model config and the family's extra arguments (``Family.task``) arrive as keywords."""
 
     def __init__(self, model_config: dict, shape: tuple, train_rows: int, batch_size: int, world_hint: int,
-                 seed: int, family: str):
+                 seed: int, family: str, hold: bool = False):
         self.model_config = model_config
         self.shape, self.train_rows = tuple(shape), train_rows
         self.batch_size = max(1, math.ceil(batch_size / world_hint))  # global batch split over workers
         self.seed = seed
         self.family = family
+        self.hold = hold  # keep this worker's shards in memory after the first pass (DataSpec.held_by_workers)
+        self.held: dict = {}  # split -> {"image": uint8 [n, C, H, W]}
         self.sources = None  # {"train"|"val": Ray Data dataset} to read instead of Ray Train's shards
         self.epoch = 0
 
@@ -48,21 +50,41 @@ class ImageTask(TrainTask):
 
         return ray.train.get_dataset_shard(split)
 
+    def _held(self, split: str) -> dict:
+        from . import shards
+
+        if split not in self.held:
+            self.held[split] = shards.whole(self.shard(split), ["image"])
+        return self.held[split]
+
     def train_batches(self, epoch, rank, world):
-        """This rank's batches: windows of ``shuffle_window`` batches fetched whole from Ray
-        Data and permuted by a generator seeded from (seed, epoch, rank). One formatted Arrow
-        batch per window instead of Ray's per-batch shuffle buffer: the training CPUs spend
-        less on batch assembly. Every rank takes ceil(rows / batch) batches, as before."""
+        """This rank's batches, permuted by a generator seeded from (seed, epoch, rank): a held
+        shard all at once; a streamed one in windows of ``shuffle_window`` batches fetched whole
+        from Ray Data (one formatted Arrow batch per window instead of Ray's per-batch shuffle
+        buffer: the training CPUs spend less on batch assembly). Every rank takes
+        ceil(rows / batch) batches."""
         import torch
 
+        from . import shards
+
         self.epoch = epoch
-        window = shuffle_window(self.batch_size) * self.batch_size
         gen = torch.Generator().manual_seed(self.seed * 1009 + epoch * 31 + rank)
+        if self.hold:
+            for batch in shards.batches(self._held("train"), self.batch_size, gen, pin=_cuda()):
+                yield batch["image"]
+            return
+        window = shuffle_window(self.batch_size) * self.batch_size
         for chunk in self.shard("train").iter_torch_batches(batch_size=window, pin_memory=_cuda()):
             images = chunk["image"]
             yield from images[torch.randperm(len(images), generator=gen)].split(self.batch_size)
 
     def val_batches(self, rank, world):
+        from . import shards
+
+        if self.hold:
+            for batch in shards.batches(self._held("val"), self.batch_size, pin=_cuda()):
+                yield batch["image"]
+            return
         for batch in self.shard("val").iter_torch_batches(batch_size=self.batch_size, pin_memory=_cuda()):
             yield batch["image"]
 
@@ -85,7 +107,8 @@ def train_stage1(ctx: StageContext, family, model_config: dict):
         make_task=task_cls,
         task_args=dict(model_config=model_config, shape=data.shape, train_rows=data.rows["train"],
                        batch_size=s1.batch_size, world_hint=cfg.cluster.num_workers, seed=s1.seed,
-                       family=family.name, **extra),
+                       family=family.name, hold=data.held_by_workers("train") and data.held_by_workers("val"),
+                       **extra),
         model_config=model_config, epochs=s1.epochs, lr=s1.lr, weight_decay=s1.weight_decay,
         grad_clip=s1.grad_clip, seed=s1.seed, stage=ctx.name, report=ctx.report, **cfg.train.model_dump(),
     )

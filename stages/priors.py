@@ -17,6 +17,7 @@ from models.pixelcnn import HierarchicalPrior
 
 from models.likelihoods import to_bits_per_dim
 
+from . import shards
 from .base import StageContext, StageResult, TrainTask
 from .data import on_this_node
 from .extract import SCHEMA_FILE
@@ -54,6 +55,7 @@ class PriorTask(TrainTask):
         self.levels = len(config["codebook_sizes"])
         self.batch_size = max(1, math.ceil(batch_size / world_hint))
         self.seed = seed
+        self.held: dict = {}  # split -> this worker's shard of the codes, after its first pass
 
     def build_model(self):
         return HierarchicalPrior(**self.config)
@@ -61,15 +63,15 @@ class PriorTask(TrainTask):
     def _batches(self, split: str, epoch: int | None):
         import ray.train
 
-        return self.iterate(ray.train.get_dataset_shard(split), epoch)
+        if split not in self.held:  # (the codes are small: a worker holds its shard, stages/shards.py)
+            self.held[split] = shards.whole(ray.train.get_dataset_shard(split))
+        return self.batches(self.held[split], epoch)
 
-    def iterate(self, data, epoch: int | None):
-        """Batches of a Ray Data dataset or shard; for training (``epoch`` given) drawn from a
-        shuffle buffer of at least 16 batches, reseeded each epoch."""
-        shuffle = {"local_shuffle_buffer_size": max(16 * self.batch_size, 1024),
-                   "local_shuffle_seed": self.seed * 1009 + epoch} if epoch is not None else {}
-        return data.iter_torch_batches(batch_size=self.batch_size, device="cpu", pin_memory=torch.cuda.is_available(),
-                                       **shuffle)
+    def batches(self, rows: dict, epoch: int | None):
+        """Batches of the codes ``rows``; for training (``epoch`` given) in an order drawn for
+        the epoch from the whole shard."""
+        gen = torch.Generator().manual_seed(self.seed * 1009 + epoch) if epoch is not None else None
+        return shards.batches(rows, self.batch_size, gen, pin=torch.cuda.is_available())
 
     def train_batches(self, epoch, rank, world):
         return self._batches("train", epoch)

