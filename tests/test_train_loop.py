@@ -108,3 +108,38 @@ def test_the_schedule_warms_up_per_step_then_decays_to_a_tenth():
     assert all(schedule(s) > schedule(s + 1) for s in range(4, 14))  # every step, not every epoch
     _, steps, lrs = _train(batch_size=10, accumulate=1, epochs=2, warmup=3)
     assert steps == 8 and lrs == pytest.approx([0.05 / 3, 0.05 * Schedule(3, 8)(4)])
+
+
+class CountingShard:
+    """A worker's Ray Data shard (in the split's order) that counts the passes made over it."""
+
+    def __init__(self, images):
+        self.images, self.passes = images, 0
+
+    def iter_torch_batches(self, batch_size=None, **kwargs):
+        self.passes += 1
+        batch_size = batch_size or len(self.images)
+        for i in range(0, len(self.images), batch_size):
+            yield {"image": self.images[i : i + batch_size], "label": torch.zeros(len(self.images[i : i + batch_size]))}
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_held_shard_is_read_once_and_each_epoch_permutes_all_of_it(hold):
+    from stages.images import ImageTask
+
+    images = torch.arange(200, dtype=torch.uint8).reshape(200, 1, 1, 1)
+    task = ImageTask(model_config={}, shape=(1, 1, 1), train_rows=200, batch_size=16, world_hint=1, seed=0,
+                     family="vqvae2", hold=hold)
+    task.sources = {"train": CountingShard(images), "val": CountingShard(images)}
+    epochs = [torch.cat(list(task.train_batches(epoch, 0, 1))).flatten().tolist() for epoch in range(3)]
+    val = [torch.cat(list(task.val_batches(0, 1))).flatten().tolist() for _ in range(3)]
+    assert all(sorted(e) == list(range(200)) for e in epochs)  # every image once an epoch
+    assert len({tuple(e) for e in epochs}) == 3  # in a new order each epoch
+    assert all(v == list(range(200)) for v in val)  # validation in the split's order
+    # held: one pass over each shard for all epochs (no Ray Data work after the first);
+    # streamed: a pass an epoch
+    assert (task.sources["train"].passes, task.sources["val"].passes) == ((1, 1) if hold else (3, 3))
+    again = ImageTask(model_config={}, shape=(1, 1, 1), train_rows=200, batch_size=16, world_hint=1, seed=0,
+                      family="vqvae2", hold=hold)
+    again.sources = {"train": CountingShard(images), "val": CountingShard(images)}
+    assert torch.cat(list(again.train_batches(2, 0, 1))).flatten().tolist() == epochs[2]  # a resume draws the same
