@@ -37,6 +37,7 @@ from .trials import (TAG_SWEEP, TAG_TRIAL, TIME_ATTR, ClusterPacedVariants, Resu
 
 TAG_EARLY = "hvae.early_stopped"
 TAG_KEY = "hvae.sweep_key"  # the sweep's config and data: an interrupted sweep with this key is resumed
+SNAPSHOT_SECONDS = "1"  # how often Tune saves its experiment state (env TUNE_GLOBAL_CHECKPOINT_S overrides)
 
 
 def search_space(sweep) -> dict:
@@ -189,9 +190,10 @@ def _tuner(cfg: PipelineConfig, ctx: TrialContext, resume: bool):
         trainable, param_space=search_space(sweep),
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
                                     scheduler=scheduler, search_alg=search),
-        # (num_to_keep: Tune then snapshots the experiment whenever a trial reports a checkpoint)
-        run_config=tune.RunConfig(name=f"sweep-{ctx.sweep_run}", storage_path=cfg.cluster.storage_path, verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+        # (every Tune checkpoint is kept, each a few bytes naming a Train checkpoint: with
+        # num_to_keep, Tune deletes the older one before its next experiment snapshot names the
+        # newer, and a sweep killed in between cannot be restored)
+        run_config=tune.RunConfig(name=f"sweep-{ctx.sweep_run}", storage_path=cfg.cluster.storage_path, verbose=0),
     )
 
 
@@ -238,8 +240,9 @@ def _record_best(tracker, sweep_run: str, rows: list[dict], sweep, config_path, 
 def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
     from .tracking import Tracker
 
-    # (Tune snapshots the experiment at every trial checkpoint, by design here: no warning about it)
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's view of the sweep (trials, their latest checkpoints, the search) is saved this often
+    # (default 10 s): a killed sweep resumes from at most this far back
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_SECONDS)
     cfg = resolve_paths(cfg)
     base = cfg.model_dump(mode="json", exclude={"sweep"})
     t0 = time.perf_counter()
