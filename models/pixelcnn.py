@@ -176,8 +176,15 @@ class GatedPixelCNN(nn.Module):
 
     @torch.no_grad()
     def sample(self, shape: tuple[int, int, int], cond_codes=None, labels=None,
-               temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Ancestral sampling in raster order: [B, H, W] code indices."""
+               temperature: float = 1.0, generator: torch.Generator | None = None,
+               cached: bool = True) -> torch.Tensor:
+        """Ancestral sampling in raster order: [B, H, W] code indices. ``cached``: each layer
+        keeps its state and computes the new position only (``pixelcnn_cache``); else the
+        reference, a forward pass over the whole map per position. The same codes for a seed."""
+        if cached:
+            from .pixelcnn_cache import sample_cached
+
+            return sample_cached(self, shape, cond_codes, labels, temperature, generator)
         b, hgt, wid = shape
         device = self.embed.weight.device
         codes = torch.zeros(shape, dtype=torch.long, device=device)
@@ -218,9 +225,11 @@ class HierarchicalPrior(nn.Module):
                 for l, prior in enumerate(self.levels)]
 
     @torch.no_grad()
-    def sample(self, n: int, labels=None, temperature: float = 1.0, generator=None) -> list[torch.Tensor]:
+    def sample(self, n: int, labels=None, temperature: float = 1.0, generator=None,
+               cached: bool = True) -> list[torch.Tensor]:
         codes: list[torch.Tensor] = []
         for l, prior in enumerate(self.levels):
             h, w = self.shapes[l]
-            codes.append(prior.sample((n, h, w), codes[l - 1] if l > 0 else None, labels, temperature, generator))
+            codes.append(prior.sample((n, h, w), codes[l - 1] if l > 0 else None, labels, temperature, generator,
+                                      cached))
         return codes

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from models.pixelcnn import GatedPixelCNN
+from models.pixelcnn import GatedPixelCNN, HierarchicalPrior
+from models.pixelcnn_cache import cached_logits
 
 H = W = 6
 
@@ -68,6 +69,33 @@ def test_sampling_with_the_same_seed_is_identical():
     c = m.sample((3, H, W), labels=labels, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() < 7
+
+
+@pytest.mark.parametrize("kw", [{}, {"cond_codes": 5, "cond_factor": 2, "num_classes": 3},
+                                {"attention_every": 1, "attention_heads": 2, "cond_codes": 5, "cond_factor": 2}])
+def test_the_cached_samplers_logits_are_the_forward_passs(kw):
+    m = _model(**kw).eval()
+    codes = torch.randint(0, 7, (2, H, W + 2))
+    cond = torch.randint(0, 5, (2, H // 2, W // 2 + 1)) if "cond_codes" in kw else None
+    labels = torch.tensor([2, 0]) if "num_classes" in kw else None
+    torch.testing.assert_close(cached_logits(m, codes, cond, labels), m(codes, cond, labels), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.double, torch.float])
+@pytest.mark.parametrize("kw", [{}, {"attention_every": 2, "attention_heads": 2}])
+def test_the_cached_sampler_draws_the_naive_samplers_codes(kw, dtype):
+    """Top prior and a class-conditional bottom prior (kernel 3 and 5, non-square maps): the
+    cached sampler (the default) gives the reference's codes for the same seed and weights."""
+    torch.manual_seed(0)
+    priors = HierarchicalPrior([7, 9], [[3, 4], [6, 8]], hidden=8, layers=3, kernel=3, num_classes=3,
+                               dropout=0.1, **kw).to(dtype).eval()
+    labels = torch.tensor([0, 1, 2, 0])
+    naive = priors.sample(4, labels, 0.8, torch.Generator().manual_seed(3), cached=False)
+    cached = priors.sample(4, labels, 0.8, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(naive, cached))
+    top = _model(**kw).to(dtype).eval()  # kernel 5, no conditioning
+    assert torch.equal(top.sample((2, 7, 5), generator=torch.Generator().manual_seed(4), cached=False),
+                       top.sample((2, 7, 5), generator=torch.Generator().manual_seed(4)))
 
 
 def test_attention_reaches_rows_the_convolutions_cannot():
