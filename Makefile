@@ -3,6 +3,8 @@
 # make test-fast      - the tests to run while working: every unit test and one smoke pipeline (about 3 min)
 # make test-shuffled  - the fast tier with files and tests in a shuffled order (SEED=<n>, default 1; ARGS= for more)
 # make ui             - MLflow UI for ./mlruns.db on http://127.0.0.1:5000
+# make bench          - the benchmarks' quick mode (a few minutes), BENCHMARKS.md regenerated
+# make bench-full     - the full mode (about an hour on 2 cores)
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
@@ -10,7 +12,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-fast test-shuffled ui bench clean
+.PHONY: run test test-fast test-shuffled ui bench bench-full clean
 
 $(STAMP): pyproject.toml
 	@echo "[make] creating $(VENV) and installing hvae with torch, ray, mlflow (about 2-3 minutes, ~6.5 GB)"
@@ -35,7 +37,15 @@ ui: $(STAMP)
 	$(BIN)/hvae ui
 
 bench: $(STAMP)
-	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/reuse.py
+	$(BIN)/python bench/pipeline.py configs/smoke.yaml
+
+bench-full: $(STAMP)
+	$(BIN)/python bench/sampling.py --full
+	$(BIN)/python bench/reuse.py
+	$(BIN)/python bench/pipeline.py configs/default.yaml
+	$(BIN)/python bench/data_plane.py --images 5000,60000
 
 clean:
 	rm -rf ray_results mlartifacts mlruns.db

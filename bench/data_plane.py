@@ -22,15 +22,14 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import date
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-from pipeline import machine  # noqa: E402  (bench/pipeline.py)
+sys.path.append(str(ROOT / "bench"))
+from common import record  # noqa: E402
 
 TINY = ["vqvae2.hidden=16", "vqvae2.res_hidden=8", "vqvae2.res_blocks=1", "vqvae2.embed_dim=8",
         "vqvae2.codebook_size=[16,32]", "stage1.num_mixtures=2", "stage1.batch_size=128", "stage1.epochs=1",
@@ -198,8 +197,7 @@ def main() -> int:
     sizes = [int(n) for n in a.images.split(",")]
     flags = ("" if a.skip_folder else f" --images {a.images}") + (" --skip-folder" if a.skip_folder else "") + \
         (" --skip-throughput" if a.skip_throughput else f" --baseline {a.baseline}")
-    lines = [f"\n### `python bench/data_plane.py{flags}` — {date.today()}\n",
-             f"Machine: {machine()}.\n"]
+    lines = []
     if not a.skip_folder:
         lines += ["One stage-1 epoch, tiny VQ-VAE-2, 2 workers × 1 CPU, `data.in_memory=false` (every image read "
                   "and decoded by Ray Data tasks sharing the workers' CPUs, `data.decode_cpus=0`).\n",
@@ -215,9 +213,7 @@ def main() -> int:
                   "the other in this call:\n",
                   "| code | items/s (epochs 2-3) | per epoch | ratio |", "|---|---|---|---|",
                   *throughput_rows(a.baseline)]
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    record("data_plane", f"python bench/data_plane.py{flags}", "\n".join(lines))
     return 0
 
 

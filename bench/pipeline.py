@@ -9,28 +9,17 @@ headline metrics back from MLflow.
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT / "bench"))
+from common import record  # noqa: E402
 HEADLINE = ("val_bpd", "val_bits_per_code", "test_nll_bpd", "test_nll_nats")
-
-
-def machine() -> str:
-    import ray
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, no GPU; torch {torch.__version__}, "
-            f"ray {ray.__version__}, Python {platform.python_version()}")
 
 
 def main(argv: list[str]) -> int:
@@ -58,14 +47,10 @@ def main(argv: list[str]) -> int:
                         f"{statistics.mean(speed):.0f} | {shown} |" if speed else
                         f"| {stage} | {m.get(stage + '_seconds', float('nan')):.1f} | – | {shown} |")
     cmd = " ".join(["python bench/pipeline.py", os.path.relpath(config, ROOT), *overrides])
-    table = "\n".join([
-        f"### `{cmd}` — {date.today()}", "", f"Machine: {machine()}.", "",
+    record("pipeline", cmd, "\n".join([
         f"Whole `hvae run` (Ray start, data, MLflow, all stages): **{total:.0f} s**.", "",
-        "| stage | wall s | train items/s (mean over epochs) | final metrics |", "|---|---|---|---|", *rows, "",
-    ])
-    print(table)
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-        f.write("\n" + table)
+        "| stage | wall s | train items/s (mean over epochs) | final metrics |", "|---|---|---|---|", *rows,
+    ]))
     return 0
 
 
