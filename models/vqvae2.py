@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .downsampling import default_downsample
 from .likelihoods import make_likelihood, to_model_range
 from .quantize import VectorQuantizerEMA
 
@@ -75,10 +76,6 @@ def _upsampler(in_ch: int, out_ch: int, factor: int, mid_ch: int | None = None) 
             layers.append(nn.ReLU())
         ch = out
     return layers
-
-
-def default_downsample(levels: int) -> list[int]:
-    return [2] * (levels - 1) + [4]
 
 
 class VQVAE2(nn.Module):

@@ -14,6 +14,7 @@ already in the fingerprint as the config slice and the data fingerprint.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -32,6 +33,13 @@ def _module_file(module: str, root: Path) -> Path | None:
 
 def _imports(path: Path, module: str, root: Path) -> set[str]:
     """Project modules that the file imports (absolute and relative, top level and in functions)."""
+    st = path.stat()
+    return _parsed_imports(path, module, root, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_imports(path: Path, module: str, root: Path, mtime_ns: int, size: int) -> frozenset[str]:
+    """``_imports``, parsed once per version of the file (every stage's hash walks the same files)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -46,7 +54,7 @@ def _imports(path: Path, module: str, root: Path) -> set[str]:
                 target = node.module or ""
             found.add(target)
             found.update(f"{target}.{alias.name}" for alias in node.names)  # from pkg import submodule
-    return {m for m in found if m.split(".")[0] in FOLLOWED and _module_file(m, root) is not None}
+    return frozenset(m for m in found if m.split(".")[0] in FOLLOWED and _module_file(m, root) is not None)
 
 
 def source_files(modules: list[str], root: Path = ROOT) -> list[str]:

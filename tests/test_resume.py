@@ -32,9 +32,11 @@ def finished(smoke_store):
 def test_a_second_run_reuses_every_stage_and_reports_the_same_nll(finished):
     cwd, first = finished
     t0 = time.perf_counter()
-    second = hvae(cwd, "run", SMOKE)
+    second = hvae(cwd, "run", SMOKE, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert second.returncode == 0, second.stdout[-3000:]
     assert _actions(second.stdout) == {s: "reuse" for s in STAGES}
+    # nothing heavy is imported when nothing runs (the config sizes its maps without torch)
+    assert not re.findall(r"\|\s*(torch|ray|torchvision)$", second.stderr, re.M)
     assert "epoch" not in second.stdout  # nothing trained
     assert _nll(second.stdout) == _nll(first.stdout)
     client, all_runs = runs(cwd)

@@ -50,7 +50,7 @@ class VQVAE2Config(Section):
         return self
 
     def factors(self) -> list[int]:
-        from models.vqvae2 import default_downsample
+        from models.downsampling import default_downsample
 
         return list(self.downsample) if self.downsample is not None else default_downsample(self.levels)
 

@@ -1,0 +1,78 @@
+"""A fully reused pipeline: how long `hvae run` takes when every stage has a finished run.
+
+    .venv/bin/python bench/reuse.py [CONFIG]        (default: configs/smoke.yaml)
+
+In a fresh temporary folder: the pipeline once (every stage runs), then the same command
+three times (every stage reused), wall seconds each and their median. Then one more reused
+run under ``python -X importtime``: what its imports cost, by top-level package (the
+interpreter's own start-up, ``python -c pass``, measured apart).
+"""
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT / "bench"))
+from common import record  # noqa: E402
+
+
+def _run(cwd: str, config: str, *flags: str) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, *flags, "-m", "pipeline", "run", config], cwd=cwd,
+                          capture_output=True, text=True)
+    return time.perf_counter() - t0, proc
+
+
+def _imports(stderr: str) -> dict[str, float]:
+    """Seconds of the top-level imports in ``-X importtime`` output, by top-level package."""
+    by = defaultdict(float)
+    for line in stderr.splitlines():
+        m = re.match(r"import time:\s+\d+ \|\s+(\d+) \| ( *)(\S+)", line)
+        if m and not m.group(2):  # not indented: imported by the program itself, not by a module
+            by[m.group(3).split(".")[0]] += int(m.group(1)) / 1e6
+    return dict(by)
+
+
+def main(argv: list[str]) -> int:
+    config = os.path.abspath(argv[0]) if argv else str(ROOT / "configs" / "smoke.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        first, proc = _run(tmp, config)
+        if proc.returncode:
+            print(proc.stdout[-3000:], proc.stderr[-3000:])
+            return proc.returncode
+        again = []
+        for _ in range(3):
+            secs, proc = _run(tmp, config)
+            if proc.returncode or "REUSED" not in proc.stdout or " FINISHED " in proc.stdout:
+                print(f"bench: the re-run did not reuse every stage:\n{proc.stdout[-3000:]}")
+                return 1
+            again.append(secs)
+        traced, proc = _run(tmp, config, "-X", "importtime")
+        imports = _imports(proc.stderr)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    bare = time.perf_counter() - t0
+    top = sorted(imports.items(), key=lambda kv: -kv[1])
+    shown = ", ".join(f"{name} {secs:.2f}" for name, secs in top[:8] if secs >= 0.01)
+    cmd = "python bench/reuse.py" + (f" {os.path.relpath(config, ROOT)}" if argv else "")
+    record("reuse", cmd, "\n".join([
+        f"`hvae run {os.path.relpath(config, ROOT)}` in a fresh folder: **{first:.1f} s** with every stage run; "
+        f"again with every stage reused: {', '.join(f'{s:.2f}' for s in again)} s, "
+        f"**median {statistics.median(again):.2f} s**.", "",
+        f"One more reused run under `-X importtime` ({traced:.2f} s, the tracing included): imports "
+        f"{sum(imports.values()):.2f} s in all, by package: {shown}. The interpreter alone "
+        f"(`python -c pass`): {bare:.2f} s.",
+    ]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
