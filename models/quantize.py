@@ -51,6 +51,11 @@ def _kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> 
 class VectorQuantizerEMA(nn.Module):
     """Quantize [B, D, H, W] feature maps against K codes of dimension D."""
 
+    # Left out of torch.compile (whoever compiles the model disables it for modules that say
+    # so): compiled, its in-place codebook updates came out wrong (torch 2.14, CPU: the codebook
+    # 11 away from eager after one step); it is cheap next to the convolutions.
+    not_compiled = True
+
     def __init__(
         self,
         num_codes: int,
@@ -156,9 +161,6 @@ class VectorQuantizerEMA(nn.Module):
         self.restarts += n_dead
 
     # ---- forward -----------------------------------------------------------------
-    # Left out of torch.compile: compiled, its in-place codebook updates came out wrong (torch
-    # 2.14, CPU: the codebook 11 away from eager after one step); it is cheap next to the convs.
-    @torch.compiler.disable
     @fp32  # distances, assignments and the EMA codebook in float32 under any autocast
     def forward(self, z: torch.Tensor):
         """z: [B, D, H, W] -> (z_q with straight-through gradient, codes [B, H, W], loss, stats)."""

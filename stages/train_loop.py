@@ -206,6 +206,18 @@ class Resume:
     waited: float
 
 
+def compile_model(model) -> None:
+    """torch.compile in place (the state dict keeps its keys: checkpoints stay interchangeable);
+    a module that sets ``not_compiled`` runs eagerly. (torch.compiler is touched only here:
+    importing it costs every process that never compiles about a second.)"""
+    import torch
+
+    for m in model.modules():
+        if getattr(m, "not_compiled", False):
+            m.forward = torch.compiler.disable(m.forward)
+    model.compile()
+
+
 def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int):
     """Build model, optimizer and schedule, restored from the checkpoint ``checkpoints.newest``
     picks -> (model, optimizer, scheduler, scaler, first epoch, Resume or None)."""
@@ -236,7 +248,7 @@ def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int):
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if spec.compile:
-        model.compile()  # in place: the state dict keeps its keys, checkpoints stay interchangeable
+        compile_model(model)
     # The codebooks keep themselves in sync (all-reduced EMA statistics): DDP must not
     # overwrite every rank's buffers with rank 0's at each forward.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})

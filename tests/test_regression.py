@@ -117,7 +117,7 @@ PRECISION_TOLERANCE = {("bf16", False): 2e-2, ("fp16", False): 1e-2, ("fp32", Tr
 @pytest.mark.parametrize("precision,compiled", [("bf16", False), ("fp16", False),
                                                 pytest.param("fp32", True, marks=pytest.mark.slow)])
 def test_mixed_precision_and_compile_follow_fp32(precision, compiled, digits):
-    from stages.train_loop import _start
+    from stages.train_loop import _start, compile_model
 
     cfg = load_config(None, ["stage1.batch_size=32", "stage1.lr=1e-3", *TINY["vqvae2"]])
     family = families.of(cfg)
@@ -135,7 +135,7 @@ def test_mixed_precision_and_compile_follow_fp32(precision, compiled, digits):
         torch.manual_seed(spec.seed)
         model = task.build_model()
         if spec.compile:
-            model.compile()
+            compile_model(model)
         optimizer, _ = make_optimizer(model, spec)
         scaler = torch.amp.GradScaler("cpu") if spec.precision == "fp16" else None
         sums = run_epoch(spec, task, model, optimizer, 0, 0, 1, torch.device("cpu"), scaler)
