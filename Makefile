@@ -38,11 +38,14 @@ ui: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/step.py
 	$(BIN)/python bench/reuse.py
 	$(BIN)/python bench/pipeline.py configs/smoke.yaml
 
 bench-full: $(STAMP)
 	$(BIN)/python bench/sampling.py --full
+	$(BIN)/python bench/step.py --full
+	$(BIN)/python bench/layout.py --rounds 2
 	$(BIN)/python bench/reuse.py
 	$(BIN)/python bench/pipeline.py configs/default.yaml
 	$(BIN)/python bench/data_plane.py --images 5000,60000

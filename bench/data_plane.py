@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "bench"))
 from common import record  # noqa: E402
 
-TINY = ["vqvae2.hidden=16", "vqvae2.res_hidden=8", "vqvae2.res_blocks=1", "vqvae2.embed_dim=8",
+TINY = ["cluster.num_workers=2", "cluster.cpus_per_worker=1", "vqvae2.hidden=16", "vqvae2.res_hidden=8", "vqvae2.res_blocks=1", "vqvae2.embed_dim=8",
         "vqvae2.codebook_size=[16,32]", "stage1.num_mixtures=2", "stage1.batch_size=128", "stage1.epochs=1",
         "stage1.recon_images=16", "--until", "stage1"]
 
@@ -175,7 +175,8 @@ def throughput_rows(baseline: str) -> list[str]:
     try:
         for name, tree in ((f"baseline {baseline} (arrays in the object store)", base), ("this tree (Ray Data)", ROOT)):
             with tempfile.TemporaryDirectory() as tmp:
-                r = run(Path(tmp), [str(tree / "configs" / "default.yaml"), "stage1.epochs=3", "--until", "stage1"],
+                r = run(Path(tmp), [str(tree / "configs" / "default.yaml"), "stage1.epochs=3", "cluster.num_workers=2",
+                                    "cluster.cpus_per_worker=1", "--until", "stage1"],
                         pythonpath=str(tree))
             speed = r["items_per_s"]
             rows.append((name, float(np.mean(speed[1:])), speed))

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
@@ -44,7 +44,10 @@ class DataConfig(Section):
 
 class ClusterConfig(Section):
     address: Optional[str] = None  # None: start a local Ray; "auto" or "ray://host:10001": join one
-    num_workers: int = Field(2, ge=1)  # Ray Train workers (DDP processes)
+    # Ray Train workers (DDP processes); auto: the layout of the Ray this run starts or joins
+    # (pipeline.raycluster.resolve_layout), setting cpus_per_worker too: one worker per GPU, or
+    # on CPUs one worker per node with all of its CPUs as threads
+    num_workers: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = 2
     use_gpu: bool = False  # NCCL + one GPU per worker when true, gloo on CPU otherwise
     cpus_per_worker: float = Field(1.0, gt=0)
     storage_path: str = "ray_results"  # Ray Train checkpoints; must be shared storage on a multi-node cluster
@@ -143,6 +146,9 @@ class SampleConfig(Section):
     temperature: float = Field(1.0, gt=0)  # VQ: prior logits are divided by it; NVAE: prior sigmas multiplied
     seed: int = 0
     pixels: Literal["mean", "sample"] = "mean"  # decoder mean, or a draw from the pixel likelihood
+    # VQ priors: each layer keeps its state and computes only the new position; false: the
+    # reference, a forward pass over the whole map per position (the same codes, far slower)
+    cached: bool = True
     # images per Ray task (the tasks share the cluster's workers, a GPU each when use_gpu); each
     # draws from its own generator, seeded from (seed, its first image): the images do not
     # depend on how many workers draw them

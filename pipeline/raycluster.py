@@ -46,6 +46,31 @@ def connect(cluster_cfg) -> int:
     return len([n for n in ray.nodes() if n.get("Alive")])
 
 
+def resolve_layout(cluster_cfg):
+    """``cluster.num_workers=auto`` -> the section with a worker count and CPUs per worker for
+    the Ray this process is connected to; any other section as it is. With ``use_gpu``: one
+    worker per GPU, the CPUs of its node shared out between its GPUs. On CPUs: one worker per
+    node, holding all of that node's CPUs as threads (on one machine a process with N threads
+    outruns N one-thread DDP processes, which add an all-reduce a step: bench/layout.py)."""
+    if cluster_cfg.num_workers != "auto":
+        return cluster_cfg
+    import ray
+
+    return layout_for(cluster_cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+
+
+def layout_for(cluster_cfg, nodes: list[dict]):
+    """``resolve_layout`` over the alive nodes' resources (``ray.nodes()``' "Resources")."""
+    if cluster_cfg.use_gpu:
+        held = [r for r in nodes if r.get("GPU", 0) >= 1]
+        workers = sum(int(r["GPU"]) for r in held)
+        cpus = min((max(1, int(r.get("CPU", 1) // int(r["GPU"]))) for r in held), default=1)
+    else:
+        held = [r for r in nodes if r.get("CPU", 0) >= 1]
+        workers, cpus = len(held), min((int(r["CPU"]) for r in held), default=1)
+    return cluster_cfg.model_copy(update={"num_workers": max(workers, 1), "cpus_per_worker": float(cpus)})
+
+
 def _free_port() -> int:
     import socket
 

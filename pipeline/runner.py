@@ -190,11 +190,18 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
 def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, data, upstream, out_dir: Path, callbacks,
                datasets):
     """The stage's own work: its module's run(ctx) with Ray up when it needs it."""
-    from .raycluster import check_shared_storage, connect
+    from .raycluster import check_shared_storage, connect, resolve_layout
 
     st = planned.stage
     if st.on_ray and connect(cfg.cluster) > 1:  # a multi-node cluster: checkpoints must be on shared storage
         check_shared_storage(cfg.cluster.storage_path)
+    if st.on_ray and cfg.cluster.num_workers == "auto":
+        cfg = cfg.model_copy(update={"cluster": resolve_layout(cfg.cluster)})
+        if st.trains:
+            c = cfg.cluster
+            layout = f"{c.num_workers} worker(s) of {c.cpus_per_worker:g} CPU(s)" + (" and a GPU" if c.use_gpu else "")
+            tracker.set_tags(run_id, {"hvae.layout": layout})
+            print(f"[hvae] {st.name}: cluster.num_workers=auto: {layout}", flush=True)
     ctx = StageContext(
         name=st.name, config=cfg, output_dir=out_dir, storage_path=cfg.cluster.storage_path,
         checkpoint_name=planned.checkpoint_name, data=data, report=tracker.reporter(run_id),

@@ -262,7 +262,7 @@ def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
 def _sweep(tracker, cfg: PipelineConfig, base: dict, data, sweep_run: str, resume: bool, config_path: str | None,
            t0: float) -> int:
     """The sweep under its open MLflow run: fixed upstream stages, the trials, the best one."""
-    from .raycluster import connect
+    from .raycluster import connect, resolve_layout
 
     sweep = cfg.sweep
     work = local_area(cfg.cluster.storage_path) / "outputs" / sweep_run
@@ -272,6 +272,7 @@ def _sweep(tracker, cfg: PipelineConfig, base: dict, data, sweep_run: str, resum
         return code
 
     connect(cfg.cluster)
+    cfg = cfg.model_copy(update={"cluster": resolve_layout(cfg.cluster)})  # (num_workers=auto: as each trial resolves it)
     fits = trials_that_fit(cfg.cluster)
     if fits < 1 and cfg.cluster.address is None:  # (a cluster we joined may grow; the local Ray cannot)
         tracker.finish(sweep_run, "FAILED")

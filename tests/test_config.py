@@ -162,3 +162,20 @@ def test_sweep_cli_errors_name_the_key_and_start_nothing(tmp_path):
     none = hvae(tmp_path, "sweep", str(ROOT / "configs" / "smoke.yaml"))
     assert none.returncode == 2 and "no sweep section" in none.stderr
     assert not (tmp_path / "mlruns.db").exists()  # nothing started
+
+
+def test_num_workers_auto_is_one_worker_per_node_with_its_cpus_or_one_per_gpu():
+    from pipeline.config import ClusterConfig
+    from pipeline.raycluster import layout_for, resolve_layout
+
+    auto = ClusterConfig(num_workers="auto", cpus_per_worker=3)
+    one = layout_for(auto, [{"CPU": 2.0, "memory": 1e9}])  # this machine: one process, two threads
+    assert (one.num_workers, one.cpus_per_worker) == (1, 2.0)
+    nodes = [{"CPU": 16.0, "GPU": 4.0}, {"CPU": 8.0, "GPU": 2.0}, {"CPU": 0.0}]  # (a head without CPUs)
+    assert (layout_for(auto, nodes).num_workers, layout_for(auto, nodes).cpus_per_worker) == (2, 8.0)
+    gpus = layout_for(auto.model_copy(update={"use_gpu": True}), nodes)
+    assert (gpus.num_workers, gpus.cpus_per_worker) == (6, 4.0)
+    fixed = ClusterConfig(num_workers=3, cpus_per_worker=2)
+    assert resolve_layout(fixed) is fixed  # a count given is kept (and Ray is not asked)
+    with pytest.raises(ConfigError, match="cluster.num_workers"):
+        load_config(None, ["cluster.num_workers=many"])

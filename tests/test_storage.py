@@ -16,8 +16,10 @@ def test_a_storage_uri_holds_data_checkpoints_and_outputs_and_force_clears_them_
     node, bucket = tmp_path / "node", tmp_path / "bucket"
     node.mkdir()
     uri = bucket.as_uri()  # file:///.../bucket
-    first = hvae(node, "run", SMOKE, f"cluster.storage_path={uri}", "--until", "extract")
+    # (laid out by cluster.num_workers=auto, as configs/default.yaml is: one worker, every CPU)
+    first = hvae(node, "run", SMOKE, f"cluster.storage_path={uri}", "cluster.num_workers=auto", "--until", "extract")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
+    assert re.search(r"^\[hvae\] stage1: cluster.num_workers=auto: 1 worker\(s\) of [1-9]\d* CPU\(s\)$", first.stdout, re.M)
     # the working folder holds the tracking store and nothing the storage path should have
     assert {p.name for p in node.iterdir()} <= {"mlartifacts", "mlruns.db", "mlruns.db.lock"}, list(node.iterdir())
     assert list(bucket.glob("data/mnist5k-*/manifest.json")), "the prepared data is not under the storage URI"

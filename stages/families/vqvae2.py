@@ -160,14 +160,15 @@ def _score(x, y, first_index, *, vq, priors) -> dict:
     return nll_sums(vq, priors, x, y)
 
 
-def _draw(first, count, *, vq, priors, temperature, seed, pixels):
+def _draw(first, count, *, vq, priors, temperature, seed, pixels, cached=True):
     from . import chunk_seed
 
-    images, codes, labels = draw(vq, priors, count, temperature, chunk_seed(seed, first), pixels, first)
+    images, codes, labels = draw(vq, priors, count, temperature, chunk_seed(seed, first), pixels, first, cached)
     return images.cpu(), [c.cpu() for c in codes], None if labels is None else labels.cpu()
 
 
-def draw(vq, priors, num_samples: int, temperature: float, seed: int, pixels: str = "mean", first: int = 0):
+def draw(vq, priors, num_samples: int, temperature: float, seed: int, pixels: str = "mean", first: int = 0,
+         cached: bool = True):
     """Ancestral sampling, top level first, then the decoder -> (images uint8, codes per level,
     labels: class ``i % num_classes`` for sample ``i``, counting from ``first``)."""
     import torch
@@ -177,7 +178,7 @@ def draw(vq, priors, num_samples: int, temperature: float, seed: int, pixels: st
     device = next(priors.parameters()).device
     labels = (torch.arange(first, first + num_samples) % num_classes).to(device) if num_classes else None
     with torch.no_grad():
-        codes = priors.sample(num_samples, labels, temperature, gen)
+        codes = priors.sample(num_samples, labels, temperature, gen, cached)
         params = vq.decode_codes(codes)
         if pixels == "sample":
             images = vq.likelihood.sample(params, gen)
@@ -264,7 +265,7 @@ class VQVAE2Family(Family):
 
         priors = load_priors(upstream["priors"] / "model")
         return OnDevice(_draw, {"vq": model, "priors": priors}, temperature=scfg.temperature, seed=scfg.seed,
-                        pixels=scfg.pixels)
+                        pixels=scfg.pixels, cached=scfg.cached)
 
     def scorer(self, model, upstream, ecfg):
         from stages.priors import load_priors
