@@ -25,7 +25,7 @@ HEADLINE = ("val_bpd", "val_bits_per_code", "test_nll_bpd", "test_nll_nats")
 def main(argv: list[str]) -> int:
     from mlflow.tracking import MlflowClient
 
-    config = argv[0] if argv and "=" not in argv[0] else str(ROOT / "configs" / "default.yaml")
+    config = os.path.abspath(argv[0]) if argv and "=" not in argv[0] else str(ROOT / "configs" / "default.yaml")
     overrides = [a for a in argv if "=" in a]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
