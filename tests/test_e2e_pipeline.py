@@ -181,3 +181,24 @@ def test_evaluate_over_two_actors_sums_to_the_same_nll_as_one(smoke_run, tmp_pat
     two = pipeline_runs(tmp_path, parent)["evaluate"].data.metrics
     for key in ("test_nll_nats", "test_recon_nats", "test_prior_nats", "test_mse", "test_images"):
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
+
+
+def test_the_naive_sampler_draws_the_pipelines_samples(smoke_run, tmp_path):
+    """sample.cached=false (the reference: a forward pass per position) runs only the sample
+    stage again, and draws the codes and images the cached sampler drew for the same seed."""
+    import shutil
+
+    import numpy as np
+
+    cwd, _, parent_id = smoke_run
+    for name in ("mlruns.db", "ray_results"):  # a copy of the store: the shared one stays as it is
+        (shutil.copytree if (cwd / name).is_dir() else shutil.copy)(cwd / name, tmp_path / name)
+    proc = hvae(tmp_path, "run", SMOKE, "sample.cached=false", "--until", "sample", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert re.search(r"^\[hvae\] sample: run as", proc.stdout, re.M) and "priors: reuse" in proc.stdout
+    parent = re.search(r"MLflow parent run ([0-9a-f]{32})", proc.stdout).group(1)
+    cached = np.load(cwd / "ray_results" / "outputs" / parent_id / "sample" / "samples" / "samples.npz")
+    naive = np.load(tmp_path / "ray_results" / "outputs" / parent / "sample" / "samples" / "samples.npz")
+    assert sorted(naive.files) == sorted(cached.files) and "level1" in naive.files
+    for key in naive.files:
+        assert np.array_equal(naive[key], cached[key]), key
