@@ -172,7 +172,8 @@ def test_num_workers_auto_is_one_worker_per_node_with_its_cpus_or_one_per_gpu():
     one = layout_for(auto, [{"CPU": 2.0, "memory": 1e9}])  # this machine: one process, two threads
     assert (one.num_workers, one.cpus_per_worker) == (1, 2.0)
     nodes = [{"CPU": 16.0, "GPU": 4.0}, {"CPU": 8.0, "GPU": 2.0}, {"CPU": 0.0}]  # (a head without CPUs)
-    assert (layout_for(auto, nodes).num_workers, layout_for(auto, nodes).cpus_per_worker) == (2, 8.0)
+    cpus = layout_for(auto, nodes)
+    assert (cpus.num_workers, cpus.cpus_per_worker) == (2, 8.0)
     gpus = layout_for(auto.model_copy(update={"use_gpu": True}), nodes)
     assert (gpus.num_workers, gpus.cpus_per_worker) == (6, 4.0)
     fixed = ClusterConfig(num_workers=3, cpus_per_worker=2)

@@ -203,3 +203,15 @@ def test_a_resume_from_a_step_checkpoint_equals_the_run_it_cut(name, extra, hold
     scheduler.load_state_dict(saved["state"]["scheduler"])
     resumed = train(task, model, optimizer, scheduler, [1], resume=saved["resume"])
     torch.testing.assert_close(resumed, straight, rtol=0, atol=0)
+
+
+def test_importing_the_models_leaves_torch_compiler_alone():
+    """torch._dynamo costs each process that imports it about a second: only compile_model,
+    when train.compile is set, may bring it in (the quantizer asks to stay eager by a flag)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, models.vqvae2, models.nvae, models.pixelcnn, stages.families.vqvae2; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
