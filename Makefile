@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/step.py
 	$(BIN)/python bench/reuse.py
 	$(BIN)/python bench/pipeline.py configs/smoke.yaml
+	$(BIN)/python bench/overhead.py configs/smoke.yaml
 
 bench-full: $(STAMP)
 	$(BIN)/python bench/sampling.py --full
@@ -48,6 +49,7 @@ bench-full: $(STAMP)
 	$(BIN)/python bench/layout.py --rounds 2
 	$(BIN)/python bench/reuse.py
 	$(BIN)/python bench/pipeline.py configs/default.yaml
+	$(BIN)/python bench/overhead.py configs/default.yaml
 	$(BIN)/python bench/data_plane.py --images 5000,60000
 
 clean:

@@ -95,7 +95,17 @@ class DataSpec:
         files = [{"file": p} for p in self.paths(split)]
         ds = ray.data.from_items(files, override_num_blocks=len(files))
         return ds.map_batches(read_file, fn_kwargs={"spec": self}, batch_size=1, batch_format="numpy",
-                              num_cpus=self.cpus)
+                              num_cpus=self.cpus, compute=ray.data.TaskPoolStrategy(size=self.read_tasks()))
+
+    def read_tasks(self) -> int:
+        """How many read tasks run at once: as many as the cluster has CPUs (reading image files,
+        which waits on storage: four times that). A read task that reserves no CPU is not held
+        back by the scheduler, and every one running at once needs its own worker process: an
+        uncapped split of many files starts a process per file, each importing its libraries."""
+        import ray
+
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return cpus * (4 if self.kind == "files" else 1)
 
     def kept(self, split: str) -> bool:
         """Whether training decodes the split once and keeps it: ``in_memory`` when set, else

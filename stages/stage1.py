@@ -8,6 +8,8 @@ loss and its figures; this stage trains it on the shared loop and writes:
 """
 from __future__ import annotations
 
+import time
+
 from .base import StageContext, StageResult
 from .families import of, save_model
 from .images import train_stage1, training_datasets
@@ -25,7 +27,9 @@ def run(ctx: StageContext) -> StageResult:
     model.eval()
     save_model(family, model, model_config, ctx.output_dir / "model")
     metrics = dict(fitted.metrics)
+    t0 = time.perf_counter()
     metrics.update(family.figures(model, ctx.data, cfg, ctx.output_dir / "figures", fitted.meta.get("val_sums", {})))
+    metrics["figures_seconds"] = time.perf_counter() - t0
     metrics["num_params"] = float(sum(p.numel() for p in model.parameters()))
     return StageResult(metrics=metrics, output_dir=ctx.output_dir,
                        tags={"hvae.checkpoint": fitted.checkpoint, **fitted.placement_tags})

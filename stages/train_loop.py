@@ -54,6 +54,7 @@ class LoopSpec:
     accumulate_steps: int = 1  # batches whose gradients one optimizer step sums
     warmup_steps: int = 0  # optimizer steps of linear LR warm-up before the cosine decay
     checkpoint_every_steps: int = 0  # a step checkpoint every this many batches of an epoch (0: epoch ends only)
+    launched_at: float = 0.0  # time.time() when the driver called fit (set by fit): the start-up's clock
 
     def autocast(self, device: torch.device):
         """The forward pass's autocast context (off for fp32). The models keep their float32
@@ -237,7 +238,7 @@ def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int):
             resume = Resume(found.step, meta["epoch_lr"], **ranks[rank])
         elif found.step is not None and rank == 0:
             log(f"[{spec.stage}] the step checkpoint was taken by {len(ranks)} workers, this group has {world}: "
-                f"epoch {found.epoch} starts again from its first batch (from the weights it had reached)")
+                f"epoch {found.epoch + 1} starts again from its first batch (from the weights it had reached)")
         if rank == 0:
             log(f"[{spec.stage}] resuming from {found.describe()}")
             if spec.report is not None:  # one point per restore: after a crash or a lost worker
@@ -265,7 +266,8 @@ def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int):
 def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, rank: int, world: int, device,
               scaler=None, scheduler=None, resume: Resume | None = None,
               checkpoint: Callable[[int, dict, float], None] | None = None):
-    """Train one epoch, then validate -> (train sums, val sums, seconds of training). An
+    """Train one epoch, then validate -> (train sums, val sums, seconds of training, seconds of
+    validation). An
     optimizer step every ``spec.accumulate_steps`` batches, and one for the epoch's last
     batches (their gradients are then divided by ``accumulate_steps`` all the same).
     ``resume``: continue after the batches a step checkpoint had done (they come again, in the
@@ -312,10 +314,13 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
     seconds = time.perf_counter() - t0
     model.eval()
     val_sums: dict[str, torch.Tensor] = {}
+    t_val = time.perf_counter()
     with torch.no_grad(), spec.autocast(device):
         for batch in task.val_batches(rank, world):
             _accumulate(val_sums, task.val_step(model, batch, device))
-    return train_sums, val_sums, seconds
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # (the validation's time below is real on a GPU)
+    return train_sums, val_sums, seconds, time.perf_counter() - t_val
 
 
 def _stop_if_not_finite(spec: LoopSpec, task: TrainTask, guard: Guard, epoch: int, world: int = 1) -> None:
@@ -330,10 +335,12 @@ def _stop_if_not_finite(spec: LoopSpec, task: TrainTask, guard: Guard, epoch: in
 
 
 def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds, epoch, lr, world,
-                  device=torch.device("cpu"), val_out: dict | None = None) -> dict:
+                  device=torch.device("cpu"), val_out: dict | None = None, timings: dict | None = None) -> dict:
     """The epoch's metrics from every worker's sums (one all-reduce); ``val_out`` receives the
     validation sums added up over the workers, as lists (the checkpoint keeps them: stage 1's
-    figures are drawn from them, not from another pass over the data on the driver)."""
+    figures are drawn from them, not from another pass over the data on the driver).
+    ``timings``: this rank's seconds spent outside the training steps (validation, the last
+    checkpoint and report, the start-up), shown as they are."""
     reduced = _reduce_sums({**{f"train/{k}": v for k, v in train_sums.items()},
                             **{f"val/{k}": v for k, v in val_sums.items()},
                             "seconds": torch.tensor(seconds)}, device)
@@ -349,7 +356,7 @@ def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds
     metrics = {**task.summarize("train", train), **task.summarize("val", split("val")), **waits}
     mean_seconds = float(reduced["seconds"]) / world  # workers step in lockstep
     metrics.update(epoch=epoch, lr=lr, epoch_seconds=mean_seconds,
-                   images_per_s=float(reduced["train/count"]) / max(mean_seconds, 1e-9))
+                   images_per_s=float(reduced["train/count"]) / max(mean_seconds, 1e-9), **(timings or {}))
     for k, v in metrics.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise FloatingPointError(f"{spec.stage}: metric {k} is not finite at epoch {epoch + 1}")
@@ -361,10 +368,11 @@ def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, e
     """Rank 0: log the epoch, save its checkpoint and report both to Ray Train."""
     import ray.train
 
-    if spec.report is not None:
+    if spec.report is not None:  # (MLflow, from this worker)
         spec.report(metrics, epoch)
     shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                     if k.startswith(("train_loss", "val_")) and "level" not in k and "group" not in k)
+                     if k.startswith(("train_loss", "val_")) and "level" not in k and "group" not in k
+                     and not k.endswith("_seconds"))
     log(f"[{spec.stage}] epoch {epoch + 1}/{spec.epochs} {shown} {metrics['images_per_s']:.0f} items/s")
     with tempfile.TemporaryDirectory() as tmp:
         state = _state(core, optimizer, scheduler, scaler)
@@ -389,6 +397,10 @@ def train_worker(spec: LoopSpec) -> None:
     model, optimizer, scheduler, scaler, start_epoch, resume = _start(spec, task, rank, world)
     core = getattr(model, "module", model)
     nodes = _worker_nodes()
+    # where the time outside the training steps goes (rank 0's clocks; reported with each epoch):
+    # the start-up (the driver's fit call to a built, restored, wrapped model on every worker)
+    # and the previous epoch's checkpoint and reports
+    timings = {"startup_seconds": time.time() - spec.launched_at} if spec.launched_at else {}
     for epoch in range(start_epoch, spec.epochs):
         lr = resume.lr if resume is not None else optimizer.param_groups[0]["lr"]  # (at the epoch's start)
 
@@ -403,15 +415,17 @@ def train_worker(spec: LoopSpec) -> None:
                 meta = {"model_config": spec.model_config, "metrics": {}, "nodes": nodes, "epoch_lr": lr}
                 checkpoints.save_step(spec.storage_path, spec.name, epoch, done, state, meta)
 
-        train_sums, val_sums, seconds = run_epoch(spec, task, model, optimizer, epoch, rank, world, device, scaler,
-                                                  scheduler, resume, step_checkpoint)
+        train_sums, val_sums, seconds, timings["val_seconds"] = run_epoch(
+            spec, task, model, optimizer, epoch, rank, world, device, scaler, scheduler, resume, step_checkpoint)
         resume = None
         val_out: dict = {}
-        metrics = epoch_metrics(task, spec, train_sums, val_sums, seconds, epoch, lr, world, device, val_out)
+        metrics = epoch_metrics(task, spec, train_sums, val_sums, seconds, epoch, lr, world, device, val_out, timings)
+        t_report = time.perf_counter()
         if rank == 0:
             _report(spec, core, optimizer, scheduler, scaler, metrics, epoch, nodes, val_out)
         else:
             ray.train.report(metrics)
+        timings = {"report_seconds": time.perf_counter() - t_report}
 
 
 def _state(core, optimizer, scheduler, scaler) -> dict:
@@ -458,6 +472,33 @@ class Fitted:
         return {"hvae.worker_nodes": ",".join(nodes)} if nodes else {}
 
 
+def _fit_interruptibly(trainer) -> None:
+    """``trainer.fit()``, interruptible: called from the main thread, Ray Train installs a SIGINT
+    handler that swallows Ctrl-C (it aborts the controller and exits, and the caller never
+    hears of it). Run there, in a helper thread, it installs none: the main thread waits and
+    receives the KeyboardInterrupt (or the SIGTERM the CLI turns into one) itself, and the
+    caller stops Ray's workers. (A sweep's trials already run in Tune's threads.)"""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        trainer.fit()
+        return
+    outcome: dict = {}
+
+    def target():
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread as it is
+            outcome["error"] = exc
+
+    helper = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def fit(spec: LoopSpec, *, name: str, storage_path: str, cluster, datasets: dict | None = None,
         callbacks: list | None = None) -> Fitted:
     """Run ``train_worker`` on a TorchTrainer (``cluster``: the config's cluster section) and
@@ -467,7 +508,7 @@ def fit(spec: LoopSpec, *, name: str, storage_path: str, cluster, datasets: dict
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    spec = replace(spec, storage_path=storage_path, name=name)
+    spec = replace(spec, storage_path=storage_path, name=name, launched_at=time.time())
     resources = {"CPU": cluster.cpus_per_worker, **({"GPU": 1} if cluster.use_gpu else {})}
     trainer = TorchTrainer(
         _worker_entry,
@@ -488,9 +529,12 @@ def fit(spec: LoopSpec, *, name: str, storage_path: str, cluster, datasets: dict
             callbacks=list(callbacks or []),
         ),
     )
-    trainer.fit()
+    t0 = time.perf_counter()
+    _fit_interruptibly(trainer)
+    seconds = time.perf_counter() - t0
     found = checkpoints.newest(storage_path, name)
     if found is None:
         raise RuntimeError(f"training {name} ended without a checkpoint")
     state, meta = found.load()
-    return Fitted(state, meta, found.path, {k: float(v) for k, v in meta["metrics"].items()})
+    metrics = {k: float(v) for k, v in meta["metrics"].items() if not k.endswith(("startup_seconds", "report_seconds"))}
+    return Fitted(state, meta, found.path, {**metrics, "fit_seconds": seconds})

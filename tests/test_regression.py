@@ -62,7 +62,7 @@ def _one_epoch(task, spec: LoopSpec) -> dict:
     torch.manual_seed(spec.seed)
     model = task.build_model()
     optimizer, _ = make_optimizer(model, spec)
-    train_sums, val_sums, seconds = run_epoch(spec, task, model, optimizer, 0, 0, 1, torch.device("cpu"))
+    train_sums, val_sums, seconds, _ = run_epoch(spec, task, model, optimizer, 0, 0, 1, torch.device("cpu"))
     return epoch_metrics(task, spec, train_sums, val_sums, seconds, 0, spec.lr, 1)
 
 
@@ -139,7 +139,7 @@ def test_mixed_precision_and_compile_follow_fp32(precision, compiled, digits):
         optimizer, _ = make_optimizer(model, spec)
         scaler = torch.amp.GradScaler("cpu") if spec.precision == "fp16" else None
         sums = run_epoch(spec, task, model, optimizer, 0, 0, 1, torch.device("cpu"), scaler)
-        return epoch_metrics(task, spec, *sums, 0, spec.lr, 1)
+        return epoch_metrics(task, spec, *sums[:3], 0, spec.lr, 1)
 
     reference = run()
     other = run(precision=precision, compile=compiled)

@@ -1,0 +1,148 @@
+"""Where the time of one `hvae run` goes: the work, and the orchestration around it.
+
+    .venv/bin/python bench/overhead.py [CONFIG] [key=value ...]     (default: configs/default.yaml)
+
+Runs `hvae run` in a fresh temporary folder (nothing reused) and reads back from MLflow the
+clocks every stage keeps: the training workers' (per epoch: training steps, time blocked on
+data, validation, the previous epoch's checkpoint and reports; once: the start-up from the
+driver's fit call to a built model on every worker), the driver's (Ray start, the fit call,
+figures, artifact upload and download, each stage's wall time). The work of the stages
+that are not training loops (encoding, sampling, scoring) is measured again here, in this
+one process on the same artifacts and threads: what a script with no orchestration would
+spend on it. Orchestration is the run's wall time minus all of the work.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from common import record  # noqa: E402
+
+
+def _compute(cfg, artifacts: dict[str, Path]) -> dict[str, float]:
+    """Seconds of the work of extract, sample and evaluate, done in this process."""
+    import numpy as np
+    import torch
+
+    from pipeline import datasets
+    from stages.families import load_model
+
+    data = datasets.prepare(cfg.data, cfg.cluster.storage_path)
+    family, model = load_model(artifacts["stage1"] / "model")
+    out = {}
+    if "extract" in artifacts:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for split in ("train", "val", "test"):
+                x = torch.from_numpy(data.read_all(split)["image"])
+                for i in range(0, len(x), cfg.extract.batch_size):
+                    model.encode(x[i:i + cfg.extract.batch_size])
+        out["extract"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sampler = family.sampler(model, artifacts, cfg.sample)
+    n, size = cfg.sample.num_samples, cfg.sample.batch_size
+    for first in range(0, n, size):
+        sampler(first, min(size, n - first))
+    out["sample"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scorer = family.scorer(model.eval(), artifacts, cfg.evaluate)
+    test = data.read_all("test")
+    for i in range(0, len(test["label"]), cfg.evaluate.batch_size):
+        scorer(torch.from_numpy(np.array(test["image"][i:i + cfg.evaluate.batch_size])),
+               torch.from_numpy(test["label"][i:i + cfg.evaluate.batch_size]), i)
+    out["evaluate"] = time.perf_counter() - t0
+    return out
+
+
+def main(argv: list[str]) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_config
+    from pipeline.runner import resolve_paths
+
+    config = os.path.abspath(argv[0]) if argv and "=" not in argv[0] else str(ROOT / "configs" / "default.yaml")
+    overrides = [a for a in argv if "=" in a]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "run", config, *overrides], cwd=tmp)
+        total = time.perf_counter() - t0
+        if proc.returncode:
+            print(f"bench: hvae run failed ({proc.returncode})")
+            return proc.returncode
+        client = MlflowClient(f"sqlite:///{tmp}/mlruns.db")
+        exp = client.get_experiment_by_name("hvae")
+        runs = {r.data.tags["hvae.stage"]: r for r in client.search_runs([exp.experiment_id])
+                if "hvae.stage" in r.data.tags}
+
+        def curve(run, key):
+            return [p.value for p in client.get_metric_history(run.info.run_id, key)]
+
+        artifacts = {s: Path(client.download_artifacts(r.info.run_id, "", f"{tmp}/in/{s}")) for s, r in runs.items()}
+        cwd = os.getcwd()
+        os.chdir(tmp)  # (the config's relative paths, as the run saw them)
+        try:
+            cfg = resolve_paths(load_config(config, overrides))
+            torch_threads(cfg)
+            compute = _compute(cfg, artifacts)
+        finally:
+            os.chdir(cwd)
+
+    work, over = [], []  # (what, seconds)
+    stage_walls, moved = 0.0, 0.0  # (moved: artifacts logged to MLflow and downloaded by the next stages)
+    for stage, run in sorted(runs.items(), key=lambda kv: kv[1].info.start_time):
+        m = run.data.metrics
+        wall = m[f"{stage}_seconds"]
+        stage_walls += wall + m.get("upload_seconds", 0.0) + m.get("download_seconds", 0.0)
+        over += [(f"{stage}: Ray start", m["ray_connect_seconds"])] if m.get("ray_connect_seconds", 0) > 0.5 else []
+        moved += m.get("download_seconds", 0.0) + m.get("upload_seconds", 0.0)
+        if "fit_seconds" in m:
+            epochs, waits = curve(run, "epoch_seconds"), sum(curve(run, "data_wait_s"))
+            val, reports, startup = sum(curve(run, "val_seconds")), sum(curve(run, "report_seconds")), \
+                curve(run, "startup_seconds")[0]
+            work += [(f"{stage}: training steps ({len(epochs)} epochs)", sum(epochs) - waits),
+                     (f"{stage}: validation", val)]
+            rest = m["fit_seconds"] - startup - sum(epochs) - val - reports
+            over += [(f"{stage}: Train start-up (fit call to a built model on every worker)", startup),
+                     (f"{stage}: blocked on data in the epochs (Ray Data)", waits),
+                     (f"{stage}: checkpoints and per-epoch reports (MLflow from the worker)", reports),
+                     (f"{stage}: the last report and the worker group's teardown", rest),
+                     (f"{stage}: on the driver (datasets, figures, saving the model)",
+                      wall - m["fit_seconds"] - m.get("ray_connect_seconds", 0.0))]
+        else:
+            done = compute[stage]
+            work += [(f"{stage}: its computation (in one process)", done)]
+            over += [(f"{stage}: Ray tasks or Ray Data around it", wall - m.get("ray_connect_seconds", 0.0) - done)]
+    over += [("every stage: artifacts logged to MLflow and downloaded by the next", moved),
+             ("CLI start, imports, data preparation, MLflow parent run, summary, shutdown", total - stage_walls)]
+    worked = sum(s for _, s in work)
+    rows = [f"| work | {w} | {s:.1f} | {100 * s / total:.1f} % |" for w, s in work]
+    rows += [f"| orchestration | {w} | {s:.1f} | {100 * s / total:.1f} % |" for w, s in over]
+    cmd = " ".join(["python bench/overhead.py", os.path.relpath(config, ROOT), *overrides])
+    stem = Path(config).stem
+    record("overhead" if stem == "default" else f"overhead_{stem}", cmd, "\n".join([
+        f"`hvae run` took **{total:.0f} s**: work {worked:.0f} s, orchestration **{total - worked:.0f} s = "
+        f"{100 * (total - worked) / total:.0f} %** of the run.", "",
+        "| kind | what | s | of the run |", "|---|---|---|---|", *rows,
+    ]))
+    return 0
+
+
+def torch_threads(cfg) -> None:
+    """This process computes with as many threads as one worker of the run had."""
+    import torch
+
+    from pipeline.raycluster import layout_for
+
+    cluster = layout_for(cfg.cluster, [{"CPU": float(os.cpu_count())}]) if cfg.cluster.num_workers == "auto" \
+        else cfg.cluster
+    torch.set_num_threads(max(1, int(cluster.cpus_per_worker)))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
