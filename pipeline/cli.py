@@ -29,14 +29,10 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
     return None, items
 
 
-def _terminate_as_interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (e.g. `hvae stop`, a job stop): mark the runs KILLED, then exit
-
-
 def cmd_run(args) -> int:
-    import signal
+    from . import signals
 
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    signals.install()  # SIGTERM (e.g. `hvae stop`, a job stop): mark the runs KILLED, then exit 143
     config_path, overrides = _split_args(args.items)
     cfg = load_config(config_path, overrides)
     from .runner import run_pipeline
@@ -45,9 +41,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    import signal
+    from . import signals
 
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    signals.install()
     config_path, overrides = _split_args(args.items)
     cfg = load_config(config_path, overrides)
     if cfg.sweep is None:
@@ -65,9 +61,13 @@ def cmd_resume(args) -> int:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from . import signals
     from .runner import run_pipeline
-    from .tracking import resolve_uri
+    from .tracking import resolve_uri, store_exists
 
+    signals.install()
+    if not store_exists(args.uri):  # (a look must not create an empty store)
+        return _no_store(args.uri)
     client = MlflowClient(resolve_uri(args.uri))
     try:
         run = client.get_run(args.parent_run_id)
@@ -113,8 +113,10 @@ def cmd_report(args) -> int:
 
     from .config import TrackingConfig
     from .report import report
-    from .tracking import Tracker, resolve_uri
+    from .tracking import Tracker, resolve_uri, store_exists
 
+    if not store_exists(args.uri):
+        return _no_store(args.uri)
     tags = {}
     for item in args.tag:
         if "=" not in item:
@@ -126,6 +128,14 @@ def cmd_report(args) -> int:
         print(f"error: no experiment '{args.experiment}' in {tracker.uri}", file=sys.stderr)
         return 2
     return report(tracker, dataset=args.dataset, model=args.model, tags=tags, out=Path(args.out))
+
+
+def _no_store(uri: str) -> int:
+    from .tracking import resolve_uri
+
+    print(f"error: no MLflow store at {resolve_uri(uri)} (run `hvae run` there first, or name one with --uri)",
+          file=sys.stderr)
+    return 2
 
 
 def cmd_ui(args) -> int:

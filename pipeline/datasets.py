@@ -121,6 +121,26 @@ def _torchvision_mnist(cfg, name: str):
 _CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds (dicts, lists, numbers, strings, numpy arrays) and
+    refuses every other global: a plain ``pickle.load`` would call whatever function a crafted
+    file names."""
+
+    def find_class(self, module: str, name: str):
+        core = np._core if hasattr(np, "_core") else np.core  # (numpy 2 moved numpy.core)
+        allowed = {
+            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): __import__("codecs").encode,  # (bytes, as Python 3 pickles them in protocol 2)
+            **{(f"numpy.{c}.multiarray", "_reconstruct"): core.multiarray._reconstruct for c in ("core", "_core")},
+            **{(f"numpy.{c}.multiarray", "scalar"): core.multiarray.scalar for c in ("core", "_core")},
+            **{(f"numpy.{c}.numeric", "_frombuffer"): core.numeric._frombuffer for c in ("core", "_core")},
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds "
+                                         f"(refused: unpickling it could run code)")
+        return allowed[module, name]
+
+
 def _cifar10(cfg):
     folder = Path(cfg.root) / "cifar-10-batches-py"
     missing = [f for f in _CIFAR_FILES if not (folder / f).is_file()]
@@ -146,7 +166,7 @@ def _cifar10(cfg):
         for f in files:
             try:
                 with open(folder / f, "rb") as fh:
-                    batch = pickle.load(fh, encoding="latin1")
+                    batch = _ArraysOnly(fh, encoding="latin1").load()
                 xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64))
             except Exception as exc:

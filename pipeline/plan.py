@@ -67,8 +67,8 @@ def action(cfg, planned: PlannedStage, forced: set[str], tracker) -> str:
     if found is None:
         return "run"
     if found.step is None:
-        return f"resume from epoch {found.epoch + 1} (checkpoint of epoch {found.epoch})"
-    return f"resume in epoch {found.epoch} at batch {found.step} ({found.describe()})"
+        return f"resume after epoch {found.epoch + 1} (from {found.describe()})"
+    return f"resume in epoch {found.epoch + 1} at batch {found.step} (from {found.describe()})"
 
 
 def describe(cfg, stages: list[PlannedStage], forced: set[str], tracker) -> list[str]:

@@ -21,11 +21,16 @@ def _configure_ray_data() -> None:
 
 def connect(cluster_cfg) -> int:
     """Start or join Ray (once per process); returns the number of alive nodes."""
+    import signal
+
     import ray
+
+    from . import signals
 
     _configure_ray_data()
     if ray.is_initialized():
         return len([n for n in ray.nodes() if n.get("Alive")])
+    ours = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with a bare sys.exit
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every worker's epoch lines
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # inherited by the local Ray Data actors
     if cluster_cfg.address is None and os.environ.get("RAY_ADDRESS"):
@@ -43,6 +48,7 @@ def connect(cluster_cfg) -> int:
         ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, logging_level="WARNING")
     else:
         ray.init(address=cluster_cfg.address, logging_level="WARNING")
+    signals.keep_ours(ours)
     return len([n for n in ray.nodes() if n.get("Alive")])
 
 

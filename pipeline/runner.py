@@ -21,7 +21,7 @@ from pathlib import Path
 from stages import checkpoints, families
 from stages.base import StageContext, StageError
 
-from . import datasets, graph
+from . import datasets, graph, signals
 from .config import PipelineConfig, to_yaml
 from .liveness import TAG_DRIVER, TAG_HEARTBEAT, Heartbeat, is_dead, this_driver
 from .manifest import ManifestError, verify_manifest, write_manifest
@@ -89,6 +89,12 @@ def mark_dead_runs_killed(tracker) -> list[str]:
             tracker.finish(run_id, "KILLED")
             killed.append(run_id)
     return killed
+
+
+def resume_command(parent_id: str, uri: str) -> str:
+    from .tracking import resolve_uri
+
+    return f"hvae resume {parent_id}" + ("" if uri == resolve_uri("sqlite:///mlruns.db") else f" --uri {uri}")
 
 
 def _print_summary(rows, tracker, parent_id, outputs):
@@ -165,8 +171,8 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
     if resume_epoch is not None:
         _continue_curve(tracker, st.name, planned.fingerprint, run_id, resume_epoch)
     out_dir.mkdir(parents=True, exist_ok=True)
-    how = ("run" if found is None else f"resume after epoch {found.epoch}" if found.step is None else
-           f"resume in epoch {found.epoch} after batch {found.step}")
+    how = ("run" if found is None else f"resume after epoch {found.epoch + 1}" if found.step is None else
+           f"resume in epoch {found.epoch + 1} after batch {found.step}")  # (epochs counted from 1, as the logs do)
     print(f"[hvae] {st.name}: {how} as MLflow run {run_id} (fingerprint {planned.fingerprint})", flush=True)
     s0 = time.perf_counter()
     try:
@@ -174,7 +180,9 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
         secs = time.perf_counter() - s0
         result.metrics[f"{st.name}_seconds"] = secs
         _log_result(tracker, run_id, result)
-    except KeyboardInterrupt:
+        tracker.log_final_metrics(run_id, {"upload_seconds": time.perf_counter() - s0 - secs})
+    except KeyboardInterrupt as exc:
+        signals.next_one_exits_at_once(signals.exit_code(exc))  # a second Ctrl-C: out at once
         tracker.finish(run_id, "KILLED")
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one readable line
@@ -193,8 +201,10 @@ def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, data, upstream,
     from .raycluster import check_shared_storage, connect, resolve_layout
 
     st = planned.stage
+    t0 = time.perf_counter()
     if st.on_ray and connect(cfg.cluster) > 1:  # a multi-node cluster: checkpoints must be on shared storage
         check_shared_storage(cfg.cluster.storage_path)
+    ray_seconds = time.perf_counter() - t0  # (starting Ray: the first stage on Ray pays it)
     if st.on_ray and cfg.cluster.num_workers == "auto":
         cfg = cfg.model_copy(update={"cluster": resolve_layout(cfg.cluster)})
         if st.trains:
@@ -209,6 +219,8 @@ def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, data, upstream,
         datasets=datasets,
     )
     result = importlib.import_module(st.module).run(ctx)
+    if st.on_ray:
+        result.metrics["ray_connect_seconds"] = ray_seconds
     if st.trains:
         starts = tracker.metric_history(run_id, "worker_group_start_epoch")
         result.metrics["worker_restarts"] = float(max(len(starts) - 1, 0))
@@ -222,6 +234,17 @@ class Outcome:
     code: int
     parent_id: str | None = None
     run_ids: dict[str, str] = field(default_factory=dict)
+
+
+def batches_beyond_data(cfg: PipelineConfig, train_rows: int, stages: list[str]) -> str | None:
+    """A training batch larger than the training split (a config that cannot mean what it says)
+    -> the line naming the key, else None."""
+    for section in ("stage1", "priors"):
+        size = getattr(cfg, section).batch_size
+        if section in stages and size > train_rows:
+            return (f"{section}.batch_size={size} is larger than the training split of data.dataset="
+                    f"{cfg.data.dataset} ({train_rows} images): lower it, or give the dataset more images")
+    return None
 
 
 def _dry_run(cfg: PipelineConfig, until: str | None, forced: set[str]) -> Outcome:
@@ -238,6 +261,10 @@ def _dry_run(cfg: PipelineConfig, until: str | None, forced: set[str]) -> Outcom
         data_fp, spec = "unknown", None
         data_line = f"not readable here: {exc} (the stage fingerprints below stand for no data)"
     stages = plan(cfg, data_fp, until)
+    wrong = batches_beyond_data(cfg, spec.rows["train"], [p.name for p in stages]) if spec is not None else None
+    if wrong:
+        print(f"error: {wrong}")
+        return Outcome(2)
     tracker = Tracker(cfg.tracking, create=False) if store_exists(cfg.tracking.uri) else None
     print(to_yaml(cfg), end="")
     print(f"# data: {cfg.data.dataset}: {data_line}")
@@ -308,6 +335,10 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
         return Outcome(2)
     data_fp = data.fingerprint
     stages = plan(cfg, data_fp, until)
+    wrong = batches_beyond_data(cfg, data.rows["train"], [p.name for p in stages])
+    if wrong:
+        print(f"error: {wrong}")
+        return Outcome(2)
 
     print(f"[hvae] data {cfg.data.dataset}: {data.describe()}, prepared at {data.location} "
           f"({time.perf_counter() - t0:.1f} s)")
@@ -372,15 +403,21 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
                 done.rows.append((name, "REUSED", run_id, None, found.data.metrics))
                 continue
             try:
-                run_id, result, secs = execute_stage(
-                    tracker, cfg, planned, parent_id=parent_id, data=data,
-                    # inputs are the upstream runs' artifacts, downloaded by run id and verified
-                    upstream={u: (done.run_ids[u], fetch(done.run_ids[u])) for u in planned.stage.upstream},
-                    out_dir=work / name, tags=driver, forced=name in forced)
-            except KeyboardInterrupt:
+                t0 = time.perf_counter()
+                # inputs are the upstream runs' artifacts, downloaded by run id and verified
+                upstream = {u: (done.run_ids[u], fetch(done.run_ids[u])) for u in planned.stage.upstream}
+                fetched = time.perf_counter() - t0
+                run_id, result, secs = execute_stage(tracker, cfg, planned, parent_id=parent_id, data=data,
+                                                     upstream=upstream, out_dir=work / name, tags=driver,
+                                                     forced=name in forced)
+                tracker.log_final_metrics(run_id, {"download_seconds": fetched})
+            except KeyboardInterrupt as exc:
+                done.code = signals.exit_code(exc)
+                signals.next_one_exits_at_once(done.code)
                 tracker.finish(parent_id, "KILLED")
-                print(f"\n[hvae] interrupted during {name}; runs marked KILLED")
-                done.code = 130
+                shutdown()  # the workers stop; what they checkpointed stays on storage
+                print(f"\n[hvae] {'terminated' if done.code == 143 else 'interrupted'} during {name}: runs marked "
+                      f"KILLED, checkpoints kept; resume with: {resume_command(parent_id, tracker.uri)}", flush=True)
                 return done
             except StageFailed as exc:
                 tracker.finish(parent_id, "FAILED")

@@ -85,8 +85,9 @@ class Checkpoint:
         return last if last >= 0 else None
 
     def describe(self) -> str:
-        return (f"the checkpoint of epoch {self.epoch}" if self.step is None else
-                f"the checkpoint of epoch {self.epoch} after batch {self.step}")
+        """(epochs counted from 1, as the epoch lines count them)"""
+        return (f"the checkpoint of epoch {self.epoch + 1}" if self.step is None else
+                f"the checkpoint of epoch {self.epoch + 1} after batch {self.step}")
 
     @contextmanager
     def folder(self) -> Iterator[Path]:

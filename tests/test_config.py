@@ -1,4 +1,5 @@
 """One schema: unknown keys and wrong types fail with the dotted key named."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,36 @@ def test_bad_yaml_file(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("stage1:\n  epochs: 2\n  lr: [1e-3\npriors:\n  epochs: 1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml, line 4, column 7: not valid YAML: expected ',' or ']'"):
+        load_config(p)
+
+
+def test_a_batch_larger_than_the_training_split_is_refused_before_any_work(tmp_path):
+    """The smoke config's training split has a few hundred images: a batch of 5,000 cannot mean what it says."""
+    run = [sys.executable, "-m", "pipeline", "run", str(ROOT / "configs/smoke.yaml"), "data.dataset=mnist5k",
+           f"cluster.storage_path={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'db'}"]
+    for extra in (["priors.batch_size=5000"], ["priors.batch_size=5000", "--dry-run"]):
+        proc = subprocess.run(run + extra, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert re.fullmatch(r"error: priors.batch_size=5000 is larger than the training split of data.dataset="
+                            r"mnist5k \(\d+ images\): lower it, or give the dataset more images",
+                            proc.stdout.strip().splitlines()[-1]), proc.stdout
+    assert not (tmp_path / "db").exists()  # nothing started
+
+
+@pytest.mark.parametrize("command", [["resume", "0123abcd"], ["report"]])
+def test_looking_at_a_store_that_is_not_there_creates_none(tmp_path, command):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *command], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: no MLflow store at sqlite:///{tmp_path.resolve()}/mlruns.db " \
+        "(run `hvae run` there first, or name one with --uri)"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_image_size_must_fit_the_levels():

@@ -4,11 +4,13 @@ import gzip
 import pickle
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.cli import main
 from pipeline.config import DataConfig
 from pipeline.datasets import DataError, fit_size, prepare
 from stages.data import SPLITS
@@ -66,17 +68,52 @@ def test_torchvision_mnist_layouts(tmp_path, name, folder):
     assert s["test"]["image"].shape == (10, 1, 32, 32)
 
 
-def test_cifar10_python_pickles(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
+def _fake_cifar10(root, protocol=2):
+    """The CIFAR-10 python batches' layout: a dict of the pixels (uint8 [N, 3072]), the labels (a
+    list of ints), the batch's name and the file names (protocol 2: how the real ones were made)."""
+    folder = root / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (8, 3072)).astype(np.uint8), "labels": list(rng.integers(0, 10, 8))}
+        batch = {"batch_label": f"{name} of 6", "data": rng.integers(0, 256, (8, 3072)).astype(np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, 8)], "filenames": [f"img_{i}.png" for i in range(8)],
+                 "coarse": np.int64(3)}  # (a numpy scalar)
         with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
+            pickle.dump(batch, f, protocol=protocol)
+    return folder
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar10_python_pickles(tmp_path, protocol):
+    _fake_cifar10(tmp_path, protocol)
     _, s = load_splits(DataConfig(dataset="cifar10", root=str(tmp_path), download=False, val_fraction=0.1), tmp_path)
     assert [len(s[k]["label"]) for k in SPLITS] == [36, 4, 8]
     assert s["train"]["image"].shape[1:] == (3, 32, 32)
+
+
+class _RunsCode:
+    """What a crafted pickle holds: unpickling it calls a function of the file's choosing."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_crafted_cifar10_batch_is_refused_and_runs_nothing(tmp_path, capsys):
+    folder = _fake_cifar10(tmp_path)
+    planted = tmp_path / "planted"
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump({"data": _RunsCode(planted), "labels": [1]}, f, protocol=2)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{dataset: cifar10, root: {tmp_path}, download: false}}\n"
+                      f"cluster: {{storage_path: {tmp_path / 'store'}}}\ntracking: {{uri: sqlite:///{tmp_path / 'db'}}}\n")
+    assert main(["run", str(config), "--dry-run"]) == 0  # lists the files, reads none
+    assert not planted.exists()
+    with pytest.raises(DataError, match=r"cannot read .*data_batch_3: .*refused"):
+        prepare(DataConfig(dataset="cifar10", root=str(tmp_path), download=False), str(tmp_path / "store"))
+    assert not planted.exists()
 
 
 def _image_folder(root, sizes=((40, 48), (20, 20)), per_class=10):
