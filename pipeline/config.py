@@ -53,6 +53,11 @@ class ClusterConfig(Section):
     storage_path: str = "ray_results"  # Ray Train checkpoints; must be shared storage on a multi-node cluster
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray Train workers over nodes
+    # seconds a stage waits for the Ray cluster to hold what it asks for (an autoscaling cluster
+    # adds nodes) before it gives up with one line naming the resource; unset: 0 for the local
+    # Ray a run starts (nothing will come), 600 for a cluster it joins
+    resource_timeout_s: Optional[float] = Field(None, ge=0)
+    connect_timeout_s: float = Field(10.0, gt=0)  # the Ray cluster at address must answer within this
 
 
 class TrainConfig(Section):
@@ -86,6 +91,7 @@ class TrackingConfig(Section):
     # where a new experiment keeps artifacts; unset: the tracking server's artifact store
     # (mlflow-artifacts:, outlives the cluster), or mlartifacts/ beside a SQLite store's file
     artifact_location: Optional[str] = None
+    timeout_s: float = Field(10.0, gt=0)  # an MLflow server (http[s]:// uri) must answer within this, or the run stops
 
 
 class Stage1Config(Section):

@@ -30,6 +30,9 @@ def default_address() -> str:
     return os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
 
 
+CONNECT_TIMEOUT_S = 10.0  # the job server must answer within this
+
+
 def client(address: str):
     # Ray 2.60 clusters use token authentication by default; the client finds the token in
     # RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token
@@ -39,6 +42,9 @@ def client(address: str):
         os.environ["RAY_AUTH_MODE"] = "token"
     from ray.job_submission import JobSubmissionClient
 
+    from .reach import http
+
+    http(address, CONNECT_TIMEOUT_S, "--address", "/api/version")
     return JobSubmissionClient(address)
 
 

@@ -5,6 +5,8 @@ import logging
 import os
 from pathlib import Path
 
+from stages.base import StageError
+
 
 def _configure_ray_data() -> None:
     """Ray Data prints a progress report per dataset; the stages say what they do themselves.
@@ -47,9 +49,62 @@ def connect(cluster_cfg) -> int:
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, logging_level="WARNING")
     else:
+        from .reach import ray_address
+
+        ray_address(cluster_cfg.address, cluster_cfg.connect_timeout_s)
         ray.init(address=cluster_cfg.address, logging_level="WARNING")
     signals.keep_ours(ours)
     return len([n for n in ray.nodes() if n.get("Alive")])
+
+
+class ResourceError(StageError):
+    """What a stage asks of the Ray cluster cannot be placed on it (in the time allowed)."""
+
+
+def fits(nodes: list[dict], need: dict[str, float], strict_spread: bool = False) -> int:
+    """How many bundles of ``need`` the nodes (``ray.nodes()``' "Resources") hold at most."""
+    count = 0
+    for have in nodes:
+        n = min((int(have.get(r, 0) // v) for r, v in need.items() if v > 0), default=0)
+        count += min(n, 1) if strict_spread else n
+    return count
+
+
+def _describe(nodes: list[dict]) -> str:
+    def one(r):
+        return f"{r.get('CPU', 0):g} CPU" + (f", {r['GPU']:g} GPU" if r.get("GPU") else "")
+
+    shapes = sorted({one(r) for r in nodes})
+    return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}: " + "; ".join(
+        f"{sum(one(r) == s for r in nodes)}× {s}" if len(nodes) > 1 else s for s in shapes)
+
+
+def check_resources(cluster_cfg, what: str, bundles: int, need: dict[str, float], local: bool) -> None:
+    """Wait (``cluster.resource_timeout_s``; unset: 0 on a local Ray, 600 s on a joined cluster)
+    until the alive nodes could hold ``bundles`` bundles of ``need``; else raise ResourceError
+    naming the keys that ask for them. Ray itself would wait for them forever."""
+    import time
+
+    import ray
+
+    timeout = cluster_cfg.resource_timeout_s
+    timeout = (0.0 if local else 600.0) if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        can = fits(nodes, need, cluster_cfg.placement_strategy == "STRICT_SPREAD")
+        if can >= bundles:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+    asked = " and ".join(f"{v:g} {r}" for r, v in need.items() if v > 0)
+    missing = [r for r, v in need.items() if v > 0 and not any(n.get(r, 0) >= v for n in nodes)]
+    waited = f" (waited {timeout:g} s: cluster.resource_timeout_s)" if timeout else ""
+    hint = ("set cluster.use_gpu=false, or run where GPUs are" if "GPU" in missing else
+            "lower cluster.num_workers or cluster.cpus_per_worker (or cluster.num_workers=auto)")
+    raise ResourceError(f"{what} asks for {bundles} × ({asked}); the Ray cluster ({_describe(nodes)}) can place "
+                        f"{can}{waited}: {hint}")
 
 
 def resolve_layout(cluster_cfg):

@@ -198,7 +198,7 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
 def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, data, upstream, out_dir: Path, callbacks,
                datasets):
     """The stage's own work: its module's run(ctx) with Ray up when it needs it."""
-    from .raycluster import check_shared_storage, connect, resolve_layout
+    from .raycluster import check_resources, check_shared_storage, connect, resolve_layout
 
     st = planned.stage
     t0 = time.perf_counter()
@@ -212,6 +212,17 @@ def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, data, upstream,
             layout = f"{c.num_workers} worker(s) of {c.cpus_per_worker:g} CPU(s)" + (" and a GPU" if c.use_gpu else "")
             tracker.set_tags(run_id, {"hvae.layout": layout})
             print(f"[hvae] {st.name}: cluster.num_workers=auto: {layout}", flush=True)
+    if st.on_ray:  # what Ray would otherwise wait for forever: said in one line, before the stage starts
+        c = cfg.cluster
+        local = c.address is None and not os.environ.get("RAY_ADDRESS")
+        gpu = {"GPU": 1.0} if c.use_gpu else {}
+        if st.trains:
+            check_resources(c, f"{st.name} (cluster.num_workers={c.num_workers}, cluster.cpus_per_worker="
+                               f"{c.cpus_per_worker:g}{', cluster.use_gpu=true' if c.use_gpu else ''})",
+                            c.num_workers, {"CPU": c.cpus_per_worker, **gpu}, local)
+        else:
+            check_resources(c, f"{st.name}{' (cluster.use_gpu=true)' if c.use_gpu else ''}", 1,
+                            {"CPU": 1.0, **gpu}, local)
     ctx = StageContext(
         name=st.name, config=cfg, output_dir=out_dir, storage_path=cfg.cluster.storage_path,
         checkpoint_name=planned.checkpoint_name, data=data, report=tracker.reporter(run_id),
@@ -323,8 +334,15 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     (itself nested under ``parent_of`` when given, e.g. a sweep's parent run)."""
     from .tracking import Tracker
 
+    from .reach import http, ray_address
+
     cfg = resolve_paths(cfg)
     forced = {name for f in force for name in stages_from(f)}
+    # the services the run needs answer, before anything is computed
+    if cfg.tracking.uri.startswith(("http://", "https://")):
+        http(cfg.tracking.uri, cfg.tracking.timeout_s, "tracking.uri", "/health")
+    if cfg.cluster.address:
+        ray_address(cfg.cluster.address, cfg.cluster.connect_timeout_s)
     if dry_run:
         return _dry_run(cfg, until, forced)
     t0 = time.perf_counter()
@@ -420,10 +438,14 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
                       f"KILLED, checkpoints kept; resume with: {resume_command(parent_id, tracker.uri)}", flush=True)
                 return done
             except StageFailed as exc:
+                from .raycluster import ResourceError
+                from .reach import Unreachable
+
                 tracker.finish(parent_id, "FAILED")
                 shutdown()  # flush the workers' log lines before the error line
                 print(f"error: {exc}")
-                done.code = 1
+                # asked for what cannot be had, or reached for what does not answer
+                done.code = 2 if isinstance(exc.__cause__, (ResourceError, Unreachable)) else 1
                 return done
         tracker.set_tags(parent_id, {f"hvae.run.{name}": run_id})
         done.outputs[name], done.run_ids[name] = work / name, run_id

@@ -86,6 +86,10 @@ class Tracker:
 
         self.uri = resolve_uri(tracking_cfg.uri)
         self.experiment_name = tracking_cfg.experiment
+        if self.uri.startswith(("http://", "https://")):
+            from .reach import http
+
+            http(self.uri, getattr(tracking_cfg, "timeout_s", 10.0), "tracking.uri", "/health")
         # Two pipelines starting at once on a new SQLite file would both create its tables
         # (and the experiment): the first to take the lock does it, the second finds it done.
         sqlite = self.uri.startswith("sqlite:///")

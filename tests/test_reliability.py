@@ -1,0 +1,82 @@
+"""Held wrong, it still answers: what cannot be had, or cannot be reached, ends in one line and
+exit 2, in bounded time (RELIABILITY.md lists every case and its answer)."""
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SMOKE, runs, stage_runs
+from pipeline.raycluster import fits
+
+
+def test_how_many_workers_a_cluster_can_place():
+    two_cpus, gpu_node = {"CPU": 2.0}, {"CPU": 8.0, "GPU": 2.0}
+    assert fits([two_cpus], {"CPU": 0.5}) == 4
+    assert fits([two_cpus], {"CPU": 1.0, "GPU": 1.0}) == 0
+    assert fits([two_cpus, gpu_node], {"CPU": 2.0, "GPU": 1.0}) == 2
+    assert fits([gpu_node, gpu_node], {"CPU": 1.0}, strict_spread=True) == 2
+
+
+@pytest.mark.parametrize("override,line", [
+    ("cluster.use_gpu=true", "stage1 (cluster.num_workers=2, cluster.cpus_per_worker=0.5, cluster.use_gpu=true) "
+                             "asks for 2 × (0.5 CPU and 1 GPU); the Ray cluster (1 node: 2 CPU) can place 0: "
+                             "set cluster.use_gpu=false, or run where GPUs are"),
+    ("cluster.num_workers=16", "stage1 (cluster.num_workers=16, cluster.cpus_per_worker=0.5) asks for 16 × (0.5 CPU); "
+                               "the Ray cluster (1 node: 2 CPU) can place 4: lower cluster.num_workers or "
+                               "cluster.cpus_per_worker (or cluster.num_workers=auto)"),
+])
+def test_resources_the_cluster_cannot_hold_end_in_one_line_not_a_hang(tmp_path, override, line):
+    """Ray would wait for them forever (a traceback every minute, Ctrl-C ignored)."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", SMOKE, override, "--until", "stage1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.rstrip().splitlines()[-1] == f"error: stage stage1 failed: ResourceError: {line}"
+    _, all_runs = runs(tmp_path)
+    assert [r.info.status for r in stage_runs(all_runs, "stage1")] == ["FAILED"]
+
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hvae_line(cwd, *args, timeout=60):
+    """Run the CLI -> (exit code, its last line of output)."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, (proc.stdout + proc.stderr).rstrip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("dry", [[], ["--dry-run"]])
+def test_a_tracking_server_or_ray_cluster_that_does_not_answer_is_named_at_once(tmp_path, dry):
+    port = _closed_port()
+    code, line = hvae_line(tmp_path, "run", SMOKE, f"tracking.uri=http://127.0.0.1:{port}", *dry)
+    assert (code, line) == (2, f"error: tracking.uri=http://127.0.0.1:{port} does not answer "
+                               f"(Connection refused; 10 s allowed)")
+    code, line = hvae_line(tmp_path, "run", SMOKE, f"cluster.address=127.0.0.1:{port}", *dry)
+    assert (code, line) == (2, f"error: cluster.address=127.0.0.1:{port}: no Ray cluster answers at "
+                               f"127.0.0.1:{port} (Connection refused; 10 s allowed)")
+    assert list(tmp_path.iterdir()) == []  # nothing prepared, no store created
+
+
+def test_a_server_that_accepts_but_never_answers_is_given_up_on_after_its_time_out(tmp_path):
+    with socket.socket() as server:  # listens, never replies
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        # (left to MLflow: four minutes of retries, past hvae_line's 60 s)
+        code, line = hvae_line(tmp_path, "run", SMOKE, f"tracking.uri=http://127.0.0.1:{port}", "tracking.timeout_s=1")
+    assert (code, line) == (2, f"error: tracking.uri=http://127.0.0.1:{port} does not answer (no answer in 1 s; "
+                               f"1 s allowed)")
+
+
+@pytest.mark.parametrize("command", [["status", "raysubmit_123"], ["stop", "raysubmit_123"],
+                                     ["submit", "configs/smoke.yaml"]])
+def test_a_job_server_that_does_not_answer_is_named_in_one_line(command):
+    port = _closed_port()
+    code, line = hvae_line(ROOT, *command, "--address", f"http://127.0.0.1:{port}")
+    assert (code, line) == (2, f"error: --address=http://127.0.0.1:{port} does not answer "
+                               f"(Connection refused; 10 s allowed)")
