@@ -80,6 +80,14 @@ def cmd_resume(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(args.parent_run_id, "config.yaml", tmp)
         cfg = load_config(path, args.items)
+    from .config import to_yaml
+    from .masking import masked
+
+    hidden = [line.strip().split(":")[0] for line in to_yaml(cfg).splitlines() if masked(line)]
+    if hidden:  # a secret in a value was masked when it was recorded: it must come again
+        print(f"error: run {args.parent_run_id} recorded its config with secrets masked ({', '.join(hidden)}): "
+              f"pass them again, e.g. hvae resume {args.parent_run_id} <section>.{hidden[0]}=...", file=sys.stderr)
+        return 2
     print(f"[hvae] resuming pipeline {args.parent_run_id} ({run.info.status}) from its recorded config")
     return run_pipeline(cfg, force=args.force, extra_tags={"hvae.resumes": args.parent_run_id},
                         until=args.until).code
@@ -125,7 +133,7 @@ def cmd_report(args) -> int:
         tags[key] = value
     tracker = Tracker(TrackingConfig(uri=resolve_uri(args.uri), experiment=args.experiment), create=False)
     if tracker.experiment_id is None:
-        print(f"error: no experiment '{args.experiment}' in {tracker.uri}", file=sys.stderr)
+        print(f"error: no experiment '{args.experiment}' in {tracker.shown_uri}", file=sys.stderr)
         return 2
     return report(tracker, dataset=args.dataset, model=args.model, tags=tags, out=Path(args.out))
 

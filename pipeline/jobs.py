@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .masking import mask_override
 from .fingerprint import ROOT
 from .tracking import JOB_ENV, TAG_JOB
 
@@ -77,12 +78,51 @@ def job_overrides(config_path: str, overrides: list[str], sweep: bool = False,
     return list(overrides) + extra, {"uri": resolve_uri(uri), "experiment": cfg.tracking.experiment}
 
 
-def runtime_env(job_id: str) -> dict:
-    """cluster/runtime_env.yaml with this checkout as the working directory and the job's id."""
+# what a job ships: the project's packages and configs, nothing else of the folder (a .env, keys,
+# data or stores lying there stay here)
+SHIPPED_PACKAGES = ("pipeline", "stages", "models")
+SHIPPED_FILES = ("pyproject.toml",)
+
+
+def shipped_files(config_path: str) -> list[Path]:
+    """The files a job uploads, relative to the project: the packages' Python files, the YAML
+    files of configs/, pyproject.toml, and the config (with what it extends) wherever in the
+    project it is."""
+    import yaml
+
+    files = {p.relative_to(ROOT) for pkg in SHIPPED_PACKAGES for p in (ROOT / pkg).rglob("*.py")
+             if "__pycache__" not in p.parts}
+    files |= {p.relative_to(ROOT) for p in (ROOT / "configs").glob("*.yaml")}
+    files |= {Path(f) for f in SHIPPED_FILES if (ROOT / f).is_file()}
+    config = Path(config_path).resolve()
+    while config.is_file():
+        files.add(config.relative_to(ROOT))
+        parent = (yaml.safe_load(config.read_text()) or {}).get("extends")
+        if not isinstance(parent, str):
+            break
+        config = (config.parent / parent).resolve()
+    return sorted(files)
+
+
+def stage(config_path: str, folder: Path) -> str:
+    """Copy the shipped files into ``folder`` (the job's working directory) -> one line saying what ships."""
+    import shutil
+
+    files = shipped_files(config_path)
+    for rel in files:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, folder / rel)
+    size = sum((folder / rel).stat().st_size for rel in files)
+    tops = sorted({rel.parts[0] + ("/" if len(rel.parts) > 1 else "") for rel in files})
+    return f"{len(files)} files, {size / 1e6:.2f} MB: {', '.join(tops)}"
+
+
+def runtime_env(job_id: str, working_dir: Path | str = ROOT) -> dict:
+    """cluster/runtime_env.yaml with ``working_dir`` (the staged files) and the job's id."""
     import yaml
 
     env = yaml.safe_load(RUNTIME_ENV.read_text()) or {}
-    return {**env, "working_dir": str(ROOT), "env_vars": {**env.get("env_vars", {}), JOB_ENV: job_id}}
+    return {**env, "working_dir": str(working_dir), "env_vars": {**env.get("env_vars", {}), JOB_ENV: job_id}}
 
 
 def parent_run(tracking: dict, job_id: str) -> str | None:
@@ -130,17 +170,21 @@ def submit(config_path: str, overrides: list[str], address: str, wait: bool = Tr
     metadata = {"hvae.config": Path(config_path).name, "hvae.tracking_uri": tracking["uri"],
                 "hvae.experiment": tracking["experiment"]}
     deadline = time.time() + 300  # a head that has just started may take minutes to start its job agent
-    while True:
-        try:
-            job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env(job_id), submission_id=job_id,
-                                     metadata=metadata)
-            break
-        except RuntimeError as exc:  # a head that has just started has no job agent yet
-            if "No available agent" not in str(exc) or time.time() > deadline:
-                raise
-            time.sleep(3)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="hvae-job-") as folder:
+        print(f"[hvae] shipping {stage(config_path, Path(folder))}")
+        while True:
+            try:
+                job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env(job_id, folder),
+                                         submission_id=job_id, metadata=metadata)
+                break
+            except RuntimeError as exc:  # a head that has just started has no job agent yet
+                if "No available agent" not in str(exc) or time.time() > deadline:
+                    raise
+                time.sleep(3)
     print(f"[hvae] submitted job {job_id} to {address}")
-    print(f"[hvae] entrypoint: {command}")
+    print(f"[hvae] entrypoint: {' '.join(mask_override(w) for w in command.split(' '))}")
     print(f"[hvae] logs: hvae status {job_id} --logs --address {address}   (or the Ray dashboard)")
     return follow(jobs, job_id, tracking, stream=wait)
 

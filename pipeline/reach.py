@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
+from .masking import mask
 from .schema import ConfigError
 
 
@@ -41,7 +42,7 @@ def http(url: str, timeout: float, what: str, path: str = "") -> None:
             reason = getattr(exc, "reason", exc)
             why = f"no answer in {timeout:g} s" if isinstance(reason, (socket.timeout, TimeoutError)) else str(reason)
     if why is not None:
-        raise Unreachable(f"{what}={url} does not answer ({why}; {timeout:g} s allowed)")
+        raise Unreachable(f"{what}={mask(url)} does not answer ({why}; {timeout:g} s allowed)")
 
 
 def ray_address(address: str, timeout: float, what: str = "cluster.address") -> None:

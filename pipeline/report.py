@@ -46,7 +46,7 @@ def collect(tracker: Tracker, dataset: str | None = None, model: str | None = No
 def report(tracker: Tracker, *, dataset: str | None, model: str | None, tags: dict[str, str], out: Path) -> int:
     rows = collect(tracker, dataset, model, tags)
     if not rows:
-        print(f"no finished evaluate runs in experiment '{tracker.experiment_name}' ({tracker.uri})"
+        print(f"no finished evaluate runs in experiment '{tracker.experiment_name}' ({tracker.shown_uri})"
               + (" matching the filters" if dataset or model or tags else ""))
         return 1
     text = nll_table(rows)

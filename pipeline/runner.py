@@ -25,6 +25,7 @@ from . import datasets, graph, signals
 from .config import PipelineConfig, to_yaml
 from .liveness import TAG_DRIVER, TAG_HEARTBEAT, Heartbeat, is_dead, this_driver
 from .manifest import ManifestError, verify_manifest, write_manifest
+from .masking import mask
 from .plan import PlannedStage, describe, plan, stages_from
 
 def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
@@ -110,7 +111,7 @@ def _print_summary(rows, tracker, parent_id, outputs):
     for name, _, run_id, _, _ in rows:
         if graph.get(name).linked:
             print(f"{name}: {tracker.artifact_uri(run_id)}/{graph.get(name).linked}")
-    print(f"MLflow parent run: {parent_id} (experiment '{tracker.experiment_name}', {tracker.uri})")
+    print(f"MLflow parent run: {parent_id} (experiment '{tracker.experiment_name}', {tracker.shown_uri})")
     print(f"artifacts: {tracker.artifact_uri(parent_id).rsplit('/', 2)[0]}/<run id>/artifacts")
     print(f"browse: make ui, then {tracker.ui_url(parent_id)}")
 
@@ -277,7 +278,7 @@ def _dry_run(cfg: PipelineConfig, until: str | None, forced: set[str]) -> Outcom
         print(f"error: {wrong}")
         return Outcome(2)
     tracker = Tracker(cfg.tracking, create=False) if store_exists(cfg.tracking.uri) else None
-    print(to_yaml(cfg), end="")
+    print(mask(to_yaml(cfg)), end="")
     print(f"# data: {cfg.data.dataset}: {data_line}")
     family = families.of(cfg)
     counts = family.param_counts(cfg, datasets.channels(cfg.data, spec), spec.num_classes if spec else 10)
@@ -302,8 +303,8 @@ def _open_parent(tracker, cfg: PipelineConfig, data_fp: str, config_path: str | 
               **({TAG_JOB: job} if job else {}),
               **({TAG_PARENT: parent_of} if parent_of else {})},
     )
-    tracker.log_text(parent_id, to_yaml(cfg), "config.yaml")
-    print(f"[hvae] MLflow parent run {parent_id} in experiment '{tracker.experiment_name}' ({tracker.uri})")
+    tracker.log_text(parent_id, mask(to_yaml(cfg)), "config.yaml")  # (a secret in a value: masked, pipeline/masking.py)
+    print(f"[hvae] MLflow parent run {parent_id} in experiment '{tracker.experiment_name}' ({tracker.shown_uri})")
     skipped = graph.not_applicable(family)
     if skipped:
         print(f"[hvae] {', '.join(skipped)}: not applicable to {family.name} (it learns its prior in stage 1)")

@@ -29,6 +29,7 @@ from stages.data import join
 
 from . import datasets, graph
 from .config import PipelineConfig, to_yaml
+from .masking import mask
 from .liveness import TAG_DRIVER, Heartbeat, this_driver
 from .runner import _Fetcher, local_area, mark_dead_runs_killed, resolve_paths, run_pipeline
 from .tracking import JOB_ENV, TAG_JOB
@@ -141,8 +142,8 @@ def _open_sweep(tracker, cfg: PipelineConfig, config_path: str | None, key: str)
               "hvae.model": families.of(cfg).name, TAG_DRIVER: this_driver(), TAG_KEY: key,
               **({TAG_JOB: job} if job else {}),
               **({"hvae.config_file": config_path} if config_path else {})})
-    tracker.log_text(sweep_run, to_yaml(cfg), "config.yaml")
-    print(f"[hvae] MLflow sweep run {sweep_run} in experiment '{tracker.experiment_name}' ({tracker.uri})")
+    tracker.log_text(sweep_run, mask(to_yaml(cfg)), "config.yaml")
+    print(f"[hvae] MLflow sweep run {sweep_run} in experiment '{tracker.experiment_name}' ({tracker.shown_uri})")
     return sweep_run, False
 
 

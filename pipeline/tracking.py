@@ -104,6 +104,13 @@ class Tracker:
                 exp = self.client.get_experiment_by_name(tracking_cfg.experiment)
         self.experiment_id = exp.experiment_id if exp is not None else None
 
+    @property
+    def shown_uri(self) -> str:
+        """The URI as printed: a password in it masked (pipeline/masking.py)."""
+        from .masking import mask
+
+        return mask(self.uri)
+
     # ---- runs ------------------------------------------------------------------------
     def start_run(self, name: str, tags: dict[str, str], params: dict | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
@@ -168,7 +175,9 @@ class Tracker:
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
 
-        flat = [Param(k, v[:6000]) for k, v in _flatten(params).items()]
+        from .masking import mask
+
+        flat = [Param(k, mask(v)[:6000]) for k, v in _flatten(params).items()]
         for i in range(0, len(flat), 100):
             self.client.log_batch(run_id, params=flat[i : i + 100])
 

@@ -56,12 +56,64 @@ def test_cluster_launcher_yaml_and_its_commands():
         check_command(command)
 
 
-def test_runtime_env_keeps_the_venv_and_stores_out_of_the_upload():
-    env = runtime_env("hvae_0123")
-    assert Path(env["working_dir"]) == ROOT
+def test_runtime_env_keeps_the_venv_and_stores_out_of_the_upload(tmp_path):
+    env = runtime_env("hvae_0123", tmp_path)
+    assert Path(env["working_dir"]) == tmp_path
     assert {".venv", ".git", "mlartifacts", "ray_results"} <= set(env["excludes"])
     # the job's driver learns its id from the environment and tags its MLflow parent run with it
     assert env["env_vars"]["HVAE_JOB_ID"] == "hvae_0123" and env["env_vars"]["RAY_DEDUP_LOGS"] == "0"
+
+
+def test_a_job_ships_the_allow_list_only_and_secrets_are_masked_wherever_printed(tmp_path):
+    """A .env, a key or a certificate lying in the project folder stays here; the staged folder
+    holds the packages, configs/ and pyproject.toml; a credential in a value is never shown."""
+    from pipeline.jobs import stage
+    from pipeline.masking import mask, mask_override
+
+    planted = [ROOT / ".env", ROOT / "id_rsa", ROOT / "configs" / "cert.pem", ROOT / "models" / "notes.txt"]
+    try:
+        for p in planted:
+            p.write_text("SECRET=1\n")
+        line = stage(str(ROOT / "configs" / "smoke.yaml"), tmp_path)
+    finally:
+        for p in planted:
+            p.unlink()
+    shipped = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert {"configs/smoke.yaml", "pipeline/cli.py", "stages/train_loop.py", "models/vqvae2.py", "pyproject.toml"} <= shipped
+    assert not {".env", "id_rsa", "configs/cert.pem", "models/notes.txt"} & shipped
+    assert {s.split("/")[0] for s in shipped} == {"configs", "models", "pipeline", "stages", "pyproject.toml"}
+    assert re.fullmatch(r"\d+ files, [0-9.]+ MB: configs/, models/, pipeline/, pyproject.toml, stages/", line)
+    assert mask_override("aws_secret_access_key=abc") == "aws_secret_access_key=***"
+    assert mask_override("data.root=s3://b/x?endpoint_override=h:9000&access_key=A&secret_key=s") == \
+        "data.root=s3://b/x?endpoint_override=h:9000&access_key=***&secret_key=***"
+    assert mask("tracking.uri=http://bob:hunter2@mlflow:5000") == "tracking.uri=http://bob:***@mlflow:5000"
+    assert mask_override("stage1.lr=1e-3") == "stage1.lr=1e-3"
+
+
+def test_a_secret_in_a_value_never_reaches_the_printed_config_or_the_mlflow_run(tmp_path):
+    """A bucket URI with keys in its query: masked in --dry-run's print, the params and config.yaml;
+    `hvae resume` then asks for it again."""
+    import subprocess
+    import sys
+
+    from conftest import SMOKE, hvae, runs
+
+    root = "s3://bucket/images?endpoint_override=127.0.0.1:9&access_key=AKIA1234&secret_key=s3cr3t"
+    dry = hvae(tmp_path, "run", SMOKE, f"data.root={root}", "--dry-run")
+    assert "s3cr3t" not in dry.stdout + dry.stderr and "AKIA1234" not in dry.stdout
+    assert "access_key=***&secret_key=***" in dry.stdout
+    proc = hvae(tmp_path, "run", SMOKE, f"data.root={root}", "--until", "stage1", "stage1.epochs=1",
+                "cluster.num_workers=1", "cluster.cpus_per_worker=1")  # (mnist5k ignores data.root)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "s3cr3t" not in proc.stdout + proc.stderr
+    client, all_runs = runs(tmp_path)
+    parent = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline")
+    assert parent.data.params["data.root"].endswith("access_key=***&secret_key=***")
+    recorded = Path(client.download_artifacts(parent.info.run_id, "config.yaml", str(tmp_path)))
+    assert "s3cr3t" not in recorded.read_text()
+    again = subprocess.run([sys.executable, "-m", "pipeline", "resume", parent.info.run_id], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "recorded its config with secrets masked (root)" in again.stderr
 
 
 @pytest.mark.parametrize("name", ["rayjob.yaml", "launcher.yaml", "runtime_env.yaml", "Dockerfile"])
