@@ -444,7 +444,7 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
 
                 tracker.finish(parent_id, "FAILED")
                 shutdown()  # flush the workers' log lines before the error line
-                print(f"error: {exc}")
+                print(f"error: {exc}{_tag_corrupt(tracker, fetch, exc.__cause__)}")
                 # asked for what cannot be had, or reached for what does not answer
                 done.code = 2 if isinstance(exc.__cause__, (ResourceError, Unreachable)) else 1
                 return done
@@ -452,6 +452,22 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
         done.outputs[name], done.run_ids[name] = work / name, run_id
         done.rows.append((name, "FINISHED", run_id, secs, result.metrics))
     return done
+
+
+def _tag_corrupt(tracker, fetch: _Fetcher, cause) -> str:
+    """An upstream artifact that would not load: its run is tagged corrupt (never reused again,
+    so the next run makes it anew) -> the words that say so, for the error line."""
+    from stages.base import ArtifactError
+
+    from .tracking import TAG_CORRUPT
+
+    if not isinstance(cause, ArtifactError):
+        return ""
+    for run_id, local in fetch.cache.items():
+        if Path(cause.path).resolve().is_relative_to(Path(local).resolve()):
+            tracker.set_tags(run_id, {TAG_CORRUPT: str(cause)[:5000]})
+            return f" (of run {run_id}, now tagged {TAG_CORRUPT}: the next run makes it again)"
+    return ""
 
 
 def _continue_curve(tracker, stage: str, fingerprint: str, run_id: str, epoch: int) -> None:

@@ -51,6 +51,33 @@ class StageError(RuntimeError):
     """A stage failure whose message is already fit to show the user on one line."""
 
 
+class ArtifactError(StageError):
+    """An upstream run's artifact that cannot be loaded (a bad pickle refused by
+    ``weights_only``, a wrong shape, a broken file): the runner tags that run corrupt, so the
+    next run makes it again rather than reusing it."""
+
+    def __init__(self, path, why: str):
+        self.path = str(path)
+        super().__init__(f"artifact {self.path} cannot be loaded: {why}")
+
+
+def load_weights(module, path) -> None:
+    """``module.load_state_dict(torch.load(path, weights_only=True))``; any failure (a pickle
+    holding more than tensors, a damaged file, a shape or key that does not fit) -> ArtifactError
+    naming the file, in one line (not torch's advice to set ``weights_only=False``)."""
+    import pickle
+
+    import torch
+
+    try:
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError):
+            first = "it holds more than tensors (refused: loading it could run code)"
+        raise ArtifactError(path, first[:300]) from None
+
+
 class TrainTask:
     """What a training stage plugs into the shared loop (stages/train_loop.py); built inside
     each Ray Train worker from a picklable class and its arguments."""

@@ -17,8 +17,10 @@ after a killed driver. A remote checkpoint is downloaded to a temporary folder t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 import posixpath
 import tempfile
 import zipfile
@@ -32,13 +34,26 @@ from .data import join, open_location
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+SHA_KEY = "state_sha256"  # in meta.json: the digest of state.pt as it was written
 
 
 def save(folder: Path, state: dict, meta: dict) -> None:
+    """state.pt, then meta.json holding its sha256 (checked before a resume: ``newest``)."""
     import torch
 
     torch.save(state, Path(folder) / STATE_FILE)
-    (Path(folder) / META_FILE).write_text(json.dumps(meta, indent=2))
+    digest = _sha256(open_location(str(Path(folder) / STATE_FILE)))
+    (Path(folder) / META_FILE).write_text(json.dumps({**meta, SHA_KEY: digest}, indent=2))
+
+
+def _sha256(located) -> str:
+    """The SHA-256 of a file, given as (pyarrow filesystem, path), read in 1 MiB pieces."""
+    filesystem, path = located
+    digest = hashlib.sha256()
+    with filesystem.open_input_stream(path) as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def load(folder: Path) -> tuple[dict, dict]:
@@ -120,12 +135,35 @@ def _all(storage_path: str, name: str) -> list[Checkpoint]:
     return found
 
 
+def damage(checkpoint: Checkpoint) -> str | None:
+    """What is wrong with a complete checkpoint's state file (None: it is as written): its
+    SHA-256 against the one its meta recorded (checkpoints written before that: trusted)."""
+    filesystem, folder = open_location(checkpoint.path)
+    with filesystem.open_input_stream(posixpath.join(folder, META_FILE)) as f:
+        expected = json.loads(f.read()).get(SHA_KEY)
+    if expected is None:
+        return None
+    actual = _sha256((filesystem, posixpath.join(folder, STATE_FILE)))
+    return None if actual == expected else f"its {STATE_FILE} has sha256 {actual[:12]}…, not the {expected[:12]}… it was written with"
+
+
+_warned: set[str] = set()
+
+
 def newest(storage_path: str, name: str) -> Checkpoint | None:
     """The checkpoint to resume ``storage_path/name`` from (None: start afresh): the newest
-    complete one, epoch or step, on a local path or any storage pyarrow opens (``s3://``,
-    ``gs://``, ``file://``)."""
-    found = _all(storage_path, name)
-    return max(found, key=lambda c: c.order) if found else None
+    complete and intact one, epoch or step, on a local path or any storage pyarrow opens
+    (``s3://``, ``gs://``, ``file://``). A damaged one is passed over for the one before it,
+    with one warning line."""
+    for c in sorted(_all(storage_path, name), key=lambda c: c.order, reverse=True):
+        why = damage(c)
+        if why is None:
+            return c
+        if c.path not in _warned:
+            _warned.add(c.path)
+            print(f"[hvae] warning: {c.describe()} ({c.path}) is damaged: {why}; "
+                  f"passed over for the one before it", file=sys.stderr, flush=True)
+    return None
 
 
 def resume_epoch(storage_path: str, name: str) -> int | None:

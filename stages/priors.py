@@ -18,7 +18,7 @@ from models.pixelcnn import HierarchicalPrior
 from models.likelihoods import to_bits_per_dim
 
 from . import shards
-from .base import StageContext, StageResult, TrainTask
+from .base import StageContext, StageResult, TrainTask, load_weights
 from .data import on_this_node
 from .extract import SCHEMA_FILE
 from .train_loop import LoopSpec, fit
@@ -45,7 +45,7 @@ def load_priors(folder: Path) -> HierarchicalPrior:
     config = json.loads((folder / CONFIG_FILE).read_text())
     model = HierarchicalPrior(**config)
     for l, prior in enumerate(model.levels):
-        prior.load_state_dict(torch.load(folder / f"prior_level{l}.pt", map_location="cpu", weights_only=True))
+        load_weights(prior, folder / f"prior_level{l}.pt")
     return model.eval()
 
 

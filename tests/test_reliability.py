@@ -80,3 +80,31 @@ def test_a_job_server_that_does_not_answer_is_named_in_one_line(command):
     code, line = hvae_line(ROOT, *command, "--address", f"http://127.0.0.1:{port}")
     assert (code, line) == (2, f"error: --address=http://127.0.0.1:{port} does not answer "
                                f"(Connection refused; 10 s allowed)")
+
+
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(tmp_path, capsys):
+    """One flipped byte inside state.pt leaves a readable zip that torch loads: only its sha256,
+    kept in meta.json, tells."""
+    import json
+
+    import torch
+
+    from stages import checkpoints
+
+    for epoch in (0, 1):
+        folder = tmp_path / "stage1-abc" / f"checkpoint_00000{epoch}"
+        folder.mkdir(parents=True)
+        checkpoints.save(folder, {"model": {"w": torch.full((4096,), float(epoch))}}, {"epoch": epoch})
+    assert checkpoints.newest(str(tmp_path), "stage1-abc").epoch == 1
+    state = tmp_path / "stage1-abc" / "checkpoint_000001" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    state.write_bytes(bytes(data))
+    torch.load(state, weights_only=True)  # (torch itself does not notice)
+    found = checkpoints.newest(str(tmp_path), "stage1-abc")
+    assert found.epoch == 0 and found.load()[0]["model"]["w"][0] == 0.0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: the checkpoint of epoch 2" in err and "passed over" in err
+    meta = tmp_path / "stage1-abc" / "checkpoint_000001" / "meta.json"  # one written before sha256s: trusted
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "state_sha256"}))
+    assert checkpoints.newest(str(tmp_path), "stage1-abc").epoch == 1

@@ -312,3 +312,52 @@ def test_a_signal_during_training_stops_it_marks_the_runs_killed_and_says_how_to
     plan = hvae(tmp_path, *args, "--dry-run")
     assert re.search(r"#   stage1\s+resume after epoch \d+", plan.stdout), plan.stdout[-2000:]
     print(f"{sig}: the driver exited {took:.1f} s after the signal")
+
+
+class _RunsCode:
+    """What a crafted pickle holds: loading it calls a function of the file's choosing."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.slow
+def test_an_artifact_that_will_not_load_is_named_with_its_run_and_that_run_tagged_corrupt(smoke_store):
+    """A priors artifact replaced by a pickle that runs code, its manifest rewritten to match (so
+    only loading it can tell): the stage that loads it stops with one line naming the file and
+    the run, nothing in the pickle runs, and the run is tagged corrupt so the next run trains
+    the priors again. (Runs last in this module: it spoils the shared store's priors.)"""
+    import hashlib
+    import json
+
+    import torch
+
+    cwd, _, parent_id = smoke_store
+    client, _ = runs(cwd)
+    priors_id = client.get_run(parent_id).data.tags["hvae.run.priors"]
+    root = Path(client.get_run(priors_id).info.artifact_uri.removeprefix("file://"))
+    weights, manifest = root / "model" / "prior_level0.pt", root / "manifest.json"
+    planted = cwd / "planted"
+    kept = weights.read_bytes(), manifest.read_text()
+    torch.save({"weight": _RunsCode(planted)}, weights)
+    listed = json.loads(manifest.read_text())
+    listed["files"]["model/prior_level0.pt"] = {"size": weights.stat().st_size,
+                                                "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    manifest.write_text(json.dumps(listed, indent=1, sort_keys=True))
+    proc = hvae(cwd, "run", SMOKE, "--force", "sample")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    line = proc.stdout.rstrip().splitlines()[-1]
+    assert line.startswith("error: stage sample failed: ArtifactError: artifact ") and \
+        line.endswith(f"/model/prior_level0.pt cannot be loaded: it holds more than tensors (refused: loading it "
+                      f"could run code) (of run {priors_id}, now tagged hvae.corrupt: the next run makes it again)"), line
+    assert not planted.exists()
+    assert client.get_run(priors_id).data.tags["hvae.corrupt"].startswith("artifact ")
+    plan = hvae(cwd, "run", SMOKE, "--dry-run")
+    # made again (from its last checkpoint, which the artifact's damage did not touch)
+    assert re.search(r"^#   priors\s+(run|resume after epoch)", plan.stdout, re.M), plan.stdout[-2000:]
+    weights.write_bytes(kept[0])  # the shared store as it was, for any test after this one
+    manifest.write_text(kept[1])
+    client.delete_tag(priors_id, "hvae.corrupt")

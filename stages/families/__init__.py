@@ -169,11 +169,11 @@ def save_model(family: Family, model, model_config: dict, folder: Path) -> None:
 
 def load_model(folder: Path):
     """Rebuild a trained stage-1 model from its ``model/`` folder -> (family, model in eval mode)."""
-    import torch
+    from ..base import load_weights
 
     config = json.loads((Path(folder) / CONFIG_FILE).read_text())
     family = get(config.pop("family", "vqvae2"))  # (models saved before families had no tag)
     model = family.build(config)
     weights = Path(folder) / WEIGHTS_FILE.format(name=family.name)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    load_weights(model, weights)
     return family, model.eval()
