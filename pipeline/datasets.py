@@ -16,7 +16,9 @@ Sources:
 - ``cifar10``: ``<root>/cifar-10-batches-py/{data_batch_1..5,test_batch}`` (the python pickles).
 - ``imagefolder``: ``<root>/<class>/<image>`` as torchvision's ImageFolder reads it.
 
-Images are padded with zeros (when smaller) or resized (otherwise) to ``image_size``.
+The array datasets' images are padded with zeros (when smaller) or resized (otherwise) to
+``image_size``; an image folder's are each resized to ``image_size`` x ``image_size``
+(``stages/data.py: read_image``; the aspect ratio is not kept).
 ``data.root`` (and the cache) may be a URI pyarrow's filesystems open (``s3://``, ``gs://``,
 ``file://``).
 """
