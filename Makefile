@@ -2,6 +2,7 @@
 # make test           - set up .venv if needed, then run the whole test suite (what CI runs; prints the 25 slowest)
 # make test-fast      - the tests to run while working: every unit test and one smoke pipeline (about 3 min)
 # make test-shuffled  - the fast tier with files and tests in a shuffled order (SEED=<n>, default 1; ARGS= for more)
+# make chaos          - the smoke pipeline SIGKILLed at 5 random moments and started again: the same NLL (several minutes)
 # make ui             - MLflow UI for ./mlruns.db on http://127.0.0.1:5000
 # make bench          - the benchmarks' quick mode (a few minutes), BENCHMARKS.md regenerated
 # make bench-full     - the full mode (about an hour on 2 cores)
@@ -12,7 +13,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test test-fast test-shuffled ui bench bench-full clean
+.PHONY: run test test-fast test-shuffled chaos ui bench bench-full clean
 
 $(STAMP): pyproject.toml
 	@echo "[make] creating $(VENV) and installing hvae with torch, ray, mlflow (about 2-3 minutes, ~6.5 GB)"
@@ -24,14 +25,17 @@ run: $(STAMP)
 	$(BIN)/hvae run configs/default.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -m "not chaos"
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not chaos"
+
+chaos: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m chaos
 
 SEED ?= 1
 test-shuffled: $(STAMP)
-	HVAE_TEST_SHUFFLE=$(SEED) $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(ARGS)
+	HVAE_TEST_SHUFFLE=$(SEED) $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not chaos" $(ARGS)
 
 ui: $(STAMP)
 	$(BIN)/hvae ui

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -34,6 +35,39 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {gpu}; torch {torch.__version__}, "
             f"ray {ray.__version__}, Python {platform.python_version()}")
+
+
+def config_and_overrides(argv: list[str]) -> tuple[str, list[str]]:
+    """A script's arguments ``[CONFIG] [key=value ...]`` -> (the config's absolute path, default
+    configs/default.yaml; the overrides)."""
+    config = os.path.abspath(argv[0]) if argv and "=" not in argv[0] else str(ROOT / "configs" / "default.yaml")
+    return config, [a for a in argv if "=" in a]
+
+
+@contextmanager
+def fresh_run(config: str, overrides: list[str]):
+    """``hvae run CONFIG overrides`` in a new temporary folder (nothing to reuse) -> while open:
+    (the folder, the run's wall seconds, an MlflowClient on its store, {stage: its child run});
+    raises SystemExit with the run's exit code when it failed."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "run", config, *overrides], cwd=tmp)
+        total = time.perf_counter() - t0
+        if proc.returncode:
+            print(f"bench: hvae run failed ({proc.returncode})")
+            raise SystemExit(proc.returncode)
+        client = MlflowClient(f"sqlite:///{tmp}/mlruns.db")
+        exp = client.get_experiment_by_name("hvae")
+        runs = {r.data.tags["hvae.stage"]: r for r in client.search_runs([exp.experiment_id])
+                if "hvae.stage" in r.data.tags}
+        yield Path(tmp), total, client, runs
 
 
 def record(name: str, command: str, body: str) -> str:

@@ -14,15 +14,13 @@ spend on it. Orchestration is the run's wall time minus all of the work.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from common import record  # noqa: E402
+from common import config_and_overrides, fresh_run, record  # noqa: E402
 
 
 def _compute(cfg, artifacts: dict[str, Path]) -> dict[str, float]:
@@ -61,24 +59,11 @@ def _compute(cfg, artifacts: dict[str, Path]) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
-    from mlflow.tracking import MlflowClient
-
     from pipeline.config import load_config
     from pipeline.runner import resolve_paths
 
-    config = os.path.abspath(argv[0]) if argv and "=" not in argv[0] else str(ROOT / "configs" / "default.yaml")
-    overrides = [a for a in argv if "=" in a]
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pipeline", "run", config, *overrides], cwd=tmp)
-        total = time.perf_counter() - t0
-        if proc.returncode:
-            print(f"bench: hvae run failed ({proc.returncode})")
-            return proc.returncode
-        client = MlflowClient(f"sqlite:///{tmp}/mlruns.db")
-        exp = client.get_experiment_by_name("hvae")
-        runs = {r.data.tags["hvae.stage"]: r for r in client.search_runs([exp.experiment_id])
-                if "hvae.stage" in r.data.tags}
+    config, overrides = config_and_overrides(argv)
+    with fresh_run(config, overrides) as (tmp, total, client, runs):
 
         def curve(run, key):
             return [p.value for p in client.get_metric_history(run.info.run_id, key)]

@@ -10,35 +10,19 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "bench"))
-from common import record  # noqa: E402
+from common import config_and_overrides, fresh_run, record  # noqa: E402
 HEADLINE = ("val_bpd", "val_bits_per_code", "test_nll_bpd", "test_nll_nats")
 
 
 def main(argv: list[str]) -> int:
-    from mlflow.tracking import MlflowClient
-
-    config = os.path.abspath(argv[0]) if argv and "=" not in argv[0] else str(ROOT / "configs" / "default.yaml")
-    overrides = [a for a in argv if "=" in a]
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pipeline", "run", config, *overrides], cwd=tmp)
-        total = time.perf_counter() - t0
-        if proc.returncode:
-            print(f"bench: hvae run failed ({proc.returncode})")
-            return proc.returncode
-        client = MlflowClient(f"sqlite:///{tmp}/mlruns.db")
-        exp = client.get_experiment_by_name("hvae")
+    config, overrides = config_and_overrides(argv)
+    with fresh_run(config, overrides) as (_, total, client, children):
         rows = []
-        children = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])
-                    if "hvae.stage" in r.data.tags}
         for run in sorted(children.values(), key=lambda r: r.info.start_time):
             stage, m = run.data.tags["hvae.stage"], run.data.metrics
             speed = [p.value for p in client.get_metric_history(run.info.run_id, "images_per_s")]

@@ -329,7 +329,8 @@ def test_an_artifact_that_will_not_load_is_named_with_its_run_and_that_run_tagge
     """A priors artifact replaced by a pickle that runs code, its manifest rewritten to match (so
     only loading it can tell): the stage that loads it stops with one line naming the file and
     the run, nothing in the pickle runs, and the run is tagged corrupt so the next run trains
-    the priors again. (Runs last in this module: it spoils the shared store's priors.)"""
+    the priors again. (The shared store is put back as it was afterwards: the file, its manifest,
+    the tag, and the runs this test made deleted.)"""
     import hashlib
     import json
 
@@ -341,12 +342,24 @@ def test_an_artifact_that_will_not_load_is_named_with_its_run_and_that_run_tagge
     root = Path(client.get_run(priors_id).info.artifact_uri.removeprefix("file://"))
     weights, manifest = root / "model" / "prior_level0.pt", root / "manifest.json"
     planted = cwd / "planted"
-    kept = weights.read_bytes(), manifest.read_text()
-    torch.save({"weight": _RunsCode(planted)}, weights)
-    listed = json.loads(manifest.read_text())
-    listed["files"]["model/prior_level0.pt"] = {"size": weights.stat().st_size,
-                                                "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
-    manifest.write_text(json.dumps(listed, indent=1, sort_keys=True))
+    kept, since = (weights.read_bytes(), manifest.read_text()), int(time.time() * 1000)
+    try:
+        torch.save({"weight": _RunsCode(planted)}, weights)
+        listed = json.loads(manifest.read_text())
+        listed["files"]["model/prior_level0.pt"] = {"size": weights.stat().st_size,
+                                                    "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+        manifest.write_text(json.dumps(listed, indent=1, sort_keys=True))
+        _check_the_bad_artifact_is_named(cwd, client, priors_id, planted)
+    finally:
+        weights.write_bytes(kept[0])
+        manifest.write_text(kept[1])
+        client.delete_tag(priors_id, "hvae.corrupt")
+        for run in runs(cwd)[1]:
+            if run.info.start_time >= since:
+                client.delete_run(run.info.run_id)
+
+
+def _check_the_bad_artifact_is_named(cwd, client, priors_id, planted):
     proc = hvae(cwd, "run", SMOKE, "--force", "sample")
     assert proc.returncode == 1, proc.stdout[-3000:]
     line = proc.stdout.rstrip().splitlines()[-1]
@@ -358,6 +371,3 @@ def test_an_artifact_that_will_not_load_is_named_with_its_run_and_that_run_tagge
     plan = hvae(cwd, "run", SMOKE, "--dry-run")
     # made again (from its last checkpoint, which the artifact's damage did not touch)
     assert re.search(r"^#   priors\s+(run|resume after epoch)", plan.stdout, re.M), plan.stdout[-2000:]
-    weights.write_bytes(kept[0])  # the shared store as it was, for any test after this one
-    manifest.write_text(kept[1])
-    client.delete_tag(priors_id, "hvae.corrupt")
