@@ -128,6 +128,9 @@ def test_a_killed_and_resumed_stage1_equals_an_uninterrupted_one(tmp_path):
         wait_for(lambda: len(metas()) >= 2 or proc.poll() is not None, 300, "two stage-1 checkpoints")
     finally:
         kill_group(proc)
+    # a training worker outlives its killed driver for a moment and may still be copying a
+    # checkpoint in: the resume below (like a user's, later) starts once it is gone
+    wait_for(lambda: not _train_worker_pids(), 60, "the killed run's training workers to end")
     assert proc.returncode != 0, "the driver finished before it could be killed"
     _, all_runs = runs(cut_dir)
     cut_parent = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline")
