@@ -40,6 +40,10 @@ class DataConfig(Section):
     # training stages: keep the decoded split in Ray's object store (true) or decode it every
     # epoch (false); unset: keep it when it is at most 1 GiB
     in_memory: Optional[bool] = None
+    # imagefolder: an image that cannot be read stops the run naming it (fail), or every image is
+    # checked once when the dataset is prepared and the unreadable ones are left out, counted
+    # and listed in the prepared folder's bad_images.txt (skip)
+    on_bad_image: Literal["fail", "skip"] = "fail"
 
 
 class ClusterConfig(Section):

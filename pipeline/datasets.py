@@ -38,6 +38,8 @@ from stages.data import SPLITS, DataSpec, join, open_location, rows_per_file
 
 FORMAT = 2  # the prepared layout and the split rule; a change makes every data fingerprint new
 MANIFEST = "manifest.json"
+SHOWN_BAD = 10  # unreadable images named on the terminal (all of them in BAD_IMAGES)
+BAD_IMAGES = "bad_images.txt"  # data.on_bad_image=skip: "<path>\t<why>" per image left out
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -275,7 +277,9 @@ def _choose(cfg, n: int, n_test: int | None) -> dict[str, np.ndarray]:
 def data_fingerprint(cfg, listing) -> str:
     """The data config's keys that shape the images, and the listing (names, sizes, mtimes; of
     an image folder, the Listing's digest of them)."""
-    keys = cfg.model_dump(mode="json", exclude={"root", "download", "decode_cpus", "in_memory"})
+    keys = cfg.model_dump(mode="json", exclude={"root", "download", "decode_cpus", "in_memory", "on_bad_image"})
+    if cfg.on_bad_image == "skip":  # (fail leaves the fingerprints of before it existed unchanged)
+        keys["on_bad_image"] = "skip"
     blob = json.dumps([FORMAT, keys, listing], separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -355,19 +359,27 @@ def _write_split(filesystem, folder: str, columns: dict, image_bytes: int) -> li
     return names
 
 
-def _finish(cfg, location: str, fp: str, kind: str, shape, columns_of, num_classes: int) -> DataSpec:
-    """Write each split's files under a fresh folder, then the manifest naming them (last, so a
-    crash leaves no manifest; two pipelines preparing at once each write a whole set)."""
+def _finish(cfg, location: str, fp: str, kind: str, shape, columns_of, num_classes: int,
+            bad: dict[str, str] | None = None) -> DataSpec:
+    """Write each split's files under a fresh folder (and ``bad``, the images left out, as
+    ``bad_images.txt``), then the manifest naming them (last, so a crash leaves no manifest;
+    two pipelines preparing at once each write a whole set)."""
     filesystem, path = open_location(location)
     token = uuid.uuid4().hex[:8]
     files, rows = {}, {}
+    extra = {}
+    if bad:
+        filesystem.create_dir(join(path, token), recursive=True)
+        with filesystem.open_output_stream(join(path, token, BAD_IMAGES)) as f:
+            f.write("".join(f"{p}\t{why}\n" for p, why in sorted(bad.items())).encode())
+        extra = {"skipped": len(bad)}
     for split in SPLITS:
         columns = columns_of(split)
         rows[split] = len(columns["label"])
         names = _write_split(filesystem, join(path, token, split), columns, int(np.prod(shape)))
         files[split] = [f"{token}/{split}/{n}" for n in names]
     manifest = {"dataset": cfg.dataset, "kind": kind, "shape": list(shape), "rows": rows, "files": files,
-                "num_classes": num_classes, "fingerprint": fp}
+                "num_classes": num_classes, "fingerprint": fp, **extra}
     with filesystem.open_output_stream(join(path, MANIFEST)) as f:
         f.write(json.dumps(manifest, indent=1).encode())
     return DataSpec(**{**manifest, "shape": tuple(shape), "location": location, "root": cfg.root})
@@ -376,12 +388,49 @@ def _finish(cfg, location: str, fp: str, kind: str, shape, columns_of, num_class
 def _write_files(cfg, location, fp, listing: Listing) -> DataSpec:
     chosen = _choose(cfg, len(listing), None)
     shape = (cfg.channels or 3, cfg.image_size, cfg.image_size)
+    bad = {}
+    if cfg.on_bad_image == "skip":
+        unreadable = _unreadable(cfg.root, listing, np.concatenate(list(chosen.values())), shape)
+        chosen = {s: idx[~np.isin(idx, list(unreadable))] for s, idx in chosen.items()}
+        bad = {listing.paths[i].as_py(): why for i, why in unreadable.items()}
 
     def columns_of(split):
         idx = chosen[split]
         return {"path": listing.paths.take(idx), "label": listing.labels[idx], "index": idx.astype(np.int64)}
 
-    return _finish(cfg, location, fp, "files", shape, columns_of, len(listing.classes))
+    return _finish(cfg, location, fp, "files", shape, columns_of, len(listing.classes), bad)
+
+
+def _unreadable(root: str, listing: Listing, indices: np.ndarray, shape) -> dict[int, str]:
+    """data.on_bad_image=skip: read every image of ``indices`` as the stages will (threads: the
+    time goes to storage and to PIL's decoders, which let go of the GIL) -> {index: why} of
+    those that cannot be, each named in one line."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stages.data import read_image
+
+    filesystem, base = open_location(root)
+    print(f"[hvae] data: reading {len(indices)} images once to leave out any that cannot be read "
+          f"(data.on_bad_image=skip)", flush=True)
+
+    def why(i: int) -> str | None:
+        path = posixpath.join(base, listing.paths[i].as_py())
+        try:
+            read_image(filesystem, path, shape)
+        except ValueError as exc:  # "cannot read image <path>: <why>"
+            return str(exc).removeprefix(f"cannot read image {path}: ")
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+        found = {int(i): w for i, w in zip(indices, pool.map(why, indices.tolist(), chunksize=64)) if w is not None}
+    for i, w in sorted(found.items())[:SHOWN_BAD]:
+        print(f"[hvae] data: left out {listing.paths[i].as_py()}: {w}", flush=True)
+    if found:
+        more = f" ({len(found) - SHOWN_BAD} more not shown)" if len(found) > SHOWN_BAD else ""
+        print(f"[hvae] data: {len(found)} of {len(indices)} images cannot be read and are left out{more}; "
+              f"the list is kept beside the prepared dataset ({BAD_IMAGES})", flush=True)
+    return found
 
 
 def _write_pixels(cfg, location, fp, load) -> DataSpec:

@@ -1,6 +1,7 @@
 """Start a local Ray, or join the cluster named by ``cluster.address``."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -19,6 +20,29 @@ def _configure_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """A local Ray that opens every port on 127.0.0.1 only.
+
+    Ray gives each node the address other nodes reach it at, and binds its gRPC servers (GCS,
+    raylet, object manager, workers) and metrics exporters to all interfaces unless that address
+    is the loopback one; ``ray.init(_node_ip_address="127.0.0.1")`` is turned back into the
+    machine's address. Ray's single-machine mode (``ray_constants.ENABLE_RAY_CLUSTER`` false, the
+    default on macOS and Windows) picks 127.0.0.1 instead. It is read when the node starts, so it
+    is switched on for ``ray.init`` alone and restored after (a later ``cluster.address`` in the
+    same process must find the machine's address again). A local Ray has one node and never
+    needs another to reach it.
+    """
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def connect(cluster_cfg) -> int:
@@ -47,7 +71,8 @@ def connect(cluster_cfg) -> int:
         # dashboard port and tell every process this cluster starts.
         port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, logging_level="WARNING")
+        with _loopback_only():
+            ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, logging_level="WARNING")
     else:
         from .reach import ray_address
 

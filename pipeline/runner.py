@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -43,11 +44,15 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
     return cfg
 
 
+_RAISED = re.compile(r"^(?P<name>[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): \S")
+
+
 def describe_error(exc: BaseException) -> str:
     """One readable line for a failure, digging the root cause out of Ray's wrappers."""
-    seen = set()
+    seen, texts = set(), []
     while id(exc) not in seen:
         seen.add(id(exc))
+        texts.append(str(exc))
         failures = getattr(exc, "worker_failures", None)
         if failures:
             rank = min(failures)
@@ -62,7 +67,15 @@ def describe_error(exc: BaseException) -> str:
             continue
         break
     text = str(exc).strip().splitlines()
-    # Ray task errors carry the remote traceback; its last line is the original error
+    if type(exc).__module__.startswith("ray"):
+        # a Ray task error carries the remote traceback as text (the original exception, once
+        # pickled, has lost its own causes): the first error raised there, not Ray's wrapper
+        # around it (Ray Data's "UDF failed ... configure retried_map_errors")
+        for line in (ln for t in texts for ln in t.splitlines()):
+            m = _RAISED.match(line.strip())
+            if m and not m["name"].startswith("ray."):
+                return line.strip()
+    # else the last line of the remote traceback is the original error
     line = text[-1] if text and type(exc).__module__.startswith("ray") else (text[0] if text else "")
     name = type(exc).__name__
     return line if line.startswith(name) or type(exc).__module__.startswith("ray") else f"{name}: {line}"
@@ -93,9 +106,10 @@ def mark_dead_runs_killed(tracker) -> list[str]:
 
 
 def resume_command(parent_id: str, uri: str) -> str:
+    from .masking import mask
     from .tracking import resolve_uri
 
-    return f"hvae resume {parent_id}" + ("" if uri == resolve_uri("sqlite:///mlruns.db") else f" --uri {uri}")
+    return f"hvae resume {parent_id}" + ("" if uri == resolve_uri("sqlite:///mlruns.db") else f" --uri {mask(uri)}")
 
 
 def _print_summary(rows, tracker, parent_id, outputs):

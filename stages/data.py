@@ -69,6 +69,7 @@ class DataSpec:
     fingerprint: str
     cpus: float = 0.0  # CPUs each read-and-decode task reserves (data.decode_cpus)
     in_memory: bool | None = None  # data.in_memory: training decodes once (True) or every epoch
+    skipped: int = 0  # images left out when prepared because they cannot be read (data.on_bad_image)
 
     @property
     def channels(self) -> int:
@@ -80,7 +81,8 @@ class DataSpec:
 
     def describe(self) -> str:
         sizes = ", ".join(f"{s} {self.rows[s]}" for s in SPLITS)
-        return f"{sizes} images of {'x'.join(str(s) for s in self.shape)}"
+        bad = f" ({self.skipped} unreadable left out)" if self.skipped else ""
+        return f"{sizes} images of {'x'.join(str(s) for s in self.shape)}{bad}"
 
     def paths(self, split: str) -> list[str]:
         return [join(self.location, f) for f in self.files[split]]
@@ -153,7 +155,10 @@ def decode(batch: dict, spec: DataSpec) -> dict[str, np.ndarray]:
         images = np.stack([np.frombuffer(b, dtype=np.uint8) for b in batch["image"]]).reshape(-1, *spec.shape)
     else:
         filesystem, root = open_location(spec.root)
-        images = np.stack([read_image(filesystem, posixpath.join(root, p), spec.shape) for p in batch["path"]])
+        try:
+            images = np.stack([read_image(filesystem, posixpath.join(root, p), spec.shape) for p in batch["path"]])
+        except ValueError as exc:
+            raise ValueError(f"{exc} (data.on_bad_image=skip leaves unreadable images out)") from None
     return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64),
             "index": np.asarray(batch["index"], dtype=np.int64)}
 
@@ -171,6 +176,9 @@ def read_image(filesystem, path: str, shape) -> np.ndarray:
             if img.size != (w, h):
                 img = img.resize((w, h), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
+    except Image.UnidentifiedImageError:  # (PIL's message names a BytesIO at a memory address)
+        raise ValueError(f"cannot read image {path}: "
+                         f"{'an empty file' if not data else 'not an image format PIL can decode'}") from None
     except Exception as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

@@ -219,6 +219,18 @@ def compile_model(model) -> None:
     model.compile()
 
 
+def _agreed(found, world: int):
+    """Rank 0's choice of checkpoint, on every rank: asked separately, ranks can see different
+    newest ones (one written in between, e.g. by a worker of a killed run that has not died
+    yet) and would then train different epochs until a collective hangs."""
+    if world == 1 or not dist.is_initialized():
+        return found
+    box = [found]
+    nccl = dist.get_backend() == "nccl"
+    dist.broadcast_object_list(box, src=0, device=torch.device("cuda", torch.cuda.current_device()) if nccl else None)
+    return box[0]
+
+
 def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int):
     """Build model, optimizer and schedule, restored from the checkpoint ``checkpoints.newest``
     picks -> (model, optimizer, scheduler, scaler, first epoch, Resume or None)."""
@@ -227,7 +239,7 @@ def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int):
 
     torch.manual_seed(spec.seed)
     model = task.build_model()
-    found = checkpoints.newest(spec.storage_path, spec.name)
+    found = _agreed(checkpoints.newest(spec.storage_path, spec.name) if rank == 0 else None, world)
     restored, start_epoch, resume = None, 0, None
     if found is not None:
         restored, meta = found.load()

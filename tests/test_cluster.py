@@ -41,6 +41,7 @@ def test_rayjob_runs_a_real_config_on_gpu_workers_with_shared_storage():
         mounts = [m["mountPath"] for c in spec["containers"] for m in c.get("volumeMounts", [])]
         assert any(storage.startswith(m) for m in mounts), "checkpoints must be on the shared volume"
     yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert cluster["authOptions"] == {"mode": "token"}  # the cluster refuses anyone without its token
 
 
 def test_cluster_launcher_yaml_and_its_commands():
@@ -50,6 +51,9 @@ def test_cluster_launcher_yaml_and_its_commands():
         assert key in spec
     assert spec["head_node_type"] in spec["available_node_types"]
     assert any("g5" in t["node_config"]["InstanceType"] for t in spec["available_node_types"].values())
+    starts = spec["head_start_ray_commands"] + spec["worker_start_ray_commands"]
+    assert all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts if "ray start" in c)
+    assert "~/.ray/auth_token" in spec["file_mounts"]  # every node holds the token
     commands = re.findall(r"(hvae (?:run|submit) [^'\n]+)", text)
     assert len(commands) >= 2
     for command in commands:
@@ -88,6 +92,8 @@ def test_a_job_ships_the_allow_list_only_and_secrets_are_masked_wherever_printed
         "data.root=s3://b/x?endpoint_override=h:9000&access_key=***&secret_key=***"
     assert mask("tracking.uri=http://bob:hunter2@mlflow:5000") == "tracking.uri=http://bob:***@mlflow:5000"
     assert mask_override("stage1.lr=1e-3") == "stage1.lr=1e-3"
+    from pipeline.runner import resume_command
+    assert resume_command("abc", "http://bob:hunter2@mlflow:5000") == "hvae resume abc --uri http://bob:***@mlflow:5000"
 
 
 def test_a_secret_in_a_value_never_reaches_the_printed_config_or_the_mlflow_run(tmp_path):

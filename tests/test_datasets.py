@@ -164,6 +164,36 @@ def test_imagefolder_fingerprint_comes_from_names_sizes_and_mtimes_without_readi
     assert len(errors) == 1 and re.match(r"cannot read image .*dogs/3.png: ", errors[0]), errors
 
 
+def _plant_bad_images(root):
+    (root / "dogs" / "3.png").write_bytes(b"\0" * 100)  # not an image
+    (root / "cats" / "5.png").write_bytes(b"")  # empty
+    whole = (root / "cats" / "7.png").read_bytes()
+    (root / "cats" / "7.png").write_bytes(whole[: len(whole) // 2])  # cut short
+
+
+def test_unreadable_images_are_left_out_counted_and_listed_with_on_bad_image_skip(tmp_path, capsys):
+    root = tmp_path / "img"
+    _image_folder(root)
+    _plant_bad_images(root)
+    failing = prepare(DataConfig(dataset="imagefolder", root=str(root)), str(tmp_path / "c"))
+    assert failing.skipped == 0 and sum(failing.rows.values()) == 20  # (fail: listed, not opened)
+    cfg = DataConfig(dataset="imagefolder", root=str(root), on_bad_image="skip")
+    spec = prepare(cfg, str(tmp_path / "c"))
+    assert spec.fingerprint != failing.fingerprint
+    assert spec.skipped == 3 and sum(spec.rows.values()) == 17
+    assert spec.describe().endswith("images of 3x32x32 (3 unreadable left out)")
+    out = capsys.readouterr().out
+    assert "[hvae] data: left out cats/5.png: an empty file\n" in out
+    assert "[hvae] data: left out cats/7.png: image file is truncated" in out
+    assert "[hvae] data: left out dogs/3.png: not an image format PIL can decode\n" in out
+    assert "[hvae] data: 3 of 20 images cannot be read and are left out;" in out
+    (listed,) = (tmp_path / "c").rglob("bad_images.txt")
+    assert [ln.split("\t")[0] for ln in listed.read_text().splitlines()] == ["cats/5.png", "cats/7.png", "dogs/3.png"]
+    every = {k: spec.read_all(k) for k in SPLITS}  # what is left reads without an error
+    assert sum(len(v["label"]) for v in every.values()) == 17
+    assert prepare(cfg, str(tmp_path / "c")) == spec and "reading" not in capsys.readouterr().out  # checked once
+
+
 def test_a_file_uri_root_and_cache_work_like_paths(tmp_path):
     _image_folder(tmp_path / "img")
     local = prepare(DataConfig(dataset="imagefolder", root=str(tmp_path / "img")), str(tmp_path / "a"))

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from stages.train_loop import Guard, LoopSpec, Schedule, _reduce_sums, _stop_if_not_finite, make_optimizer, run_epoch
+from stages.train_loop import Guard, _agreed, LoopSpec, Schedule, _reduce_sums, _stop_if_not_finite, make_optimizer, run_epoch
 
 
 def test_the_epoch_reduction_runs_on_the_training_device_as_nccl_requires(monkeypatch):
@@ -143,3 +143,24 @@ def test_a_held_shard_is_read_once_and_each_epoch_permutes_all_of_it(hold):
                       family="vqvae2", hold=hold)
     again.sources = {"train": CountingShard(images), "val": CountingShard(images)}
     assert torch.cat(list(again.train_batches(2, 0, 1))).flatten().tolist() == epochs[2]  # a resume draws the same
+
+
+def _agree(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    from stages.checkpoints import Checkpoint
+
+    # each rank listed the checkpoints at its own moment: rank 1 after a late one landed
+    seen = Checkpoint(epoch=1, path="/s/checkpoint_a") if rank == 0 else Checkpoint(epoch=2, path="/s/checkpoint_b")
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(repr(_agreed(seen if rank == 0 else None, 2)))
+    dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path):
+    """Ranks that each asked for the newest checkpoint could get different ones (a worker of a
+    killed run still writing) and then train different epochs until a collective hangs."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree, args=(str(tmp_path / "store"), str(tmp_path / "chosen")), nprocs=2, join=True)
+    chosen = {(tmp_path / f"chosen.{r}").read_text() for r in (0, 1)}
+    assert chosen == {"Checkpoint(epoch=1, path='/s/checkpoint_a', step=None)"}
