@@ -118,13 +118,17 @@ class DiscretizedLogistic:
         logit_pi, means, log_scales, coeffs = self._split(params)
         means = self._conditioned_means(means, coeffs, x)
         inv_s = torch.exp(-log_scales)
-        centered = x.unsqueeze(1) - means  # [B, K, C, H, W]
-        half_bin = 1.0 / 255.0
+        # the bin's edges, (2k +- 1 - 255) / 255, each rounded once: built as x +- 1/255 they carry
+        # the rounding of x, and a narrow component centred on an edge (a mean of 0 sits between
+        # 127 and 128) then loses up to 2e-5 of its mass
+        k = x_uint8.to(x.dtype).unsqueeze(1)  # [B, 1, C, H, W]
+        upper = (2.0 * k - 254.0) / 255.0 - means  # [B, K, C, H, W]
+        lower = (2.0 * k - 256.0) / 255.0 - means
         below_top = (x_uint8 < 255).unsqueeze(1).to(x.dtype)  # [B, 1, C, H, W]
         above_bottom = (x_uint8 > 0).unsqueeze(1).to(x.dtype)
-        log_mass = (below_top * -F.softplus(-inv_s * (centered + half_bin))
-                    + above_bottom * -F.softplus(inv_s * (centered - half_bin))
-                    + (below_top * above_bottom) * torch.log(-torch.expm1(-2.0 * half_bin * inv_s)))
+        log_mass = (below_top * -F.softplus(-inv_s * upper)
+                    + above_bottom * -F.softplus(inv_s * lower)
+                    + (below_top * above_bottom) * torch.log(-torch.expm1(-(2.0 / 255.0) * inv_s)))
         log_probs = log_mass.sum(dim=2)  # channels of one pixel share the mixture component
         log_mix = torch.log_softmax(logit_pi, dim=1)
         return torch.logsumexp(log_probs + log_mix, dim=1).flatten(1).sum(1)

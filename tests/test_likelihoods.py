@@ -24,6 +24,19 @@ def test_discretized_logistic_sums_to_one_grayscale(mixtures, scale):
             assert float(lp.exp().sum()) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_the_256_bins_sum_to_one_at_extreme_means_and_scales():
+    """Means at and far beyond the pixel range's edges, scales from the clamp's narrowest to
+    far wider than the range: every pixel's 256 bin masses sum to 1 within 1e-5."""
+    lik = DiscretizedLogistic(1, 1)
+    means, log_scales = torch.tensor([-3.0, -1.0, -0.2, 0.0, 1.0, 3.0]), torch.tensor([-7.0, -3.0, 0.0, 5.0])
+    m, s = torch.meshgrid(means, log_scales, indexing="ij")
+    params = torch.stack([torch.zeros_like(m), m, s]).reshape(1, 3, 1, -1)  # (logit, mean, log-scale) per pixel
+    values = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1).expand(-1, -1, -1, m.numel())
+    masses = torch.stack([lik.log_prob(params[..., j : j + 1].expand(256, -1, -1, -1), values[..., j : j + 1])
+                          for j in range(m.numel())]).double().exp()  # [pixels, 256]
+    assert (masses.sum(1) - 1.0).abs().max().item() < 1e-5
+
+
 def test_discretized_logistic_sums_to_one_rgb_with_channel_coefficients():
     torch.manual_seed(0)
     lik = DiscretizedLogistic(3, 2)
