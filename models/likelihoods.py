@@ -168,6 +168,15 @@ class DiscretizedLogistic:
         return torch.round((x + 1.0) * 127.5).clamp(0, 255).to(torch.uint8)
 
 
+def real_pixels(t: torch.Tensor, region) -> torch.Tensor:
+    """The part of [..., H, W] that holds real pixels: ``region`` = [top, left, height, width],
+    or None for all of it (an image padded for the model's strides: the padding is no data)."""
+    if region is None:
+        return t
+    top, left, h, w = region
+    return t[..., top : top + h, left : left + w]
+
+
 def make_likelihood(name: str, channels: int, num_mixtures: int = 5):
     if name == "dlogistic":
         return DiscretizedLogistic(channels, num_mixtures)

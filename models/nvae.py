@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import noise
-from .likelihoods import make_likelihood, to_model_range
+from .likelihoods import make_likelihood, real_pixels, to_model_range
 from .precision import fp32
 
 LOG_2PI = math.log(2 * math.pi)
@@ -140,7 +140,7 @@ class NVAE(nn.Module):
     def __init__(self, in_channels: int = 1, image_size: int = 32, hidden: int = 32, latent_channels: int = 8,
                  scales: int = 2, groups_per_scale: int = 2, cells_per_group: int = 1,
                  residual_posterior: bool = True, likelihood: str = "dlogistic", num_mixtures: int = 5,
-                 flows: int = 0):
+                 flows: int = 0, likelihood_region: list[int] | None = None):
         super().__init__()
         if image_size % (2 ** scales):
             raise ValueError(f"image_size {image_size} must be a multiple of {2 ** scales} for {scales} scales")
@@ -150,6 +150,7 @@ class NVAE(nn.Module):
         self.scales, self.groups_per_scale = scales, groups_per_scale
         self.latent_channels, self.residual_posterior = latent_channels, residual_posterior
         self.likelihood = make_likelihood(likelihood, in_channels, num_mixtures)
+        self.likelihood_region = likelihood_region  # [top, left, h, w] of the real pixels (likelihoods.real_pixels)
         self.num_groups = scales * groups_per_scale
         # the finest latent scale is half the image size; each coarser scale halves again
         self.top_size = image_size // (2 ** scales)
@@ -285,7 +286,8 @@ class NVAE(nn.Module):
         """One posterior sample per image: nll [B] (nats), kl [G, B] per group, log weight terms."""
         h, groups = self._top_down(x_uint8.shape[0], self._bottom_up(x_uint8), generator=generator)
         params = self.post(h)
-        nll = -self.likelihood.log_prob(params, x_uint8)
+        r = self.likelihood_region
+        nll = -self.likelihood.log_prob(real_pixels(params, r), real_pixels(x_uint8, r))
         kl = torch.stack([g[0] for g in groups])
         log_q = torch.stack([g[1] for g in groups]).sum(0)
         log_p = torch.stack([g[2] for g in groups]).sum(0)

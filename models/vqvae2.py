@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .downsampling import default_downsample
-from .likelihoods import make_likelihood, to_model_range
+from .likelihoods import make_likelihood, real_pixels, to_model_range
 from .quantize import VectorQuantizerEMA
 
 
@@ -96,6 +96,7 @@ class VQVAE2(nn.Module):
         num_mixtures: int = 5,
         sync_codebooks: bool = True,
         downsample: list[int] | None = None,
+        likelihood_region: list[int] | None = None,
     ):
         super().__init__()
         if levels < 1:
@@ -110,6 +111,7 @@ class VQVAE2(nn.Module):
         self.codebook_sizes = list(sizes)
         self.downsample = down
         self.likelihood = make_likelihood(likelihood, in_channels, num_mixtures)
+        self.likelihood_region = likelihood_region  # [top, left, h, w] of the real pixels (likelihoods.real_pixels)
         h, d = hidden, embed_dim
 
         # bottom-up encoders, stored top-first to match level numbering
@@ -194,5 +196,6 @@ class VQVAE2(nn.Module):
         """Returns per-image NLL (nats), per-image commitment loss, decoder params, codes, stats."""
         quants, codes, commit, stats = self.quantize(to_model_range(x_uint8))
         params = self.decode(quants)
-        nll = -self.likelihood.log_prob(params, x_uint8)
+        r = self.likelihood_region
+        nll = -self.likelihood.log_prob(real_pixels(params, r), real_pixels(x_uint8, r))
         return {"nll": nll, "commit": commit, "params": params, "codes": codes, "stats": stats}

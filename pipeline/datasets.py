@@ -38,7 +38,7 @@ import numpy as np
 from . import arrays_pickle
 from stages.data import SPLITS, DataSpec, join, open_location, rows_per_file
 
-FORMAT = 2  # the prepared layout and the split rule; a change makes every data fingerprint new
+FORMAT = 3  # the prepared layout and the split rule; a change makes every data fingerprint new
 MANIFEST = "manifest.json"
 SHOWN_BAD = 10  # unreadable images named on the terminal (all of them in BAD_IMAGES)
 BAD_IMAGES = "bad_images.txt"  # data.on_bad_image=skip: "<path>\t<why>" per image left out
@@ -50,6 +50,14 @@ class DataError(ValueError):
 
 
 # ---- geometry ----------------------------------------------------------------------
+
+def content_box(height: int, width: int, size: int) -> list[int] | None:
+    """Where ``fit_size`` puts images of height x width in a size x size frame: [top, left,
+    height, width] when it pads them, None when they fill it (as they are, or resized)."""
+    if (height, width) == (size, size) or height > size or width > size:
+        return None
+    return [(size - height) // 2, (size - width) // 2, height, width]
+
 
 def fit_size(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 [N, C, H, W] -> [N, C, size, size]: zero-pad centred when smaller, else resize."""
@@ -339,7 +347,8 @@ def _read_manifest(location: str, cfg) -> DataSpec | None:
             m = json.loads(f.read())
     except (FileNotFoundError, OSError, ValueError):
         return None
-    spec = DataSpec(**{**m, "shape": tuple(m["shape"]), "location": location, "root": cfg.root})
+    spec = DataSpec(**{**m, "shape": tuple(m["shape"]), "location": location, "root": cfg.root,
+                       "content": tuple(m["content"]) if m.get("content") else None})
     names = [open_location(p)[1] for s in SPLITS for p in spec.paths(s)]
     if any(i.type != fs.FileType.File for i in filesystem.get_file_info(names)):
         return None
@@ -364,19 +373,19 @@ def _write_split(filesystem, folder: str, columns: dict, image_bytes: int) -> li
 
 
 def _finish(cfg, location: str, fp: str, kind: str, shape, columns_of, num_classes: int,
-            bad: dict[str, str] | None = None) -> DataSpec:
+            bad: dict[str, str] | None = None, content: list[int] | None = None) -> DataSpec:
     """Write each split's files under a fresh folder (and ``bad``, the images left out, as
     ``bad_images.txt``), then the manifest naming them (last, so a crash leaves no manifest;
     two pipelines preparing at once each write a whole set)."""
     filesystem, path = open_location(location)
     token = uuid.uuid4().hex[:8]
     files, rows = {}, {}
-    extra = {}
+    extra = {} if content is None else {"content": content}
     if bad:
         filesystem.create_dir(join(path, token), recursive=True)
         with filesystem.open_output_stream(join(path, token, BAD_IMAGES)) as f:
             f.write("".join(f"{p}\t{why}\n" for p, why in sorted(bad.items())).encode())
-        extra = {"skipped": len(bad)}
+        extra["skipped"] = len(bad)
     for split in SPLITS:
         columns = columns_of(split)
         rows[split] = len(columns["label"])
@@ -386,7 +395,8 @@ def _finish(cfg, location: str, fp: str, kind: str, shape, columns_of, num_class
                 "num_classes": num_classes, "fingerprint": fp, **extra}
     with filesystem.open_output_stream(join(path, MANIFEST)) as f:
         f.write(json.dumps(manifest, indent=1).encode())
-    return DataSpec(**{**manifest, "shape": tuple(shape), "location": location, "root": cfg.root})
+    return DataSpec(**{**manifest, "shape": tuple(shape), "location": location, "root": cfg.root,
+                       "content": None if content is None else tuple(content)})
 
 
 def _write_files(cfg, location, fp, listing: Listing) -> DataSpec:
@@ -451,4 +461,5 @@ def _write_pixels(cfg, location, fp, load) -> DataSpec:
         return {"image": [im.tobytes() for im in images], "label": ys[idx], "index": idx.astype(np.int64)}
 
     num_classes = int(max(y.max(), test[1].max() if test else 0)) + 1
-    return _finish(cfg, location, fp, "pixels", shape, columns_of, num_classes)
+    content = content_box(x.shape[2], x.shape[3], cfg.image_size)
+    return _finish(cfg, location, fp, "pixels", shape, columns_of, num_classes, content=content)

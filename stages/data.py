@@ -70,6 +70,10 @@ class DataSpec:
     cpus: float = 0.0  # CPUs each read-and-decode task reserves (data.decode_cpus)
     in_memory: bool | None = None  # data.in_memory: training decodes once (True) or every epoch
     skipped: int = 0  # images left out when prepared because they cannot be read (data.on_bad_image)
+    # [top, left, height, width] of the real pixels in ``shape`` (None: all of it): the digits of
+    # MNIST are 28x28, zero-padded to 32x32 for the models' strides; the padding is no data, so
+    # the likelihood and its bits/dim leave it out (as NVAE's code does)
+    content: tuple | None = None
 
     @property
     def channels(self) -> int:
@@ -78,6 +82,18 @@ class DataSpec:
     @property
     def dims(self) -> int:
         return int(np.prod(self.shape))
+
+    @property
+    def likelihood_dims(self) -> int:
+        """The dimensions the likelihood and bits/dim count: the real pixels' (``content``)."""
+        return self.dims if self.content is None else self.channels * int(self.content[2]) * int(self.content[3])
+
+    def describe_pixels(self) -> str:
+        """The image shape, and which of its pixels are real: "1×28×28 real pixels in 1×32×32"."""
+        full = "×".join(str(s) for s in self.shape)
+        if self.content is None:
+            return full
+        return f"{self.channels}×{self.content[2]}×{self.content[3]} real pixels in {full}"
 
     def describe(self) -> str:
         sizes = ", ".join(f"{s} {self.rows[s]}" for s in SPLITS)

@@ -89,7 +89,9 @@ class ImageTask(TrainTask):
             yield batch["image"]
 
     def image_dims(self) -> int:
-        return int(np.prod(self.shape))
+        """The dimensions the likelihood counts (bits/dim's denominator): the real pixels'."""
+        region = self.model_config.get("likelihood_region")
+        return int(self.shape[0] * region[2] * region[3]) if region else int(np.prod(self.shape))
 
 
 def training_datasets(data, upstream: dict) -> dict:

@@ -20,7 +20,9 @@ __all__ = ["run", "training_datasets"]  # (a sweep builds the stage's datasets o
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config
     family = of(cfg)
-    model_config = family.model_config(cfg, ctx.data.channels)
+    # the likelihood counts the real pixels only (DataSpec.content; padding is no data)
+    region = list(ctx.data.content) if ctx.data.content is not None else None
+    model_config = {**family.model_config(cfg, ctx.data.channels), "likelihood_region": region}
     fitted = train_stage1(ctx, family, model_config)
     model = family.build(model_config)
     model.load_state_dict(fitted.state["model"])  # (a SyncBatchNorm model saves the same keys)

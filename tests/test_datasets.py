@@ -57,6 +57,7 @@ def test_mnist5k_splits_are_deterministic_and_disjoint(tmp_path):
     assert prepare(DataConfig(split_seed=1), str(tmp_path)).fingerprint != spec.fingerprint
     # 28x28 digits are zero-padded to 32x32, not stretched
     assert a["train"]["image"][:, :, :2].max() == 0 and a["train"]["image"][:, :, :, -2:].max() == 0
+    assert spec.content == (2, 2, 28, 28) and spec.likelihood_dims == 784  # where the real pixels are
     # each split holds many files, rows in a random order of many classes
     assert len(spec.files["train"]) == 16 and len(set(a["train"]["label"][:50].tolist())) == 10
 

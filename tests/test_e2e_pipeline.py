@@ -97,6 +97,10 @@ def test_five_stages_finish_under_one_parent_each_consuming_the_one_before(smoke
     assert 0 < m["test_nll_bpd"] < 10 and math.isfinite(m["test_nll_nats"])
     assert m["test_nll_nats"] == pytest.approx(m["test_recon_nats"] + m["test_prior_nats"])
     assert m["test_nll_bpd"] == pytest.approx(m["test_recon_bpd"] + m["test_prior_bpd"])
+    # over the 784 real pixels of a digit, not the 1,024 of its padded 32x32 frame
+    assert m["test_dims"] == 784
+    assert m["test_nll_bpd"] == pytest.approx(m["test_nll_nats"] / (784 * math.log(2)))
+    assert children["evaluate"].data.tags["hvae.dataset_desc"].endswith("1×28×28 real pixels in 1×32×32)")
     # per-epoch bits per code of each prior level
     assert client.get_metric_history(children["priors"].info.run_id, "val_bits_per_code_level1")
     # the codes are registered as the extract run's dataset inputs

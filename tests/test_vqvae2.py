@@ -75,3 +75,26 @@ def test_downsampling_factors_are_checked():
     with pytest.raises(ConfigError, match="data.image_size=32 must be a multiple of 64 for vqvae2.downsample"):
         load_config(None, ["vqvae2.downsample=[8,8]"])
     assert load_config(None, ["vqvae2.downsample=[2,4]"]).family.model_config(load_config(None), 1)["downsample"] == [2, 4]
+
+
+@pytest.mark.parametrize("family", ["vqvae2", "nvae"])
+def test_the_likelihood_counts_the_real_pixels_only(family):
+    """A 28x28 digit in a 32x32 frame: the NLL is the likelihood of the 28x28 crop, the border's
+    pixels left out."""
+    from models.likelihoods import real_pixels
+    from models.nvae import NVAE
+
+    torch.manual_seed(0)
+    region = [2, 2, 28, 28]
+    kw = dict(in_channels=1, likelihood_region=region, num_mixtures=2)
+    model = (VQVAE2(levels=2, hidden=8, res_hidden=4, res_blocks=1, embed_dim=4, codebook_size=8,
+                    sync_codebooks=False, **kw) if family == "vqvae2" else
+             NVAE(image_size=32, hidden=8, latent_channels=2, **kw)).eval()
+    x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        g = lambda: torch.Generator().manual_seed(1)  # noqa: E731 (the NVAE draws its latents)
+        out = model(x, **({} if family == "vqvae2" else {"generator": g()}))
+        crop = -model.likelihood.log_prob(real_pixels(out["params"], region), real_pixels(x, region))
+        torch.testing.assert_close(out["nll"], crop)
+        full = -model.likelihood.log_prob(out["params"], x)
+        assert (full > out["nll"]).all()  # the border's pixels cost something when counted
