@@ -44,6 +44,13 @@ class DataConfig(Section):
     # checked once when the dataset is prepared and the unreadable ones are left out, counted
     # and listed in the prepared folder's bad_images.txt (skip)
     on_bad_image: Literal["fail", "skip"] = "fail"
+    # binarized images (the MNIST likelihood tables are on binarized MNIST, in nats per image):
+    # each pixel drawn as 255 with probability pixel/255, else 0. static: one draw of every
+    # image, made when the dataset is prepared; dynamic: a fresh draw of every training image
+    # every epoch, validation and test drawn once (as the papers do). The draws are seeded by
+    # binarize_seed (and the image's index, the epoch, the worker). Needs stage1.likelihood=bernoulli
+    binarize: Literal["none", "static", "dynamic"] = "none"
+    binarize_seed: int = 0
 
 
 class ClusterConfig(Section):
@@ -263,6 +270,16 @@ class _Checks(Section):
     @property
     def family(self):
         return families.of(self)
+
+    @model_validator(mode="after")
+    def _binarized(self):
+        if self.data.binarize != "none" and self.stage1.likelihood != "bernoulli":
+            raise ValueError(f"data.binarize={self.data.binarize} makes binary images: set "
+                             f"stage1.likelihood=bernoulli (it is {self.stage1.likelihood})")
+        if self.data.binarize != "none" and self.data.dataset in ("imagefolder", "cifar10"):
+            raise ValueError(f"data.binarize={self.data.binarize}: for the grayscale array datasets "
+                             f"(mnist5k, mnist, fashion_mnist), not {self.data.dataset}")
+        return self
 
     @model_validator(mode="after")
     def _sizes(self):

@@ -51,6 +51,17 @@ class DataError(ValueError):
 
 # ---- geometry ----------------------------------------------------------------------
 
+def _uniforms(seed: int, source: int, shape) -> np.ndarray:
+    """One uniform number per pixel of a whole source array, from (seed, source) alone: an
+    image's binarization does not depend on which split or subset (data.limit) takes it."""
+    return np.random.default_rng([seed, source]).random(shape, dtype=np.float32)
+
+
+def binarized(pixels: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """uint8 gray levels -> 0 or 255, each pixel 255 with probability pixel / 255."""
+    return np.where(uniforms < pixels.astype(np.float32) / 255.0, 255, 0).astype(np.uint8)
+
+
 def content_box(height: int, width: int, size: int) -> list[int] | None:
     """Where ``fit_size`` puts images of height x width in a size x size frame: [top, left,
     height, width] when it pads them, None when they fill it (as they are, or resized)."""
@@ -453,11 +464,16 @@ def _write_pixels(cfg, location, fp, load) -> DataSpec:
     chosen = _choose(cfg, len(y), None if test is None else len(test[1]), None if val is None else len(val[1]))
     source = {"train": (x, y), "val": val or (x, y), "test": test or (x, y)}
     shape = (x.shape[1], cfg.image_size, cfg.image_size)
+    # the source arrays' ids, for binarizing draws that depend on (seed, source, index) only
+    number = {"train": 0, "val": 0 if val is None else 2, "test": 0 if test is None else 1}
 
     def columns_of(split):
         xs, ys = source[split]
         idx = chosen[split]
-        images = fit_size(np.ascontiguousarray(xs[idx]), cfg.image_size)
+        pixels = np.ascontiguousarray(xs[idx])
+        if cfg.binarize == "static" or (cfg.binarize == "dynamic" and split != "train"):
+            pixels = binarized(pixels, _uniforms(cfg.binarize_seed, number[split], xs.shape)[idx])
+        images = fit_size(pixels, cfg.image_size)
         return {"image": [im.tobytes() for im in images], "label": ys[idx], "index": idx.astype(np.int64)}
 
     num_classes = int(max(y.max(), test[1].max() if test else 0)) + 1

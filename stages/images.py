@@ -26,13 +26,14 @@ class ImageTask(TrainTask):
     model config and the family's extra arguments (``Family.task``) arrive as keywords."""
 
     def __init__(self, model_config: dict, shape: tuple, train_rows: int, batch_size: int, world_hint: int,
-                 seed: int, family: str, hold: bool = False):
+                 seed: int, family: str, hold: bool = False, binarize_seed: int | None = None):
         self.model_config = model_config
         self.shape, self.train_rows = tuple(shape), train_rows
         self.batch_size = max(1, math.ceil(batch_size / world_hint))  # global batch split over workers
         self.seed = seed
         self.family = family
         self.hold = hold  # keep this worker's shards in memory after the first pass (DataSpec.held_by_workers)
+        self.binarize_seed = binarize_seed  # data.binarize=dynamic: a fresh draw of each training image each epoch
         self.held: dict = {}  # split -> {"image": uint8 [n, C, H, W]}
         self.sources = None  # {"train"|"val": Ray Data dataset} to read instead of Ray Train's shards
         self.epoch = 0
@@ -69,14 +70,31 @@ class ImageTask(TrainTask):
 
         self.epoch = epoch
         gen = torch.Generator().manual_seed(self.seed * 1009 + epoch * 31 + rank)
+        draw = self._binarizer(epoch, rank)
         if self.hold:
             for batch in shards.batches(self._held("train"), self.batch_size, gen, pin=_cuda()):
-                yield batch["image"]
+                yield draw(batch["image"])
             return
         window = shuffle_window(self.batch_size) * self.batch_size
         for chunk in self.shard("train").iter_torch_batches(batch_size=window, pin_memory=_cuda()):
             images = chunk["image"]
-            yield from images[torch.randperm(len(images), generator=gen)].split(self.batch_size)
+            yield from map(draw, images[torch.randperm(len(images), generator=gen)].split(self.batch_size))
+
+    def _binarizer(self, epoch: int, rank: int):
+        """data.binarize=dynamic: uint8 gray levels -> 0 or 255, each pixel 255 with probability
+        pixel / 255, drawn afresh for every epoch and worker (its own generator: the draws do not
+        depend on how the batches were shuffled); otherwise the images as they are."""
+        import torch
+
+        if self.binarize_seed is None:
+            return lambda images: images
+        gen = torch.Generator().manual_seed(((self.binarize_seed * 1_000_003 + epoch) * 1_009 + rank) % 2**63)
+
+        def draw(images):
+            u = torch.rand(images.shape, generator=gen)
+            return torch.where(u < images.float() / 255.0, 255, 0).to(torch.uint8)
+
+        return draw
 
     def val_batches(self, rank, world):
         from . import shards
@@ -110,7 +128,7 @@ def train_stage1(ctx: StageContext, family, model_config: dict):
         task_args=dict(model_config=model_config, shape=data.shape, train_rows=data.rows["train"],
                        batch_size=s1.batch_size, world_hint=cfg.cluster.num_workers, seed=s1.seed,
                        family=family.name, hold=data.held_by_workers("train") and data.held_by_workers("val"),
-                       **extra),
+                       binarize_seed=cfg.data.binarize_seed if cfg.data.binarize == "dynamic" else None, **extra),
         model_config=model_config, epochs=s1.epochs, lr=s1.lr, weight_decay=s1.weight_decay,
         grad_clip=s1.grad_clip, seed=s1.seed, stage=ctx.name, report=ctx.report, **cfg.train.model_dump(),
     )

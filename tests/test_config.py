@@ -83,6 +83,14 @@ def test_image_size_must_fit_the_levels():
         load_config(None, ["data.image_size=36"])
 
 
+def test_binarized_data_asks_for_the_bernoulli_likelihood_and_a_grayscale_array_dataset():
+    with pytest.raises(ConfigError, match=r"data.binarize=dynamic makes binary images: set stage1.likelihood=bernoulli"):
+        load_config(None, ["data.binarize=dynamic"])
+    with pytest.raises(ConfigError, match=r"data.binarize=static: for the grayscale array datasets .* not cifar10"):
+        load_config(None, ["data.binarize=static", "stage1.likelihood=bernoulli", "data.dataset=cifar10"])
+    assert load_config(None, ["data.binarize=static", "stage1.likelihood=bernoulli"]).data.binarize == "static"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates_and_names_its_command(path):
     load_config(path)

@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -286,3 +287,38 @@ def test_dry_run_on_an_image_folder_lists_it_and_opens_no_image(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "train 48, val 6, test 6 images of 3x32x32" in proc.stdout
     assert not (tmp_path / "mlruns.db").exists()
+
+
+def test_binarized_mnist_static_and_dynamic(tmp_path):
+    """static: every split drawn once when prepared; dynamic: validation and test drawn once, the
+    training split kept in gray levels for a fresh draw each epoch. A pixel is 255 with
+    probability pixel/255, the draw fixed by (binarize_seed, the image) whatever the subset."""
+    gray = prepare(DataConfig(), str(tmp_path))
+    static = prepare(DataConfig(binarize="static"), str(tmp_path))
+    assert static.fingerprint != gray.fingerprint
+    g, b = gray.read_all("test"), static.read_all("test")
+    assert np.array_equal(g["index"], b["index"]) and set(np.unique(b["image"]).tolist()) == {0, 255}
+    p = g["image"].astype(np.float64) / 255.0
+    drawn = (b["image"] == 255).mean()
+    assert abs(drawn - p.mean()) < 4 * np.sqrt((p * (1 - p)).sum()) / p.size  # within 4 s.d. of what p says
+    assert not b["image"][g["image"] == 0].any() and b["image"][g["image"] == 255].all()
+    reseeded = prepare(DataConfig(binarize="static", binarize_seed=1), str(tmp_path)).read_all("test")
+    assert not np.array_equal(reseeded["image"], b["image"])
+    few = prepare(DataConfig(binarize="static", limit=20), str(tmp_path)).read_all("test")
+    at = {int(i): k for k, i in enumerate(b["index"])}
+    assert all(np.array_equal(few["image"][k], b["image"][at[int(i)]]) for k, i in enumerate(few["index"]))
+    dynamic = prepare(DataConfig(binarize="dynamic"), str(tmp_path))
+    assert np.array_equal(dynamic.read_all("test")["image"], b["image"])
+    assert np.array_equal(dynamic.read_all("train", limit=64)["image"], gray.read_all("train", limit=64)["image"])
+
+
+def test_a_dynamic_draw_is_fresh_each_epoch_and_the_same_on_a_rerun():
+    from stages.images import ImageTask
+
+    task = ImageTask({}, (1, 32, 32), 4000, 64, 1, seed=0, family="vqvae2", binarize_seed=0)
+    x = torch.full((512, 1, 32, 32), 64, dtype=torch.uint8)
+    one, again, two = task._binarizer(1, 0)(x), task._binarizer(1, 0)(x), task._binarizer(2, 0)(x)
+    assert set(torch.unique(one).tolist()) == {0, 255}
+    assert torch.equal(one, again) and not torch.equal(one, two)
+    assert abs((one == 255).float().mean().item() - 64 / 255) < 0.005
+    assert torch.equal(ImageTask({}, (1, 32, 32), 4000, 64, 1, seed=0, family="vqvae2")._binarizer(1, 0)(x), x)
