@@ -4,14 +4,17 @@ Each row is one evaluate run (a model and its priors, or an NVAE, on one dataset
 NLL in nats per image and bits per dimension with its bound type (≤ for the VQ bound and
 the ELBO, ≈ for an importance-weighted estimate), its two parts (reconstruction and prior
 or KL), the parameters of everything that was trained for it, the training time, and the
-run id to open in the MLflow UI. Printed, written as Markdown and logged as the artifact of
-a small ``report`` run.
+run id to open in the MLflow UI; where the runs' test set and unit match a published benchmark
+(binarized MNIST in nats, CIFAR-10 in bits/dim: ``stages/literature.py``), the published rows
+beside them, marked so. Printed, written as Markdown and logged as the artifact of a small
+``report`` run.
 """
 from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
 
+from stages import literature
 from stages.nll_table import nll_table
 
 from . import graph
@@ -38,9 +41,9 @@ def collect(tracker: Tracker, dataset: str | None = None, model: str | None = No
             "structure": t.get("hvae.structure", ""), "bound": t.get("hvae.bound", "≤"),
             "params": sum(r.data.metrics.get("num_params", 0.0) for r in trained),
             "seconds": sum(r.data.metrics.get(f"{r.data.tags.get(TAG_STAGE)}_seconds", 0.0) for r in trained),
-            "run": run.info.run_id,
+            "run": run.info.run_id, "benchmark": t.get("hvae.benchmark"),
         })
-    return sorted(rows, key=lambda r: (r["dataset"], r.get("test_nll_bpd", float("nan"))))
+    return literature.ordered(rows)
 
 
 def report(tracker: Tracker, *, dataset: str | None, model: str | None, tags: dict[str, str], out: Path) -> int:
@@ -49,7 +52,8 @@ def report(tracker: Tracker, *, dataset: str | None, model: str | None, tags: di
         print(f"no finished evaluate runs in experiment '{tracker.experiment_name}' ({tracker.shown_uri})"
               + (" matching the filters" if dataset or model or tags else ""))
         return 1
-    text = nll_table(rows)
+    # beside ours, the published numbers on the same test sets in the same units
+    text = nll_table(literature.ordered(rows + literature.rows({r["benchmark"] for r in rows if r["benchmark"]})))
     print(text)
     out.write_text(text)
     run_id = tracker.start_run(f"report-{datetime.now():%Y%m%d-%H%M%S}", {"hvae.kind": "report"},

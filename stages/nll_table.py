@@ -14,7 +14,8 @@ LEGEND = ("≤: an upper bound on −log p(x): −log p(x | z_q(x)) − Σ_l log
           "the negative ELBO for a VAE; ≈: the importance-weighted estimate with K samples (an upper bound "
           "in expectation that tightens as K grows). Both per image, over the real pixels only: bits/dim "
           "divides by C·h·w·ln 2 of those (MNIST: the 784 of a 28×28 digit, not the 1,024 of the 32×32 "
-          "frame its padding makes).")
+          "frame its padding makes). (published): a paper's number on the same test set in the same unit, "
+          "with the bound symbol its table gives (none: unmarked there); from stages/literature.py.")
 
 
 def bound_symbol(metrics: dict) -> str:
@@ -22,7 +23,17 @@ def bound_symbol(metrics: dict) -> str:
     return "≈" if metrics.get("test_iw_samples", 1.0) > 1 else "≤"
 
 
+def _published(r: dict, extra: list[str]) -> list[str]:
+    """A row of stages/literature.py: its one number in its unit, its source."""
+    b = (r["bound"] + " ") if r["bound"] else ""
+    nats = f"{b}{r['test_nll_nats']:.2f}" if "test_nll_nats" in r else "–"
+    bpd = f"{b}{r['test_nll_bpd']:.2f}" if "test_nll_bpd" in r else "–"
+    return [f"{r['model']} (published)", r["dataset"], r["structure"], nats, bpd, "–", "–"] + [""] * len(extra)
+
+
 def _cells(r: dict, extra: list[str]) -> list[str]:
+    if r.get("published"):
+        return _published(r, extra)
     nan = float("nan")
     b = r.get("bound", bound_symbol(r))
     prior = r.get("test_prior_bpd", r.get("test_kl_bpd", nan))

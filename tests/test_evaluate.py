@@ -70,3 +70,27 @@ def test_the_sampler_draws_the_same_images_however_its_chunks_are_shared_out():
     assert not torch.equal(forward[0][0], forward[1][0])
     priors.levels[0].num_classes = 3  # (labels only: class i % 3 for sample i, across chunks)
     assert draw(vq, priors, 2, 1.0, seed=3, first=4)[2].tolist() == [1, 2]
+
+
+def test_published_rows_stand_beside_ours_only_on_the_same_test_set_and_unit():
+    from pipeline.config import load_config
+    from stages import literature
+
+    bern = ["stage1.likelihood=bernoulli"]
+    bench = lambda *o: literature.benchmark(load_config(None, list(o)).data)  # noqa: E731
+    assert bench("data.dataset=mnist", "data.binarize=dynamic", *bern) == literature.BINARIZED_MNIST
+    assert bench("data.dataset=mnist", "data.binarize=static", *bern) == literature.BINARIZED_MNIST
+    assert bench("data.dataset=mnist", "data.binarize=dynamic", "data.limit=100", *bern) is None  # a subset
+    assert bench("data.dataset=mnist") is None  # 8-bit MNIST: nothing published in this unit here
+    assert bench("data.binarize=dynamic", *bern) is None  # the 5,000-digit sample: another test set
+    assert bench("data.dataset=cifar10") == literature.CIFAR10
+    assert bench("data.dataset=cifar10", "data.image_size=64") is None
+    ours = {"model": "VQ-VAE-2", "dataset": "mnist, binarized dynamic (seed 0) (10000 test images, …)",
+            "structure": "2 levels", "bound": "≤", "test_nll_nats": 80.5, "test_nll_bpd": 0.148,
+            "test_recon_bpd": 0.1, "test_prior_bpd": 0.048, "benchmark": literature.BINARIZED_MNIST}
+    table = nll_table(literature.ordered([ours, *literature.rows([literature.BINARIZED_MNIST])]))
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ") and "Model" not in ln]
+    names = [ln.split(" | ")[0][2:] for ln in lines]
+    assert names.index("VQ-VAE-2") == names.index("Gated PixelCNN (published)") + 1  # 80.10 < 80.5 < 80.64
+    assert "| PixelCNN (published) | binarized MNIST | PixelVAE (Gulrajani et al., 2017)" in table
+    assert "| = 81.30 | – |" in table and not any("CIFAR" in ln for ln in lines)
