@@ -127,9 +127,8 @@ def test_a_killed_and_resumed_stage1_equals_an_uninterrupted_one(tmp_path):
     try:
         wait_for(lambda: len(metas()) >= 2 or proc.poll() is not None, 300, "two stage-1 checkpoints")
     finally:
-        kill_group(proc)
-    # a training worker outlives its killed driver for a moment and may still be copying a
-    # checkpoint in: the resume below (like a user's, later) starts once it is gone
+        _crash(proc)
+    # (a crashed machine: nothing of the run goes on; the resume below starts once it is all gone)
     wait_for(lambda: not _train_worker_pids(), 60, "the killed run's training workers to end")
     assert proc.returncode != 0, "the driver finished before it could be killed"
     _, all_runs = runs(cut_dir)
@@ -170,9 +169,6 @@ def test_a_driver_killed_mid_epoch_resumes_at_the_next_batch_and_equals_an_unint
     this short epoch) as soon as a step checkpoint of the second epoch exists; the resume
     continues after that batch, and the final weights and the logged curves equal those of
     the same run done straight."""
-    import os
-    import signal
-
     import torch
 
     args = ["run", SMOKE, "data.limit=1024", "stage1.epochs=2", "train.checkpoint_every_steps=4", "--until", "stage1"]
@@ -183,12 +179,7 @@ def test_a_driver_killed_mid_epoch_resumes_at_the_next_batch_and_equals_an_unint
         while not steps() and proc.poll() is None and time.time() < end:
             time.sleep(0.02)
     finally:
-        for pid in _train_worker_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        kill_group(proc)
+        _crash(proc)
     assert steps(), "no step checkpoint of the second epoch before the driver ended"
     _, all_runs = runs(cut_dir)
     cut_parent = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline")
@@ -213,6 +204,21 @@ def test_a_driver_killed_mid_epoch_resumes_at_the_next_batch_and_equals_an_unint
     for key, curve in want_curves.items():  # epoch 0 copied from the cut run, epoch 1 finished by the resume
         assert [step for step, _ in got_curves[key]] == [0, 1] == [step for step, _ in curve], key
         assert [v for _, v in got_curves[key]] == pytest.approx([v for _, v in curve], rel=1e-6, abs=1e-9), key
+
+
+def _crash(proc) -> None:
+    """SIGKILL the run as a crashed machine would end it: the training workers (Ray starts them
+    outside the driver's process group: left alive, they would train on, even to the end of the
+    stage, while the test waits for them) and the driver's group with its local Ray."""
+    import os
+    import signal
+
+    for pid in _train_worker_pids():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    kill_group(proc)
 
 
 def _train_worker_pids():
