@@ -98,7 +98,8 @@ class DataSpec:
     def describe(self) -> str:
         sizes = ", ".join(f"{s} {self.rows[s]}" for s in SPLITS)
         bad = f" ({self.skipped} unreadable left out)" if self.skipped else ""
-        return f"{sizes} images of {'x'.join(str(s) for s in self.shape)}{bad}"
+        real = f" (the real {self.content[2]}x{self.content[3]} in the middle)" if self.content is not None else ""
+        return f"{sizes} images of {'x'.join(str(s) for s in self.shape)}{real}{bad}"
 
     def paths(self, split: str) -> list[str]:
         return [join(self.location, f) for f in self.files[split]]
