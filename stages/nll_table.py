@@ -14,8 +14,9 @@ LEGEND = ("≤: an upper bound on −log p(x): −log p(x | z_q(x)) − Σ_l log
           "the negative ELBO for a VAE; ≈: the importance-weighted estimate with K samples (an upper bound "
           "in expectation that tightens as K grows). Both per image, over the real pixels only: bits/dim "
           "divides by C·h·w·ln 2 of those (MNIST: the 784 of a 28×28 digit, not the 1,024 of the 32×32 "
-          "frame its padding makes). (published): a paper's number on the same test set in the same unit, "
-          "with the bound symbol its table gives (none: unmarked there); from stages/literature.py.")
+          "frame its padding makes).")
+PUBLISHED = (" (published): a paper's number on the same test set in the same unit, with the bound symbol "
+             "its table gives (none: unmarked there); from stages/literature.py.")
 
 
 def bound_symbol(metrics: dict) -> str:
@@ -48,4 +49,5 @@ def nll_table(rows: list[dict]) -> str:
     head = COLUMNS + [EXTRA[k] for k in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_cells(r, extra)) + " |" for r in rows]
-    return "\n".join(lines + ["", LEGEND]) + "\n"
+    legend = LEGEND + (PUBLISHED if any(r.get("published") for r in rows) else "")
+    return "\n".join(lines + ["", legend]) + "\n"
