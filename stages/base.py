@@ -87,6 +87,9 @@ class TrainTask:
 
     train_rows: int = 0  # rows of the training split (all workers together)
     batch_size: int = 1  # rows per batch on one worker
+    # the validation metric (of ``summarize``; lower is better) that picks the epoch whose
+    # weights the stage hands on when train.keep is best (stages/keep.py)
+    select_metric: str = "val_loss"
 
     def steps_per_epoch(self, world: int) -> int:
         """Batches each rank trains on per epoch: Ray Train gives every rank an equal shard

@@ -138,9 +138,9 @@ def run(ctx: StageContext) -> StageResult:
     fitted = fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path, cluster=cluster, datasets=datasets,
                  callbacks=ctx.train_callbacks)
     model = HierarchicalPrior(**config)
-    model.load_state_dict(fitted.state["model"])
+    model.load_state_dict(fitted.weights)
     save_priors(model, config, ctx.output_dir / "model")
     metrics = dict(fitted.metrics)
     metrics["num_params"] = float(sum(p.numel() for p in model.parameters()))
     return StageResult(metrics=metrics, output_dir=ctx.output_dir,
-                       tags={"hvae.checkpoint": fitted.checkpoint, **fitted.placement_tags})
+                       tags=fitted.tags)

@@ -25,7 +25,7 @@ def run(ctx: StageContext) -> StageResult:
     model_config = {**family.model_config(cfg, ctx.data.channels), "likelihood_region": region}
     fitted = train_stage1(ctx, family, model_config)
     model = family.build(model_config)
-    model.load_state_dict(fitted.state["model"])  # (a SyncBatchNorm model saves the same keys)
+    model.load_state_dict(fitted.weights)  # (a SyncBatchNorm model saves the same keys)
     model.eval()
     save_model(family, model, model_config, ctx.output_dir / "model")
     metrics = dict(fitted.metrics)
@@ -34,4 +34,4 @@ def run(ctx: StageContext) -> StageResult:
     metrics["figures_seconds"] = time.perf_counter() - t0
     metrics["num_params"] = float(sum(p.numel() for p in model.parameters()))
     return StageResult(metrics=metrics, output_dir=ctx.output_dir,
-                       tags={"hvae.checkpoint": fitted.checkpoint, **fitted.placement_tags})
+                       tags=fitted.tags)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoints
+from .keep import BestEpoch, kept
 from .base import TrainTask
 
 
@@ -54,6 +55,7 @@ class LoopSpec:
     accumulate_steps: int = 1  # batches whose gradients one optimizer step sums
     warmup_steps: int = 0  # optimizer steps of linear LR warm-up before the cosine decay
     checkpoint_every_steps: int = 0  # a step checkpoint every this many batches of an epoch (0: epoch ends only)
+    keep: str = "best"  # best | last: the weights the stage hands on (stages/keep.py)
     launched_at: float = 0.0  # time.time() when the driver called fit (set by fit): the start-up's clock
 
     def autocast(self, device: torch.device):
@@ -233,7 +235,7 @@ def _agreed(found, world: int):
 
 def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int):
     """Build model, optimizer and schedule, restored from the checkpoint ``checkpoints.newest``
-    picks -> (model, optimizer, scheduler, scaler, first epoch, Resume or None)."""
+    picks -> (model, optimizer, scheduler, scaler, first epoch, Resume or None, the best epoch so far)."""
     import ray.train
     import ray.train.torch
 
@@ -272,7 +274,8 @@ def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int):
         scheduler.load_state_dict(restored["scheduler"])
         if scaler is not None and "scaler" in restored:
             scaler.load_state_dict(restored["scaler"])
-    return model, optimizer, scheduler, scaler, start_epoch, resume
+    best = BestEpoch(task.select_metric, restored if rank == 0 else None)
+    return model, optimizer, scheduler, scaler, start_epoch, resume, best
 
 
 def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, rank: int, world: int, device,
@@ -376,8 +379,9 @@ def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds
 
 
 def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, epoch: int, nodes: list[str],
-            val_sums: dict | None = None) -> None:
-    """Rank 0: log the epoch, save its checkpoint and report both to Ray Train."""
+            val_sums: dict | None = None, best: BestEpoch | None = None) -> None:
+    """Rank 0: log the epoch, save its checkpoint (with the record of the best epoch so far)
+    and report both to Ray Train."""
     import ray.train
 
     if spec.report is not None:  # (MLflow, from this worker)
@@ -387,7 +391,7 @@ def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, e
                      and not k.endswith("_seconds"))
     log(f"[{spec.stage}] epoch {epoch + 1}/{spec.epochs} {shown} {metrics['images_per_s']:.0f} items/s")
     with tempfile.TemporaryDirectory() as tmp:
-        state = _state(core, optimizer, scheduler, scaler)
+        state = _state(core, optimizer, scheduler, scaler, best, epoch)
         meta = {"epoch": epoch, "model_config": spec.model_config, "metrics": metrics, "nodes": nodes,
                 "val_sums": val_sums or {}}
         checkpoints.save(Path(tmp), state, meta)
@@ -406,7 +410,7 @@ def train_worker(spec: LoopSpec) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     task = spec.make_task(**spec.task_args)
-    model, optimizer, scheduler, scaler, start_epoch, resume = _start(spec, task, rank, world)
+    model, optimizer, scheduler, scaler, start_epoch, resume, best = _start(spec, task, rank, world)
     core = getattr(model, "module", model)
     nodes = _worker_nodes()
     # where the time outside the training steps goes (rank 0's clocks; reported with each epoch):
@@ -422,7 +426,7 @@ def train_worker(spec: LoopSpec) -> None:
                     "sums": {k: v.detach().cpu() for k, v in sums.items()}, "waited": waited}
             ranks = _gather(mine)
             if rank == 0:
-                state = _state(core, optimizer, scheduler, scaler)
+                state = _state(core, optimizer, scheduler, scaler, best, epoch)
                 state["ranks"] = ranks
                 meta = {"model_config": spec.model_config, "metrics": {}, "nodes": nodes, "epoch_lr": lr}
                 checkpoints.save_step(spec.storage_path, spec.name, epoch, done, state, meta)
@@ -434,16 +438,19 @@ def train_worker(spec: LoopSpec) -> None:
         metrics = epoch_metrics(task, spec, train_sums, val_sums, seconds, epoch, lr, world, device, val_out, timings)
         t_report = time.perf_counter()
         if rank == 0:
-            _report(spec, core, optimizer, scheduler, scaler, metrics, epoch, nodes, val_out)
+            best.update(epoch, metrics, core.state_dict())
+            _report(spec, core, optimizer, scheduler, scaler, metrics, epoch, nodes, val_out, best)
         else:
             ray.train.report(metrics)
         timings = {"report_seconds": time.perf_counter() - t_report}
 
 
-def _state(core, optimizer, scheduler, scaler) -> dict:
+def _state(core, optimizer, scheduler, scaler, best: BestEpoch | None = None, epoch: int = 0) -> dict:
     state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
+    if best is not None:
+        state.update(best.state(epoch))
     return state
 
 
@@ -471,17 +478,21 @@ def _worker_nodes() -> list[str]:
 
 @dataclass
 class Fitted:
-    """What a fit ended with: the final state and meta, and the checkpoint they came from."""
+    """What a fit ended with: the final state and meta, the checkpoint they came from, and the
+    weights the stage hands on (``train.keep``: the best validation epoch's or the last's)."""
 
     state: dict
     meta: dict
     checkpoint: str
     metrics: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
+    kept: str = ""  # which epoch the weights are from, and why
 
     @property
-    def placement_tags(self) -> dict[str, str]:
+    def tags(self) -> dict[str, str]:
         nodes = self.meta.get("nodes")
-        return {"hvae.worker_nodes": ",".join(nodes)} if nodes else {}
+        return {"hvae.checkpoint": self.checkpoint, "hvae.kept": self.kept,
+                **({"hvae.worker_nodes": ",".join(nodes)} if nodes else {})}
 
 
 def _fit_interruptibly(trainer) -> None:
@@ -549,4 +560,5 @@ def fit(spec: LoopSpec, *, name: str, storage_path: str, cluster, datasets: dict
         raise RuntimeError(f"training {name} ended without a checkpoint")
     state, meta = found.load()
     metrics = {k: float(v) for k, v in meta["metrics"].items() if not k.endswith(("startup_seconds", "report_seconds"))}
-    return Fitted(state, meta, found.path, {**metrics, "fit_seconds": seconds})
+    weights, kept_metrics, line = kept(state, meta, spec.keep, getattr(spec.make_task, "select_metric", "val_loss"))
+    return Fitted(state, meta, found.path, {**metrics, **kept_metrics, "fit_seconds": seconds}, weights, line)

@@ -164,3 +164,27 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path):
     mp.spawn(_agree, args=(str(tmp_path / "store"), str(tmp_path / "chosen")), nprocs=2, join=True)
     chosen = {(tmp_path / f"chosen.{r}").read_text() for r in (0, 1)}
     assert chosen == {"Checkpoint(epoch=1, path='/s/checkpoint_a', step=None)"}
+
+
+def test_the_best_validation_epoch_is_kept_across_checkpoints_and_handed_on(tmp_path):
+    from stages import checkpoints
+    from stages.keep import BestEpoch, kept
+
+    weights = lambda v: {"w": torch.full((2,), float(v))}  # noqa: E731
+    best = BestEpoch("val_loss")
+    assert best.update(0, {"val_loss": 3.0}, weights(0)) and best.state(0) == {"best": {"epoch": 0, "value": 3.0}}
+    assert best.update(1, {"val_loss": 2.0}, weights(1))
+    assert not best.update(2, {"val_loss": 2.5}, weights(2)) and not best.update(3, {"val_loss": 2.0}, weights(3))
+    state = {"model": weights(3), **best.state(3)}  # epoch 3's checkpoint carries epoch 1's weights
+    checkpoints.save(tmp_path, state, {"epoch": 3})
+    restored, meta = checkpoints.load(tmp_path)
+    again = BestEpoch("val_loss", restored)  # a resumed run goes on from the record
+    assert (again.epoch, again.value) == (1, 2.0) and float(again.weights["w"][0]) == 1.0
+    chosen, metrics, line = kept(restored, meta, "best", "val_loss")
+    assert float(chosen["w"][0]) == 1.0 and metrics == {"kept_epoch": 1.0, "kept_val_loss": 2.0}
+    assert line.startswith("epoch 2 of 4, the lowest val_loss")
+    chosen, metrics, line = kept(restored, meta, "last", "val_loss")
+    assert float(chosen["w"][0]) == 3.0 and metrics == {"kept_epoch": 3.0} and "train.keep=last" in line
+    # a checkpoint whose own epoch is the best holds its weights once
+    now = BestEpoch("val_loss", {"model": weights(5), "best": {"epoch": 5, "value": 1.0}})
+    assert float(now.weights["w"][0]) == 5.0 and "model" not in now.state(5)["best"]
