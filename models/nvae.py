@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import noise
-from .likelihoods import make_likelihood, real_pixels, to_model_range
+from .likelihoods import CoefficientWarmup, make_likelihood, real_pixels, to_model_range
 from .precision import fp32
 
 LOG_2PI = math.log(2 * math.pi)
@@ -140,7 +140,7 @@ class NVAE(nn.Module):
     def __init__(self, in_channels: int = 1, image_size: int = 32, hidden: int = 32, latent_channels: int = 8,
                  scales: int = 2, groups_per_scale: int = 2, cells_per_group: int = 1,
                  residual_posterior: bool = True, likelihood: str = "dlogistic", num_mixtures: int = 5,
-                 flows: int = 0, likelihood_region: list[int] | None = None):
+                 flows: int = 0, likelihood_region: list[int] | None = None, coeff_warmup_steps: int = 0):
         super().__init__()
         if image_size % (2 ** scales):
             raise ValueError(f"image_size {image_size} must be a multiple of {2 ** scales} for {scales} scales")
@@ -150,6 +150,7 @@ class NVAE(nn.Module):
         self.scales, self.groups_per_scale = scales, groups_per_scale
         self.latent_channels, self.residual_posterior = latent_channels, residual_posterior
         self.likelihood = make_likelihood(likelihood, in_channels, num_mixtures)
+        self.coeff_warmup = CoefficientWarmup(self.likelihood, coeff_warmup_steps)
         self.likelihood_region = likelihood_region  # [top, left, h, w] of the real pixels (likelihoods.real_pixels)
         self.num_groups = scales * groups_per_scale
         # the finest latent scale is half the image size; each coarser scale halves again
@@ -284,6 +285,7 @@ class NVAE(nn.Module):
     # ---- public API --------------------------------------------------------------------
     def forward(self, x_uint8: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """One posterior sample per image: nll [B] (nats), kl [G, B] per group, log weight terms."""
+        self.coeff_warmup.tick()
         h, groups = self._top_down(x_uint8.shape[0], self._bottom_up(x_uint8), generator=generator)
         params = self.post(h)
         r = self.likelihood_region
@@ -294,13 +296,16 @@ class NVAE(nn.Module):
         return {"nll": nll, "kl": kl, "log_q": log_q, "log_p": log_p, "params": params}
 
     @torch.no_grad()
-    def log_weights(self, x_uint8: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """[K, B] importance log weights log p(x | z_k) + log p(z_k) - log q(z_k | x), z_k ~ q(z | x)."""
-        rows = []
-        for _ in range(k):
-            out = self(x_uint8, generator=generator)
-            rows.append(-out["nll"] + out["log_p"] - out["log_q"])
-        return torch.stack(rows)
+    def log_weights(self, x_uint8: torch.Tensor, k: int, generator: torch.Generator | None = None,
+                    together: int = 1) -> torch.Tensor:
+        """[K, B] importance log weights log p(x | z_k) + log p(z_k) - log q(z_k | x), z_k ~ q(z | x);
+        ``together`` samples are drawn in one forward pass (the batch repeated that many times)."""
+        rows, b = [], x_uint8.shape[0]
+        for first in range(0, k, together):
+            n = min(together, k - first)
+            out = self(x_uint8.repeat(n, *([1] * (x_uint8.dim() - 1))), generator=generator)
+            rows.append((-out["nll"] + out["log_p"] - out["log_q"]).view(n, b))
+        return torch.cat(rows)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None,

@@ -1,6 +1,6 @@
 """The ``hvae`` command line (also ``python -m pipeline``).
 
-    hvae run [CONFIG] [key=value ...] [--dry-run] [--force STAGE] [--until STAGE]
+    hvae run [CONFIG] [key=value ...] [--dry-run] [--force STAGE] [--until STAGE] [--seeds N]
     hvae sweep CONFIG [key=value ...]
     hvae resume PARENT_RUN_ID [--uri sqlite:///mlruns.db] [key=value ...]
     hvae submit CONFIG --address http://HEAD:8265 [key=value ...] [--no-wait] [--sweep]
@@ -37,7 +37,36 @@ def cmd_run(args) -> int:
     cfg = load_config(config_path, overrides)
     from .runner import run_pipeline
 
-    return run_pipeline(cfg, dry_run=args.dry_run, config_path=config_path, force=args.force, until=args.until).code
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: must be at least 1")
+    if args.seeds == 1:
+        return run_pipeline(cfg, dry_run=args.dry_run, config_path=config_path, force=args.force, until=args.until).code
+    return _run_seeds(args, config_path, overrides, cfg)
+
+
+def _run_seeds(args, config_path, overrides, cfg) -> int:
+    """The pipeline ``--seeds N`` times, the training seeds (stage1.seed, priors.seed) counting
+    up from the config's stage1.seed, then the report of their evaluate runs: each run's row and
+    their mean ± the s.d. over the seeds."""
+    from pathlib import Path
+
+    from .config import TRAINING_SEEDS, setup_key
+    from .report import report
+    from .runner import run_pipeline
+    from .tracking import Tracker
+
+    first = cfg.stage1.seed
+    for i in range(args.seeds):
+        seeded = load_config(config_path, [*overrides, *(f"{key}={first + i}" for key in TRAINING_SEEDS)])
+        print(f"== seed {first + i} ({i + 1} of {args.seeds}) ==", flush=True)
+        code = run_pipeline(seeded, dry_run=args.dry_run, config_path=config_path, force=args.force,
+                            until=args.until).code
+        if code:
+            return code
+    if args.dry_run or (args.until and args.until != "evaluate"):
+        return 0
+    return report(Tracker(cfg.tracking, create=False), dataset=None, model=None,
+                  tags={"hvae.setup": setup_key(cfg)}, out=Path("report.md"))
 
 
 def cmd_sweep(args) -> int:
@@ -180,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="re-run STAGE and every stage after it instead of reusing them")
     run.add_argument("--until", choices=graph.names(), metavar="STAGE",
                      help="stop after STAGE (e.g. --until stage1 trains and checks the autoencoder only)")
+    run.add_argument("--seeds", type=int, default=1, metavar="N",
+                     help="run N times, stage1.seed and priors.seed counting up from stage1.seed, then report "
+                          "their NLL as mean ± s.d. over the seeds (written to report.md)")
     run.set_defaults(func=cmd_run)
 
     sweep = sub.add_parser("sweep", help="search a training stage's settings with Ray Tune (the config's sweep section)")

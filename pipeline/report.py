@@ -6,13 +6,21 @@ the ELBO, ≈ for an importance-weighted estimate), its two parts (reconstructio
 or KL), the parameters of everything that was trained for it, the training time, and the
 run id to open in the MLflow UI; where the runs' test set and unit match a published benchmark
 (binarized MNIST in nats, CIFAR-10 in bits/dim: ``stages/literature.py``), the published rows
-beside them, marked so. Printed, written as Markdown and logged as the artifact of a small
-``report`` run.
+beside them, marked so. Runs of one setup that differ in their training seeds alone (tag
+``hvae.setup``; ``hvae run --seeds N``) also get a row of their mean ± the s.d. over the seeds.
+Below the table, every model is compared with the best one on the same test images: the mean
+of the paired per-image differences ± its standard error (far smaller than either NLL's own
+s.e.: the images' difficulty cancels). Printed, written as Markdown and logged as the artifact
+of a small ``report`` run.
 """
 from __future__ import annotations
 
+import math
+import tempfile
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 from stages import literature
 from stages.nll_table import nll_table
@@ -41,9 +49,77 @@ def collect(tracker: Tracker, dataset: str | None = None, model: str | None = No
             "structure": t.get("hvae.structure", ""), "bound": t.get("hvae.bound", "≤"),
             "params": sum(r.data.metrics.get("num_params", 0.0) for r in trained),
             "seconds": sum(r.data.metrics.get(f"{r.data.tags.get(TAG_STAGE)}_seconds", 0.0) for r in trained),
-            "run": run.info.run_id, "benchmark": t.get("hvae.benchmark"),
+            "run": run.info.run_id, "benchmark": t.get("hvae.benchmark"), "setup": t.get("hvae.setup"),
         })
     return literature.ordered(rows)
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per setup run with several seeds: the mean of every test metric, ± the s.d. of
+    the NLL over the seeds (in place of the standard error over the images)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("setup"):
+            groups.setdefault(r["setup"], []).append(r)
+    out = []
+    for runs in groups.values():
+        if len(runs) < 2:
+            continue
+        keys = set.intersection(*(set(k for k, v in r.items() if k.startswith("test_") and isinstance(v, float))
+                                  for r in runs))
+        mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+        for unit in ("nats", "bpd"):
+            mean[f"test_nll_{unit}_se"] = float(np.std([r[f"test_nll_{unit}"] for r in runs], ddof=1))
+        out.append({**runs[0], **mean, "seeds": len(runs), "run": f"{len(runs)} runs",
+                    "seconds": float(np.mean([r["seconds"] for r in runs]))})
+    return out
+
+
+def per_image(tracker: Tracker, run_id: str) -> dict[int, float] | None:
+    """An evaluate run's per-image NLLs (report/per_image_nll.csv), by test index; None for a
+    run from before they were kept."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report/per_image_nll.csv",
+                                                       dst_path=tmp, tracking_uri=tracker.uri)
+        except (MlflowException, OSError):
+            return None
+        table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+    return {int(i): float(v) for i, v in table}
+
+
+def paired(tracker: Tracker, rows: list[dict]) -> str:
+    """Each model against the best one on the same test images (same dataset cell): the mean
+    per-image difference ± its standard error, as a Markdown table ("" when nothing pairs)."""
+    lines = []
+    by_test_set: dict[str, list[dict]] = {}
+    for r in rows:
+        if not r.get("published") and not r.get("seeds") and "run" in r:
+            by_test_set.setdefault(r["dataset"], []).append(r)
+    for dataset, runs in by_test_set.items():
+        if len(runs) < 2:
+            continue
+        values = {r["run"]: per_image(tracker, r["run"]) for r in runs}
+        runs = [r for r in runs if values[r["run"]]]
+        runs.sort(key=lambda r: r["test_nll_nats"])
+        for r in runs[1:]:
+            best, other = values[runs[0]["run"]], values[r["run"]]
+            common = sorted(set(best) & set(other))
+            if len(common) < 2:
+                continue
+            d = np.array([other[i] - best[i] for i in common])
+            se = float(np.std(d, ddof=1) / math.sqrt(len(d)))
+            lines.append(f"| {r['model']} ({r['run'][:8]}) | {runs[0]['model']} ({runs[0]['run'][:8]}) | "
+                         f"{dataset} | {d.mean():+.2f} ± {se:.2f} | {d.mean() / se if se > 0 else float('inf'):.1f} | "
+                         f"{len(d)} |")
+    if not lines:
+        return ""
+    head = ["", "Paired differences on the same test images (each model minus the best of its test set):", "",
+            "| Model | Best | Dataset | Δ NLL (nats/image) ± s.e. | Δ / s.e. | Images |", "|---|---|---|---|---|---|"]
+    return "\n".join(head + lines) + "\n"
 
 
 def report(tracker: Tracker, *, dataset: str | None, model: str | None, tags: dict[str, str], out: Path) -> int:
@@ -53,7 +129,9 @@ def report(tracker: Tracker, *, dataset: str | None, model: str | None, tags: di
               + (" matching the filters" if dataset or model or tags else ""))
         return 1
     # beside ours, the published numbers on the same test sets in the same units
-    text = nll_table(literature.ordered(rows + literature.rows({r["benchmark"] for r in rows if r["benchmark"]})))
+    text = nll_table(literature.ordered(over_seeds(rows) + rows
+                                        + literature.rows({r["benchmark"] for r in rows if r["benchmark"]})))
+    text += paired(tracker, rows)
     print(text)
     out.write_text(text)
     run_id = tracker.start_run(f"report-{datetime.now():%Y%m%d-%H%M%S}", {"hvae.kind": "report"},

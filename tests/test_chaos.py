@@ -22,7 +22,7 @@ KILLS = 5
 
 
 def _nll(stdout: str) -> str:
-    return re.search(r"\| ≤ ([0-9.]+) \| ≤ ([0-9.]+) \|", stdout).group(0)
+    return re.search(r"\| ≤ ([0-9.]+) ± [0-9.]+ \| ≤ ([0-9.]+) ± [0-9.]+ \|", stdout).group(0)
 
 
 def _ray_processes(group: int) -> list[int]:

@@ -94,3 +94,57 @@ def test_published_rows_stand_beside_ours_only_on_the_same_test_set_and_unit():
     assert names.index("VQ-VAE-2") == names.index("Gated PixelCNN (published)") + 1  # 80.10 < 80.5 < 80.64
     assert "| PixelCNN (published) | binarized MNIST | PixelVAE (Gulrajani et al., 2017)" in table
     assert "| = 81.30 | – |" in table and not any("CIFAR" in ln for ln in lines)
+
+
+def test_every_image_has_its_own_bound_and_the_table_shows_estimator_and_standard_error():
+    from stages.evaluate import standard_errors
+    from stages.families import IMAGE_NATS
+    from stages.families.vqvae2 import nll_sums, nll_summary
+
+    vq, priors = _known_models()
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (5, 1, 32, 32)).astype(np.uint8))
+    sums = nll_sums(vq, priors, x, torch.zeros(5, dtype=torch.int64))
+    images = sums[IMAGE_NATS]
+    assert images.shape == (5,) and images.sum() == pytest.approx(sums["recon"] + sums["prior0"] + sums["prior1"])
+    m = {**nll_summary(sums, 1024), **standard_errors(np.array([1.0, 2.0, 3.0, 6.0]), 1024)}
+    assert m["test_nll_nats_se"] == pytest.approx(np.std([1, 2, 3, 6], ddof=1) / 2)
+    assert m["test_nll_bpd_se"] == pytest.approx(m["test_nll_nats_se"] / (1024 * math.log(2)))
+    table = nll_table([{"model": "m", "dataset": "d", **m}])
+    assert f"| ≤ VQ bound | ≤ {m['test_nll_nats']:.2f} ± {m['test_nll_nats_se']:.2f} |" in table
+    conditional = nll_table([{"model": "m", "dataset": "d", **m, "test_class_conditional": 1.0}])
+    assert "| ≤ VQ bound, −log p(x|y) |" in conditional
+    iw = nll_table([{"model": "v", "dataset": "d", **m, "test_iw_samples": 1000.0}])
+    assert "| ≈ IW, K=1000 |" in iw and "≤ −ELBO" in nll_table([{"model": "v", "dataset": "d", "test_iw_samples": 1.0}])
+
+
+def test_runs_differing_only_in_seed_give_a_mean_and_sd_row():
+    from pipeline.config import load_config, setup_key
+    from pipeline.report import over_seeds
+
+    a, b = (load_config(None, [f"stage1.seed={s}", f"priors.seed={s}"]) for s in (0, 1))
+    assert setup_key(a) == setup_key(b) != setup_key(load_config(None, ["stage1.lr=1e-3"]))
+    assert setup_key(a) == setup_key(load_config(None, ["cluster.num_workers=1"]))  # where it runs is no setup
+    row = lambda nats, run: {"model": "m", "dataset": "d", "setup": "k", "test_nll_nats": nats,  # noqa: E731
+                             "test_nll_bpd": nats / 100, "seconds": 10.0, "run": run}
+    rows = [row(100.0, "a"), row(102.0, "b"), row(104.0, "c"), {**row(90.0, "d"), "setup": "other"}]
+    (mean,) = over_seeds(rows)
+    assert mean["seeds"] == 3 and mean["test_nll_nats"] == pytest.approx(102.0)
+    assert mean["test_nll_nats_se"] == pytest.approx(2.0)  # the s.d. over the seeds
+    table = nll_table([mean])
+    assert "m (mean of 3 seeds)" in table and "102.00 ± 2.00" in table and "over the seeds" in table
+
+
+def test_digit_scores_are_confidence_and_the_entropy_of_the_mean_label_distribution():
+    from models.digits import DigitClassifier, digit_scores
+
+    class Fixed(DigitClassifier):  # logits given by the image's first pixel: class (pixel % 10), sure of it
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0, 0, 0].long() % 10, 10).float() * 100.0
+
+    uniform = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 1, 4, 4).contiguous()
+    s = digit_scores(Fixed(), uniform)
+    assert s["confidence"] == pytest.approx(1.0) and s["label_entropy"] == pytest.approx(math.log(10))
+    assert s["digits_seen"] == 1.0
+    ones = torch.full((8, 1, 4, 4), 3, dtype=torch.uint8)  # every sample the same digit
+    s = digit_scores(Fixed(), ones)
+    assert s["label_entropy"] == pytest.approx(0.0, abs=1e-6) and s["digits_seen"] == 0.1

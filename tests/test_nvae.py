@@ -151,3 +151,15 @@ def test_with_flows_each_groups_kl_is_the_one_sample_estimate_log_q_minus_log_p(
     out = model(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
     torch.testing.assert_close(out["kl"].sum(0), out["log_q"] - out["log_p"])
     assert torch.isfinite(model.log_weights(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8), 3)).all()
+
+
+def test_importance_samples_drawn_together_are_independent_draws_of_the_same_estimate(trained_batch):
+    model, x = trained_batch
+    w = model.log_weights(x, 16, generator=torch.Generator().manual_seed(6), together=8)
+    assert w.shape == (16, x.shape[0])
+    assert (w.std(0) > 0).all()  # every repeat of the batch drew its own latents
+    g = torch.Generator().manual_seed(7)
+    one = torch.stack([iw_bound(model.log_weights(x, 16, generator=g)) for _ in range(6)])
+    together = torch.stack([iw_bound(model.log_weights(x, 16, generator=g, together=16)) for _ in range(6)])
+    spread = torch.cat([one, together]).std(0).mean() / 6 ** 0.5
+    assert abs(one.mean() - together.mean()) < 4 * spread, (one.mean(), together.mean(), spread)

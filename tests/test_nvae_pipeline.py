@@ -40,14 +40,20 @@ def test_nvae_runs_three_stages_and_the_report_compares_it_with_vqvae2(smoke_sto
 
     report = hvae(tmp_path, "report", "--dataset", "mnist5k")
     assert report.returncode == 0, report.stdout + report.stderr
-    rows = [line for line in report.stdout.splitlines() if line.startswith("| ") and "Evaluate run" not in line]
+    table, pairs = report.stdout.split("Paired differences")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "Evaluate run" not in line]
     assert any(r.startswith("| VQ-VAE-2") and "≤" in r for r in rows), report.stdout
     nvae = [r for r in rows if r.startswith("| NVAE")]
     assert len(nvae) == 1 and ev.info.run_id in nvae[0] and "≈" in nvae[0]
     for row in rows:  # every NLL in the table is a finite number
-        nats = float(row.split("|")[4].split()[-1])
+        nats = float(row.split("|")[5].split()[1])  # "≤ 2010.93 ± 15.38"
         assert 0 < nats < 1e5
     assert (tmp_path / "report.md").read_text().startswith("| Model |")
+    # both were scored on the same test images: their per-image difference, against the better one
+    paired = [line for line in pairs.splitlines() if line.startswith("| ") and not line.startswith("| Model")]
+    assert len(paired) == 1 and ev.info.run_id[:8] in paired[0], report.stdout
+    delta, se = (float(v) for v in paired[0].split("|")[4].split("±"))
+    assert abs(delta) > 0 and 0 < se < abs(delta) * 10
     only = hvae(tmp_path, "report", "--model", "nvae", "--out", "nvae.md")
     assert only.returncode == 0 and "VQ-VAE-2" not in (tmp_path / "nvae.md").read_text()
 

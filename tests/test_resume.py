@@ -12,7 +12,7 @@ STAGES = ["stage1", "extract", "priors", "sample", "evaluate"]
 
 
 def _nll(stdout: str) -> str:
-    return re.search(r"\| ≤ ([0-9.]+) \| ≤ ([0-9.]+) \|", stdout).group(0)
+    return re.search(r"\| ≤ ([0-9.]+) ± [0-9.]+ \| ≤ ([0-9.]+) ± [0-9.]+ \|", stdout).group(0)
 
 
 def _actions(stdout: str) -> dict[str, str]:

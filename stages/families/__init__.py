@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT = "vqvae2"  # the family of a config that names none
+# a scorer's per-image -log p(x) (an array over the batch's images, in their order): kept per image
+# for standard errors and paired differences, where every other sum is added up over the batches
+IMAGE_NATS = "image_nats"
 WEIGHTS_FILE = "{name}.pt"  # model/<family>.pt, beside model/config.json
 CONFIG_FILE = "config.json"
 
@@ -85,7 +88,8 @@ class Family:
 
     def scorer(self, model, upstream: dict[str, Path], ecfg) -> "OnDevice":
         """Built on the driver, run in the evaluate stage's actors: (uint8 images [B, C, H, W],
-        labels [B], the batch's first source index) -> its sums (floats or arrays)."""
+        labels [B], the batch's first source index) -> its sums (floats or arrays) and every
+        image's total nats under ``IMAGE_NATS`` ([B]; ``add_up`` puts the batches' together)."""
         raise NotImplementedError
 
     def summary(self, sums: dict, dims: int, ecfg) -> dict[str, float]:
@@ -119,6 +123,19 @@ class OnDevice:
         args = [a.to(self.device) if torch.is_tensor(a) else a for a in args]
         with torch.no_grad():
             return self.fn(*args, **self.modules, **self.kwargs)
+
+
+def add_up(total: dict, part: dict) -> dict:
+    """Add one batch's sums (floats or arrays) into ``total``; its per-image values (``IMAGE_NATS``)
+    are appended."""
+    import numpy as np
+
+    for k, v in part.items():
+        if k == IMAGE_NATS:
+            total[k] = np.concatenate([total[k], v]) if k in total else np.asarray(v)
+        else:
+            total[k] = total[k] + v if k in total else v
+    return total
 
 
 def chunk_seed(seed: int, first: int) -> int:

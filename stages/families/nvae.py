@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import Field
 
 from pipeline.schema import Section
-from stages.families import Family
+from stages.families import IMAGE_NATS, Family
 from stages.images import ImageTask, quality, save_bars, save_reconstructions
 
 # tests only: make the KL non-finite at this global step (read by the driver, passed to the task)
@@ -112,10 +112,11 @@ class NVAETask(ImageTask):
         return out
 
 
-def iw_sums(model, x, k: int, seed: int) -> dict:
-    """One test batch -> its sums: the importance-weighted log-likelihood with K samples, the
-    reconstruction and KL nats, squared error on [0, 1] pixels. ``seed`` fixes the batch's
-    draws (the runner passes one from the batch's first source index: the same whoever scores it)."""
+def iw_sums(model, x, k: int, seed: int, together: int = 1) -> dict:
+    """One test batch -> its sums: the importance-weighted log-likelihood with K samples (drawn
+    ``together`` at a time), the reconstruction and KL nats, squared error on [0, 1] pixels, and
+    every image's estimate (``image_nats``). ``seed`` fixes the batch's draws (the runner passes
+    one from the batch's first source index: the same whoever scores it)."""
     import torch
 
     from models.nvae import iw_bound
@@ -124,13 +125,14 @@ def iw_sums(model, x, k: int, seed: int) -> dict:
     with torch.no_grad():
         out = model(x, generator=gen)
         mean = model.likelihood.mean(out["params"]) / 255.0
+        iw = iw_bound(model.log_weights(x, k, generator=gen, together=together)).double()
         return {"count": float(len(x)), "recon": float(out["nll"].sum()), "kl": float(out["kl"].sum()),
-                "iw": float(iw_bound(model.log_weights(x, k, generator=gen)).sum()),
-                "sq_err": float(((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum())}
+                "iw": float(iw.sum()), "sq_err": float(((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum()),
+                IMAGE_NATS: (-iw).cpu().numpy()}
 
 
-def _score(x, y, first_index, *, model, k) -> dict:
-    return iw_sums(model, x, k, seed=first_index)
+def _score(x, y, first_index, *, model, k, together) -> dict:
+    return iw_sums(model, x, k, seed=first_index, together=together)
 
 
 def _sample(first, count, *, model, temperature, seed, pixels):
@@ -179,7 +181,8 @@ class NVAEFamily(Family):
         return {"in_channels": channels, "image_size": cfg.data.image_size, "hidden": n.hidden,
                 "latent_channels": n.latent_channels, "scales": n.scales, "groups_per_scale": n.groups_per_scale,
                 "cells_per_group": n.cells_per_group, "residual_posterior": True, "flows": n.flows,
-                "likelihood": cfg.stage1.likelihood, "num_mixtures": cfg.stage1.num_mixtures}
+                "likelihood": cfg.stage1.likelihood, "num_mixtures": cfg.stage1.num_mixtures,
+                "coeff_warmup_steps": cfg.stage1.coeff_warmup(channels)}
 
     def build(self, model_config):
         from models.nvae import NVAE
@@ -221,7 +224,7 @@ class NVAEFamily(Family):
     def scorer(self, model, upstream, ecfg):
         from . import OnDevice
 
-        return OnDevice(_score, {"model": model}, k=ecfg.iw_samples)
+        return OnDevice(_score, {"model": model}, k=ecfg.iw_samples, together=min(ecfg.iw_together, ecfg.iw_samples))
 
     def summary(self, sums, dims, ecfg):
         return iw_summary(sums, dims, ecfg.iw_samples)
