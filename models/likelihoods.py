@@ -4,7 +4,8 @@ Images reach the model scaled to [-1, 1] (8-bit value v -> v / 127.5 - 1), so th
 256 possible values of a pixel are bins of width 2/255 centred on those points.
 
 - ``DiscretizedLogistic``: a mixture of K discretized logistics per pixel (PixelCNN++),
-  with the channel-autoregressive means of that paper for multi-channel images.
+  with the channel-autoregressive means of that paper for multi-channel images, which
+  ``CoefficientWarmup`` holds off for the first training steps.
 - ``Bernoulli``: independent Bernoulli pixels for binarized images (targets in {0, 1}).
 
 Both give log p(x | decoder output) in nats per image; ``to_bits_per_dim`` converts.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from . import noise
@@ -76,6 +78,7 @@ class DiscretizedLogistic:
         self.channels = channels
         self.num_mixtures = num_mixtures
         self.num_coeffs = channels * (channels - 1) // 2
+        self.coeff_gate = 1.0  # 0 switches the channel coefficients off (CoefficientWarmup)
 
     def num_params(self) -> int:
         c, k = self.channels, self.num_mixtures
@@ -88,7 +91,7 @@ class DiscretizedLogistic:
         # the whole output per slice)
         logit_pi, means, log_scales, coeffs = torch.split(params, [k, k * c, k * c, k * self.num_coeffs], dim=1)
         return (logit_pi, means.reshape(b, k, c, h, w), log_scales.reshape(b, k, c, h, w).clamp(min=-7.0),
-                torch.tanh(coeffs.reshape(b, k, self.num_coeffs, h, w)))
+                self.coeff_gate * torch.tanh(coeffs.reshape(b, k, self.num_coeffs, h, w)))
 
     def _conditioned_means(self, means, coeffs, x):
         """Channel c's mean plus sum_{j<c} coeff_{c,j} * x_j (x: [B, C, H, W] or [B, K, C, H, W])."""
@@ -166,6 +169,41 @@ class DiscretizedLogistic:
             xs.append((m + torch.exp(ls[:, ch]) * logistic[:, ch]).clamp(-1, 1))
         x = torch.stack(xs, dim=1)
         return torch.round((x + 1.0) * 127.5).clamp(0, 255).to(torch.uint8)
+
+
+class CoefficientWarmup(nn.Module):
+    """Holds a discretized logistic's channel coefficients at 0 for the first ``steps`` training
+    forwards of the model that owns it, then lets them act.
+
+    With them on from the start, a decoder fits G from the true R and B from R and G (cheap bits:
+    the channels' spread and correlation) before it learns R from the codes: on RGB crops its
+    "reconstructions" stay flat tiles of the mean colour for hundreds of steps while bits/dim
+    looks fine, and ``mean()`` builds G and B from a predicted R that barely varies. Off, every
+    channel's mean has to come from the codes; switched on once the codes carry the image, they
+    take the remaining bits (``bench/rgb.py``). The count of training forwards is in the state
+    dict (a resumed run switches at the same step; a trained model samples with them on)."""
+
+    def __init__(self, likelihood, steps: int = 0):
+        super().__init__()
+        self.likelihood, self.steps, self.done = likelihood, int(steps), 0
+        self._apply_gate()
+
+    def _apply_gate(self) -> None:
+        if hasattr(self.likelihood, "coeff_gate"):
+            self.likelihood.coeff_gate = 1.0 if self.done >= self.steps else 0.0
+
+    def tick(self) -> None:
+        """Before a forward: the gate for this step, then count it when training."""
+        self._apply_gate()
+        if self.training:
+            self.done += 1
+
+    def get_extra_state(self) -> dict:
+        return {"done": self.done}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.done = int(state["done"])
+        self._apply_gate()
 
 
 def real_pixels(t: torch.Tensor, region) -> torch.Tensor:

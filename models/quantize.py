@@ -15,6 +15,14 @@ Following the lecture notes:
 Under torch.distributed, n and sum z are all-reduced (summed) over all processes before
 the update, so every process ends each step with the same codebook. k-means
 initialisation and dead-code restarts are computed on rank 0 and broadcast.
+
+k-means on the first batch sees the untrained encoder's tiny cloud of outputs, which the
+first optimizer steps leave behind: within tens of steps most codes are stranded.
+``kmeans_at_step`` runs k-means again on the batch of that training step, once the encoder
+has found its scale; ``dead_code_fraction`` restarts a code whose EMA count falls below that
+fraction of the mean count (the expected count of a code under uniform use), so a stranded
+code moves within ``restart_every`` steps, not after the ~70 steps an absolute count of 0.5
+takes to decay to.
 """
 from __future__ import annotations
 
@@ -68,12 +76,16 @@ class VectorQuantizerEMA(nn.Module):
         dead_code_threshold: float = 0.0,
         sync: bool = True,
         restart_every: int = 10,
+        kmeans_at_step: int = 0,
+        dead_code_fraction: float = 0.0,
     ):
         super().__init__()
         self.num_codes, self.dim = num_codes, dim
         self.beta, self.decay, self.eps = beta, decay, eps
         self.kmeans_iters = kmeans_iters
         self.dead_code_threshold = dead_code_threshold
+        self.dead_code_fraction = dead_code_fraction
+        self.kmeans_at_step = kmeans_at_step  # > 0: k-means again on the batch of this training step
         self.sync = sync
         self.restart_every = restart_every  # training steps between dead-code checks
         self._steps = 0  # training forwards so far (the same count on every rank)
@@ -149,6 +161,8 @@ class VectorQuantizerEMA(nn.Module):
         a code is dead, its one broadcast stay off the other steps. ``dead`` needs no broadcast:
         the counts behind it are all-reduced, the same bits on every rank."""
         dead = self.cluster_size < self.dead_code_threshold
+        if self.dead_code_fraction > 0:
+            dead |= self.cluster_size < self.dead_code_fraction * self.cluster_size.mean()
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
@@ -170,11 +184,13 @@ class VectorQuantizerEMA(nn.Module):
             if not bool(self.initialized):  # a host sync, until the codebook is known initialised
                 self._kmeans_init(flat)
             self._known_initialized = True
+        if self.training and self.kmeans_at_step > 0 and self._steps == self.kmeans_at_step:
+            self._kmeans_init(flat)
         codes = self.nearest(flat.detach())
         z_q = self.embed(codes.view(b, h, w))  # the codebook that chose the codes
         if self.training:
             counts = self._ema_update(flat.detach(), codes)
-            if self.dead_code_threshold > 0 and self._steps % self.restart_every == 0:
+            if (self.dead_code_threshold > 0 or self.dead_code_fraction > 0) and self._steps % self.restart_every == 0:
                 self._restart_dead(flat.detach())
             self._steps += 1
         else:
@@ -186,7 +202,10 @@ class VectorQuantizerEMA(nn.Module):
             z_q = z + (z_q - z).detach()  # straight-through estimator
         # without gradients z_q stays the exact code vectors, so decoding codes reproduces it
         # usage: code counts of this step (summed over ranks in training), for epoch statistics
-        stats = {"perplexity": perplexity(counts).detach(), "usage": counts.detach()}
+        # the relative quantisation error ||z - e||^2 / ||z||^2 from these two sums: the raw
+        # commitment grows with the encoder's scale, which says nothing about the codebook's fit
+        stats = {"perplexity": perplexity(counts).detach(), "usage": counts.detach(),
+                 "quant_err": commitment.detach().sum(), "z_sq": z.detach().float().pow(2).sum()}
         return z_q, codes, loss, stats
 
 

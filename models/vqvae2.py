@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .downsampling import default_downsample
-from .likelihoods import make_likelihood, real_pixels, to_model_range
+from .likelihoods import CoefficientWarmup, make_likelihood, real_pixels, to_model_range
 from .quantize import VectorQuantizerEMA
 
 
@@ -97,6 +97,9 @@ class VQVAE2(nn.Module):
         sync_codebooks: bool = True,
         downsample: list[int] | None = None,
         likelihood_region: list[int] | None = None,
+        coeff_warmup_steps: int = 0,
+        kmeans_at_step: int = 0,
+        dead_code_fraction: float = 0.0,
     ):
         super().__init__()
         if levels < 1:
@@ -111,6 +114,7 @@ class VQVAE2(nn.Module):
         self.codebook_sizes = list(sizes)
         self.downsample = down
         self.likelihood = make_likelihood(likelihood, in_channels, num_mixtures)
+        self.coeff_warmup = CoefficientWarmup(self.likelihood, coeff_warmup_steps)
         self.likelihood_region = likelihood_region  # [top, left, h, w] of the real pixels (likelihoods.real_pixels)
         h, d = hidden, embed_dim
 
@@ -135,7 +139,8 @@ class VQVAE2(nn.Module):
         self.quantizers = nn.ModuleList(
             [
                 VectorQuantizerEMA(k, d, beta=beta, decay=decay, kmeans_init=kmeans_init,
-                                   dead_code_threshold=dead_code_threshold, sync=sync_codebooks)
+                                   dead_code_threshold=dead_code_threshold, sync=sync_codebooks,
+                                   kmeans_at_step=kmeans_at_step, dead_code_fraction=dead_code_fraction)
                 for k in sizes
             ]
         )
@@ -194,6 +199,7 @@ class VQVAE2(nn.Module):
     # ---- training objective ------------------------------------------------------
     def forward(self, x_uint8: torch.Tensor):
         """Returns per-image NLL (nats), per-image commitment loss, decoder params, codes, stats."""
+        self.coeff_warmup.tick()
         quants, codes, commit, stats = self.quantize(to_model_range(x_uint8))
         params = self.decode(quants)
         r = self.likelihood_region

@@ -87,6 +87,9 @@ class TrainConfig(Section):
     # killed mid-epoch resumes at the next batch, exactly as if it had not stopped; a multiple
     # of accumulate_steps (checkpoints are taken at optimizer steps)
     checkpoint_every_steps: int = Field(0, ge=0)
+    # the weights a training stage hands on: best = the epoch with the lowest validation loss
+    # (the task's select_metric; the run's tag hvae.kept says which epoch), last = the last epoch
+    keep: Literal["best", "last"] = "best"
 
     @model_validator(mode="after")
     def _checkpoints_at_updates(self):
@@ -112,6 +115,10 @@ class Stage1Config(Section):
     model: str = families.DEFAULT  # the model family (stages/families/<model>.py) and its config section
     likelihood: Literal["dlogistic", "bernoulli"] = "dlogistic"
     num_mixtures: int = Field(5, ge=1)  # discretized logistic mixture components
+    # training steps before the discretized logistic's channel coefficients (G from R, B from R
+    # and G) act: until then every channel's mean must come from the latents (unset: 500 for
+    # RGB images, 0 otherwise; models/likelihoods.CoefficientWarmup, bench/rgb.py)
+    coeff_warmup_steps: Optional[int] = Field(None, ge=0)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)  # global batch, split across workers
     lr: float = Field(3e-4, gt=0)
@@ -119,6 +126,12 @@ class Stage1Config(Section):
     grad_clip: float = Field(0.0, ge=0)  # max gradient norm (0: off)
     seed: int = 0
     recon_images: int = Field(32, ge=1)  # validation images shown in figures/reconstructions.png
+
+    def coeff_warmup(self, channels: int) -> int:
+        """stage1.coeff_warmup_steps, its unset value resolved for images of ``channels``."""
+        if self.coeff_warmup_steps is not None:
+            return self.coeff_warmup_steps
+        return 500 if channels == 3 and self.likelihood == "dlogistic" else 0
 
     @field_validator("model")
     @classmethod
@@ -170,11 +183,18 @@ class SampleConfig(Section):
     # draws from its own generator, seeded from (seed, its first image): the images do not
     # depend on how many workers draw them
     batch_size: int = Field(64, ge=1)
+    # grayscale digits: the weights of the fixed MNIST classifier (models/digits.py) that scores
+    # the samples (sample_confidence, sample_label_entropy); `make classifier` writes
+    # data/mnist_classifier.pt. Unset: not scored
+    classifier: Optional[str] = None
 
 
 class EvaluateConfig(Section):
     batch_size: int = Field(256, ge=1)
     iw_samples: int = Field(16, ge=1)  # VAE families: importance samples per test image (1 = the ELBO)
+    # VAE families: importance samples drawn in one forward pass (the test batch repeated this many
+    # times): K = 1000 costs K / iw_together passes of batch_size x iw_together images
+    iw_together: int = Field(8, ge=1)
     num_actors: int = Field(1, ge=1)  # Ray Data actors holding the model, scoring test batches
 
 
@@ -454,3 +474,21 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Pi
 
 def to_yaml(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+TRAINING_SEEDS = ("stage1.seed", "priors.seed")  # what `hvae run --seeds N` varies
+
+
+def setup_key(cfg: PipelineConfig) -> str:
+    """The config without its training seeds and without where it runs (cluster, tracking, sweep):
+    runs with the same key differ in seed alone, and ``hvae report`` gives their mean ± s.d."""
+    import hashlib
+    import json
+
+    raw = cfg.model_dump(mode="json")
+    for key in ("cluster", "tracking", "sweep"):
+        raw.pop(key, None)
+    for path in TRAINING_SEEDS:
+        section, name = path.split(".")
+        raw.get(section, {}).pop(name, None)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]

@@ -95,3 +95,35 @@ def test_samples_lie_on_the_pixel_grid():
 
 def test_bits_per_dim():
     assert float(to_bits_per_dim(torch.tensor(1024 * math.log(2.0)), 1024)) == pytest.approx(1.0)
+
+
+def test_the_channel_coefficients_wait_for_the_warmup_steps_and_the_count_is_saved():
+    from models.vqvae2 import VQVAE2
+
+    torch.manual_seed(0)
+    kw = dict(in_channels=3, levels=1, hidden=8, res_hidden=4, res_blocks=1, embed_dim=4, codebook_size=8,
+              num_mixtures=2, coeff_warmup_steps=2)
+    model = VQVAE2(**kw).train()
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    gates = []
+    for _ in range(3):
+        model(x)
+        gates.append(model.likelihood.coeff_gate)
+    assert gates == [0.0, 0.0, 1.0]
+    # with the gate at 0 the likelihood is that of coefficients of 0
+    lik = model.likelihood
+    params = torch.randn(2, lik.num_params(), 4, 4)
+    lik.coeff_gate = 0.0
+    off = lik.log_prob(params, x[:, :, :4, :4])
+    k, c = lik.num_mixtures, lik.channels
+    zeroed = params.clone()
+    zeroed[:, k + 2 * k * c:] = 0.0  # tanh(0) = 0
+    lik.coeff_gate = 1.0
+    torch.testing.assert_close(off, lik.log_prob(zeroed, x[:, :, :4, :4]))
+    assert not torch.allclose(off, lik.log_prob(params, x[:, :, :4, :4]))
+    # a model rebuilt from the state dict goes on where it was; a fresh one starts with them off
+    again = VQVAE2(**kw)
+    assert again.likelihood.coeff_gate == 0.0
+    again.load_state_dict(model.state_dict())
+    assert again.likelihood.coeff_gate == 1.0 and again.coeff_warmup.done == 3
+    assert VQVAE2(**{**kw, "coeff_warmup_steps": 0}).likelihood.coeff_gate == 1.0

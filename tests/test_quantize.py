@@ -99,6 +99,36 @@ def test_kmeans_init_and_dead_code_restart():
     assert seen == [0, 0, 0, 2]  # dead from step 1 on, restarted at the next check
 
 
+def test_kmeans_again_at_a_later_step_and_restarts_relative_to_the_mean_count():
+    torch.manual_seed(0)
+    tiny = 0.001 * torch.randn(1, 2, 10, 15)  # the untrained encoder's cloud: k-means fits it
+    centres = torch.tensor([[-5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
+    grown = torch.cat([c + 0.1 * torch.randn(50, 2) for c in centres]).t().reshape(1, 2, 10, 15)
+    vq = VectorQuantizerEMA(3, 2, kmeans_init=True, kmeans_at_step=2).train()
+    vq(tiny)
+    assert vq.embedding.abs().max() < 0.01
+    vq(grown)  # step 1: the EMA drifts towards the clusters, most codes far from them
+    assert (torch.cdist(centres, vq.embedding).min(1).values > 1.0).sum() >= 2
+    vq(grown)  # step 2: k-means again, on the encoder's outputs as they are now
+    for g, c in zip(sorted(vq.embedding.tolist()), sorted(centres.tolist())):
+        assert np.allclose(g, c, atol=0.2)
+
+    # 2 of 3 codes take every vector: their EMA counts grow, the third's stays at its start (1)
+    vq = _vq(decay=0.5, dead_code_fraction=0.3, restart_every=1).train()
+    two = torch.tensor([[-1.0, 0.0]] * 20 + [[1.0, 0.0]] * 20).t().reshape(1, 2, 5, 8)
+    with torch.no_grad():
+        vq.embedding.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, 50.0]]))
+        vq.embed_sum.copy_(vq.embedding)
+    vq(two)  # counts 10.5, 10.5, 0.5: mean 7.2; 0.5 < 0.3 x 7.2: the third is restarted
+    assert int(vq.restarts) == 1 and vq.embedding[2].abs().max() <= 1.0
+    # the absolute threshold of the old default would wait: 0.5 is not below 0.5
+    old = _vq(decay=0.5, dead_code_threshold=0.5, restart_every=1).train()
+    with torch.no_grad():
+        old.embedding.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, 50.0]]))
+    old(two)
+    assert int(old.restarts) == 0
+
+
 # ---- two gloo processes --------------------------------------------------------------
 
 def _train_rank(rank, world, init_file, sync, out):

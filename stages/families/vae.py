@@ -37,7 +37,8 @@ class VAEFamily(NVAEFamily):
         return {"in_channels": channels, "image_size": cfg.data.image_size, "hidden": v.hidden,
                 "latent_channels": v.latent_channels, "scales": 1, "groups_per_scale": 1,
                 "cells_per_group": v.cells_per_group, "residual_posterior": False,
-                "likelihood": cfg.stage1.likelihood, "num_mixtures": cfg.stage1.num_mixtures}
+                "likelihood": cfg.stage1.likelihood, "num_mixtures": cfg.stage1.num_mixtures,
+                "coeff_warmup_steps": cfg.stage1.coeff_warmup(channels)}
 
     def describe(self, model):
         return "VAE (Gaussian, one latent group)", "1 group over 1 scale"

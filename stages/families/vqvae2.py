@@ -14,7 +14,7 @@ from typing import Optional, Union
 from pydantic import Field, model_validator
 
 from pipeline.schema import Section
-from stages.families import Family
+from stages.families import IMAGE_NATS, Family, add_up
 from stages.images import ImageTask, quality, save_bars, save_reconstructions
 
 
@@ -33,7 +33,12 @@ class VQVAE2Config(Section):
     beta: float = Field(0.25, ge=0)  # commitment weight
     decay: float = Field(0.99, gt=0, lt=1)  # EMA gamma of the codebook
     kmeans_init: bool = True  # initialise each codebook by k-means on its first batch
+    # and again on the batch of this training step, once the encoder has left its initial scale
+    # (0: the first batch only)
+    kmeans_at_step: int = Field(50, ge=0)
     dead_code_threshold: float = Field(0.0, ge=0)  # restart codes whose EMA count falls below this (0: off)
+    # restart codes whose EMA count falls below this fraction of the mean count (0: off)
+    dead_code_fraction: float = Field(0.03, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _codebooks(self):
@@ -57,11 +62,17 @@ class VQVAE2Config(Section):
 
 class VQTask(ImageTask):
     """Loss per image: -log p(x | z_q(x)) + beta * ||z - sg[e]||^2, over the pixel dimensions."""
+    # the kept epoch is the one that reconstructs best: the commitment term grows with the
+    # encoder's scale as the codes start to carry information and is no part of the NLL bound
+    select_metric = "val_nll_nats"
 
     def _sums(self, out, x):
         import torch
 
-        return {"count": torch.tensor(float(x.shape[0])), "nll": out["nll"].sum(), "commit": out["commit"].sum()}
+        sums = {"count": torch.tensor(float(x.shape[0])), "nll": out["nll"].sum(), "commit": out["commit"].sum()}
+        for l, st in enumerate(out["stats"]):
+            sums[f"quant_err_level{l}"], sums[f"z_sq_level{l}"] = st["quant_err"], st["z_sq"]
+        return sums
 
     def train_step(self, model, batch, device):
         x = batch.to(device, non_blocking=True)  # (pinned when bound for a GPU)
@@ -78,6 +89,9 @@ class VQTask(ImageTask):
         sums = self._sums(out, x)
         for l, st in enumerate(out["stats"]):
             sums[f"usage_level{l}"] = st["usage"]
+        core = getattr(model, "module", model)
+        mean = core.likelihood.mean(out["params"].float()) / 255.0  # the reconstruction, [0, 1]
+        sums["sq_err"] = ((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum()
         return sums
 
     def summarize(self, split, sums):
@@ -94,20 +108,30 @@ class VQTask(ImageTask):
             if key.startswith("usage_level"):  # validation: the perplexity of the epoch's code counts
                 out[f"{split}_perplexity_level{key[-1]}"] = float(perplexity(v))
                 out[f"{split}_dead_codes_level{key[-1]}"] = float((v == 0).sum())
+            if key.startswith("quant_err_level"):  # ||z - e||^2 / ||z||^2: the codebook's fit, scale-free
+                out[f"{split}_rel_quant_err_level{key[-1]}"] = float(v) / max(float(sums[f"z_sq_level{key[-1]}"]), 1e-12)
+        if "sq_err" in sums:
+            out[f"{split}_mse"] = float(sums["sq_err"]) / n  # of the reconstruction (the decoder's mean), [0, 1] pixels
         return out
 
 
 def nll_sums(vq, priors, x, y) -> dict:
     """One test batch (uint8 images [B, C, H, W], labels [B]) -> its sums: nats of the
-    reconstruction and of each prior level, squared error on [0, 1] pixels, code usage."""
+    reconstruction and of each prior level, squared error on [0, 1] pixels, code usage, and every
+    image's bound (``IMAGE_NATS``)."""
     import torch
 
     with torch.no_grad():
         out = vq(x)
         sums = {"count": float(len(x)), "recon": float(out["nll"].sum())}
         labels = y.long() if priors.levels[0].num_classes > 0 else None
+        image = out["nll"].double()
         for l, nll in enumerate(priors(out["codes"], labels)):
             sums[f"prior{l}"] = float(nll.sum())
+            image = image + nll.double()
+        sums[IMAGE_NATS] = image.cpu().numpy()
+        if labels is not None:  # the bound is then one on -log p(x | y)
+            sums["conditional"] = float(len(x))
         mean = vq.likelihood.mean(out["params"]) / 255.0
         sums["sq_err"] = float(((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum())
         for l, c in enumerate(out["codes"]):
@@ -130,18 +154,12 @@ def nll_summary(sums: dict, dims: int) -> dict[str, float]:
         "test_recon_nats": recon / n, "test_recon_bpd": to_bits_per_dim(recon / n, dims),
         "test_prior_nats": prior / n, "test_prior_bpd": to_bits_per_dim(prior / n, dims),
         **quality(float(sums["sq_err"]) / n), "test_images": n,
+        "test_class_conditional": float(sums.get("conditional", 0.0) > 0),
     }
     for l in levels:
         metrics[f"test_perplexity_level{l}"] = float(perplexity(torch.as_tensor(sums[f"usage{l}"])))
         metrics[f"test_prior_nats_level{l}"] = float(sums[f"prior{l}"]) / n
     return metrics
-
-
-def add_sums(total: dict, part: dict) -> dict:
-    """Add one batch's sums (floats or arrays) into ``total``."""
-    for k, v in part.items():
-        total[k] = total[k] + v if k in total else v
-    return total
 
 
 def nll_bound(vq, priors, images, labels, batch_size: int) -> dict[str, float]:
@@ -152,7 +170,7 @@ def nll_bound(vq, priors, images, labels, batch_size: int) -> dict[str, float]:
     total: dict = {}
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
-        add_sums(total, nll_sums(vq, priors, x, torch.from_numpy(labels[i : i + batch_size])))
+        add_up(total, nll_sums(vq, priors, x, torch.from_numpy(labels[i : i + batch_size])))
     return nll_summary(total, int(np.prod(images.shape[1:])))
 
 
@@ -192,7 +210,7 @@ class VQVAE2Family(Family):
     title = "VQ-VAE / VQ-VAE-2 with gated PixelCNN priors"
     Config = VQVAE2Config
     stages = ("stage1", "extract", "priors", "sample", "evaluate")
-    epoch_metrics = r"commit|perplexity_level\d|dead_codes_level\d"
+    epoch_metrics = r"commit|mse|perplexity_level\d|dead_codes_level\d|rel_quant_err_level\d"
     figures_note = "reconstructions.png (validation images over their reconstructions), codebook_usage.png"
 
     def downsampling(self, cfg):
@@ -203,9 +221,10 @@ class VQVAE2Family(Family):
     def model_config(self, cfg, channels):
         v = cfg.vqvae2
         keys = ["levels", "hidden", "res_hidden", "res_blocks", "embed_dim", "codebook_size", "beta",
-                "decay", "kmeans_init", "dead_code_threshold"]
+                "decay", "kmeans_init", "kmeans_at_step", "dead_code_threshold", "dead_code_fraction"]
         return {"in_channels": channels, **{k: getattr(v, k) for k in keys}, "downsample": v.factors(),
-                "likelihood": cfg.stage1.likelihood, "num_mixtures": cfg.stage1.num_mixtures}
+                "likelihood": cfg.stage1.likelihood, "num_mixtures": cfg.stage1.num_mixtures,
+                "coeff_warmup_steps": cfg.stage1.coeff_warmup(channels)}
 
     def build(self, model_config):
         from models.vqvae2 import VQVAE2
