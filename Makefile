@@ -4,6 +4,7 @@
 # make test-shuffled  - the fast tier with files and tests in a shuffled order (SEED=<n>, default 1; ARGS= for more)
 # make chaos          - the smoke pipeline SIGKILLed at 5 random moments and started again: the same NLL (several minutes)
 # make ui             - MLflow UI for ./mlruns.db on http://127.0.0.1:5000
+# make classifier     - train the fixed MNIST classifier that scores digit samples (sample.classifier), once
 # make bench          - the benchmarks' quick mode (a few minutes), BENCHMARKS.md regenerated
 # make bench-full     - the full mode (about an hour on 2 cores)
 SHELL := /bin/bash
@@ -13,8 +14,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MNIST := data/mnist.npz
+CLASSIFIER := data/mnist_classifier.pt
 
-.PHONY: run test test-fast test-shuffled chaos ui bench bench-full clean
+.PHONY: run test test-fast test-shuffled chaos ui bench bench-full clean classifier
 
 $(STAMP): pyproject.toml
 	@echo "[make] creating $(VENV) and installing hvae with torch, ray, mlflow (about 2-3 minutes, ~6.5 GB)"
@@ -25,6 +27,12 @@ $(STAMP): pyproject.toml
 # the full MNIST (data.dataset=mnist), fetched once at set-up: never at run time
 $(MNIST): | $(STAMP)
 	$(BIN)/hvae fetch mnist --root data
+
+# the digit classifier that scores MNIST samples (models/digits.py), trained once (about 2 minutes)
+$(CLASSIFIER): | $(MNIST)
+	$(BIN)/python bench/classifier.py
+
+classifier: $(CLASSIFIER)
 
 run: $(STAMP) $(MNIST)
 	$(BIN)/hvae run configs/default.yaml

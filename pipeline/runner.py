@@ -41,6 +41,8 @@ def resolve_paths(cfg: PipelineConfig) -> PipelineConfig:
         cfg.cluster.storage_path = str(Path(cfg.cluster.storage_path).resolve())
     if "://" not in cfg.data.root:
         cfg.data.root = str(Path(cfg.data.root).resolve())
+    if cfg.sample.classifier:
+        cfg.sample.classifier = str(Path(cfg.sample.classifier).resolve())
     return cfg
 
 
@@ -262,6 +264,15 @@ class Outcome:
     run_ids: dict[str, str] = field(default_factory=dict)
 
 
+def missing_classifier(cfg: PipelineConfig, stages: list[str]) -> str | None:
+    """A sample.classifier that is not there, checked before any stage runs -> the line naming it."""
+    path = cfg.sample.classifier
+    if "sample" in stages and path and not Path(path).is_file():
+        return (f"sample.classifier: no file {path} (`make classifier` trains the MNIST classifier once and "
+                f"writes data/mnist_classifier.pt)")
+    return None
+
+
 def batches_beyond_data(cfg: PipelineConfig, train_rows: int, stages: list[str]) -> str | None:
     """A training batch larger than the training split (a config that cannot mean what it says)
     -> the line naming the key, else None."""
@@ -288,6 +299,7 @@ def _dry_run(cfg: PipelineConfig, until: str | None, forced: set[str]) -> Outcom
         data_line = f"not readable here: {exc} (the stage fingerprints below stand for no data)"
     stages = plan(cfg, data_fp, until)
     wrong = batches_beyond_data(cfg, spec.rows["train"], [p.name for p in stages]) if spec is not None else None
+    wrong = wrong or missing_classifier(cfg, [p.name for p in stages])
     if wrong:
         print(f"error: {wrong}")
         return Outcome(2)
@@ -369,6 +381,7 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     data_fp = data.fingerprint
     stages = plan(cfg, data_fp, until)
     wrong = batches_beyond_data(cfg, data.rows["train"], [p.name for p in stages])
+    wrong = wrong or missing_classifier(cfg, [p.name for p in stages])
     if wrong:
         print(f"error: {wrong}")
         return Outcome(2)

@@ -9,6 +9,8 @@ workers: the driver builds the family's sampler, and Ray tasks (one GPU each whe
 (seed, first image). Output folder:
     samples/grid.png      the images in a grid
     samples/samples.npz   images (uint8 [N, C, H, W]), codes per level (level0 = top), labels
+With ``sample.classifier`` (grayscale digits), the fixed MNIST classifier of models/digits.py
+scores them: ``sample_confidence`` and ``sample_label_entropy`` (a digit-space proxy for IS/FID).
 """
 from __future__ import annotations
 
@@ -50,5 +52,22 @@ def run(ctx: StageContext) -> StageResult:
     if labels is not None:
         arrays["labels"] = labels.numpy()
     np.savez_compressed(folder / "samples.npz", **arrays)
-    return StageResult(metrics={"num_samples": float(scfg.num_samples), "temperature": scfg.temperature},
-                       output_dir=ctx.output_dir)
+    metrics = {"num_samples": float(scfg.num_samples), "temperature": scfg.temperature}
+    if scfg.classifier:
+        metrics.update(classifier_scores(scfg.classifier, images))
+    return StageResult(metrics=metrics, output_dir=ctx.output_dir)
+
+
+def classifier_scores(path: str, images) -> dict[str, float]:
+    """The samples scored by the digit classifier whose weights are at ``path``."""
+    from models.digits import DigitClassifier, digit_scores
+
+    from .base import load_weights
+
+    if images.shape[1] != 1:
+        raise ValueError(f"sample.classifier scores grayscale digits; these samples have {images.shape[1]} channels")
+    classifier = DigitClassifier()
+    load_weights(classifier, path)
+    scores = digit_scores(classifier, images)
+    return {"sample_confidence": scores["confidence"], "sample_label_entropy": scores["label_entropy"],
+            "sample_digits_seen": scores["digits_seen"]}

@@ -68,6 +68,17 @@ def test_a_batch_larger_than_the_training_split_is_refused_before_any_work(tmp_p
     assert not (tmp_path / "db").exists()  # nothing started
 
 
+def test_a_missing_sample_classifier_is_named_before_any_work(tmp_path):
+    run = [sys.executable, "-m", "pipeline", "run", str(ROOT / "configs/smoke.yaml"), "sample.classifier=no/digits.pt",
+           f"cluster.storage_path={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'db'}"]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"error: sample.classifier: no file {tmp_path / 'no/digits.pt'} (`make classifier` trains the MNIST "
+        f"classifier once and writes data/mnist_classifier.pt)")
+    assert not (tmp_path / "db").exists()
+
+
 @pytest.mark.parametrize("command", [["resume", "0123abcd"], ["report"]])
 def test_looking_at_a_store_that_is_not_there_creates_none(tmp_path, command):
     proc = subprocess.run([sys.executable, "-m", "pipeline", *command], capture_output=True, text=True,
