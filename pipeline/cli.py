@@ -50,23 +50,24 @@ def _run_seeds(args, config_path, overrides, cfg) -> int:
     their mean ± the s.d. over the seeds."""
     from pathlib import Path
 
-    from .config import TRAINING_SEEDS, setup_key
+    from .config import TRAINING_SEEDS
     from .report import report
     from .runner import run_pipeline
     from .tracking import Tracker
 
-    first = cfg.stage1.seed
+    first, evaluated = cfg.stage1.seed, None
     for i in range(args.seeds):
         seeded = load_config(config_path, [*overrides, *(f"{key}={first + i}" for key in TRAINING_SEEDS)])
         print(f"== seed {first + i} ({i + 1} of {args.seeds}) ==", flush=True)
-        code = run_pipeline(seeded, dry_run=args.dry_run, config_path=config_path, force=args.force,
-                            until=args.until).code
-        if code:
-            return code
-    if args.dry_run or (args.until and args.until != "evaluate"):
+        outcome = run_pipeline(seeded, dry_run=args.dry_run, config_path=config_path, force=args.force, until=args.until)
+        if outcome.code:
+            return outcome.code
+        evaluated = outcome.run_ids.get("evaluate", evaluated)
+    if evaluated is None:  # (--dry-run, or --until before evaluate)
         return 0
-    return report(Tracker(cfg.tracking, create=False), dataset=None, model=None,
-                  tags={"hvae.setup": setup_key(cfg)}, out=Path("report.md"))
+    tracker = Tracker(cfg.tracking, create=False)
+    setup = tracker.client.get_run(evaluated).data.tags["hvae.setup"]  # the same for every seed's evaluate run
+    return report(tracker, dataset=None, model=None, tags={"hvae.setup": setup}, out=Path("report.md"))
 
 
 def cmd_sweep(args) -> int:

@@ -479,15 +479,18 @@ def to_yaml(cfg: PipelineConfig) -> str:
 TRAINING_SEEDS = ("stage1.seed", "priors.seed")  # what `hvae run --seeds N` varies
 
 
-def setup_key(cfg: PipelineConfig) -> str:
-    """The config without its training seeds and without where it runs (cluster, tracking, sweep):
-    runs with the same key differ in seed alone, and ``hvae report`` gives their mean ± s.d."""
+def setup_key(cfg: PipelineConfig, data_fingerprint: str) -> str:
+    """The config without its training seeds and without where it runs (cluster, tracking, sweep,
+    the data's folder: its fingerprint stands for it): runs with the same key differ in seed alone,
+    and ``hvae report`` gives their mean ± s.d."""
     import hashlib
     import json
 
     raw = cfg.model_dump(mode="json")
     for key in ("cluster", "tracking", "sweep"):
         raw.pop(key, None)
+    raw["data"].pop("root", None)
+    raw["data_fingerprint"] = data_fingerprint
     for path in TRAINING_SEEDS:
         section, name = path.split(".")
         raw.get(section, {}).pop(name, None)

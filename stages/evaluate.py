@@ -111,7 +111,7 @@ def run(ctx: StageContext) -> StageResult:
     tags = {"hvae.model": family.name, "hvae.model_name": name, "hvae.dataset": ctx.config.data.dataset,
             "hvae.dataset_desc": dataset, "hvae.structure": structure, "hvae.bound": row["bound"],
             # runs with the same setup differ in their training seeds alone (hvae report: mean ± s.d.)
-            "hvae.setup": setup_key(ctx.config), "hvae.seed": f"{ctx.config.stage1.seed}/{ctx.config.priors.seed}"}
+            "hvae.setup": setup_key(ctx.config, ctx.data.fingerprint), "hvae.seed": f"{ctx.config.stage1.seed}/{ctx.config.priors.seed}"}
     if bench:  # its test set and unit are a published benchmark's: hvae report shows those rows beside it
         tags["hvae.benchmark"] = bench
     return StageResult(metrics=metrics, output_dir=ctx.output_dir, tags=tags)

@@ -25,6 +25,11 @@ def test_stage1_child_run_is_tracked_with_tags_metrics_and_artifacts(smoke_run):
     assert len(tags["hvae.fingerprint"]) == 16
     assert math.isfinite(child.data.metrics["val_loss"])
     assert child.data.metrics["val_bpd"] > 0
+    # the reconstruction's squared error and the codebooks' scale-free fit, every epoch
+    assert 0 < child.data.metrics["val_mse"] < 1
+    for l in (0, 1):
+        assert 0 < child.data.metrics[f"val_rel_quant_err_level{l}"] < 2
+        assert len(client.get_metric_history(child.info.run_id, f"train_rel_quant_err_level{l}")) == 2
     # per-epoch curves from rank 0 (smoke: 2 epochs)
     history = client.get_metric_history(child.info.run_id, "val_loss")
     assert sorted(m.step for m in history) == [0, 1]
@@ -33,6 +38,11 @@ def test_stage1_child_run_is_tracked_with_tags_metrics_and_artifacts(smoke_run):
     figures = {f.path for f in client.list_artifacts(child.info.run_id, "figures")}
     assert figures == {"figures/reconstructions.png", "figures/codebook_usage.png"}
     assert parent.info.run_id in proc.stdout  # the user is told where the run is
+    # the weights handed on are the best validation epoch's (train.keep=best), and the run says which
+    nll = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "val_nll_nats")}
+    best = min(nll, key=lambda e: (nll[e], e))
+    assert child.data.metrics["kept_epoch"] == best and child.data.metrics["kept_val_nll_nats"] == nll[best]
+    assert tags["hvae.kept"].startswith(f"epoch {best + 1} of 2, the lowest val_nll_nats")
 
 
 def test_checkpoint_loads_with_weights_only(smoke_run):
@@ -53,7 +63,7 @@ def test_checkpoint_loads_with_weights_only(smoke_run):
     assert [tuple(c.shape) for c in model.encode(x)] == [(2, 4, 4), (2, 8, 8)]
     # Ray Train's own checkpoint (optimizer, scheduler, epoch) sits under the storage path
     ckpts = list((cwd / "ray_results").glob("stage1-*/checkpoint_*/state.pt"))
-    assert ckpts and set(torch.load(ckpts[0], weights_only=True)) == {"model", "optimizer", "scheduler"}
+    assert ckpts and set(torch.load(ckpts[0], weights_only=True)) <= {"model", "optimizer", "scheduler", "best"}
 
 
 STAGES = ["stage1", "extract", "priors", "sample", "evaluate"]
@@ -64,7 +74,7 @@ ARTIFACTS = {
     "extract": ["codes/schema.json", "codes/train", "codes/val", "codes/test"],
     "priors": ["model/prior_level0.pt", "model/prior_level1.pt", "model/priors.json"],
     "sample": ["samples/grid.png", "samples/samples.npz"],
-    "evaluate": ["report/nll_table.md"],
+    "evaluate": ["report/nll_table.md", "report/per_image_nll.csv"],
 }
 
 
@@ -101,6 +111,16 @@ def test_five_stages_finish_under_one_parent_each_consuming_the_one_before(smoke
     assert m["test_dims"] == 784
     assert m["test_nll_bpd"] == pytest.approx(m["test_nll_nats"] / (784 * math.log(2)))
     assert children["evaluate"].data.tags["hvae.dataset_desc"].endswith("1×28×28 real pixels in 1×32×32)")
+    # every test image's own bound, in index order: their mean is the NLL, their spread its s.e.
+    import mlflow.artifacts
+    import numpy as np
+
+    csv = mlflow.artifacts.download_artifacts(run_id=children["evaluate"].info.run_id, dst_path=str(cwd / "pi"),
+                                              artifact_path="report/per_image_nll.csv", tracking_uri=f"sqlite:///{cwd}/mlruns.db")
+    table = np.loadtxt(csv, delimiter=",", skiprows=1)
+    assert len(table) == m["test_images"] and (np.diff(table[:, 0]) > 0).all()
+    assert table[:, 1].mean() == pytest.approx(m["test_nll_nats"], rel=1e-5)
+    assert m["test_nll_nats_se"] == pytest.approx(table[:, 1].std(ddof=1) / len(table) ** 0.5, rel=1e-4)
     # per-epoch bits per code of each prior level
     assert client.get_metric_history(children["priors"].info.run_id, "val_bits_per_code_level1")
     # the codes are registered as the extract run's dataset inputs
@@ -197,7 +217,13 @@ def test_the_naive_sampler_draws_the_pipelines_samples(smoke_run, tmp_path):
     cwd, _, parent_id = smoke_run
     for name in ("mlruns.db", "ray_results"):  # a copy of the store: the shared one stays as it is
         (shutil.copytree if (cwd / name).is_dir() else shutil.copy)(cwd / name, tmp_path / name)
-    proc = hvae(tmp_path, "run", SMOKE, "sample.cached=false", "--until", "sample", timeout=300)
+    from models.digits import DigitClassifier, digit_scores
+
+    torch.manual_seed(0)
+    classifier = DigitClassifier()  # (untrained: the scores are checked for what they compute)
+    torch.save(classifier.state_dict(), tmp_path / "digits.pt")
+    proc = hvae(tmp_path, "run", SMOKE, "sample.cached=false", f"sample.classifier={tmp_path / 'digits.pt'}",
+                "--until", "sample", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert re.search(r"^\[hvae\] sample: run as", proc.stdout, re.M) and "priors: reuse" in proc.stdout
     parent = re.search(r"MLflow parent run ([0-9a-f]{32})", proc.stdout).group(1)
@@ -206,3 +232,35 @@ def test_the_naive_sampler_draws_the_pipelines_samples(smoke_run, tmp_path):
     assert sorted(naive.files) == sorted(cached.files) and "level1" in naive.files
     for key in naive.files:
         assert np.array_equal(naive[key], cached[key]), key
+    # the digit classifier scored the samples
+    logged = pipeline_runs(tmp_path, parent)["sample"].data.metrics
+    scores = digit_scores(classifier, torch.from_numpy(naive["images"]))
+    assert logged["sample_confidence"] == pytest.approx(scores["confidence"], rel=1e-5)
+    assert logged["sample_label_entropy"] == pytest.approx(scores["label_entropy"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_seeds_runs_the_pipeline_per_training_seed_and_reports_their_mean_and_sd(smoke_run, tmp_path):
+    """--seeds 2: seed 0 is the shared smoke pipeline (reused whole), seed 1 trains anew; the
+    report gives both rows and their mean ± the s.d. over the seeds."""
+    import shutil
+
+    cwd, _, _ = smoke_run
+    for name in ("mlruns.db", "ray_results"):  # a copy of the store: the shared one stays as it is
+        (shutil.copytree if (cwd / name).is_dir() else shutil.copy)(cwd / name, tmp_path / name)
+    proc = hvae(tmp_path, "run", SMOKE, "--seeds", "2", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    first, second = proc.stdout.split("== seed 1 (2 of 2) ==")
+    assert "== seed 0 (1 of 2) ==" in first and "[hvae] evaluate: reuse" in first
+    assert "[hvae] stage1: run as" in second
+    _, all_runs = runs(tmp_path)
+    evaluated = [r for r in all_runs if r.data.tags.get("hvae.stage") == "evaluate"]
+    assert sorted(r.data.tags["hvae.seed"] for r in evaluated) == ["0/0", "1/1"]
+    assert len({r.data.tags["hvae.setup"] for r in evaluated}) == 1
+    nats = [r.data.metrics["test_nll_nats"] for r in evaluated]
+    mean_row = next(line for line in proc.stdout.splitlines() if "(mean of 2 seeds)" in line)
+    cell = mean_row.split("|")[5]  # "≤ 2010.93 ± 1.23"
+    mean, sd = (float(v) for v in cell.replace("≤", "").split("±"))
+    assert mean == pytest.approx(sum(nats) / 2, abs=0.01)
+    assert sd == pytest.approx(abs(nats[0] - nats[1]) / 2 ** 0.5, abs=0.01)
+    assert (tmp_path / "report.md").read_text().count("(mean of 2 seeds)") == 1
