@@ -136,6 +136,13 @@ def train_stage1(ctx: StageContext, family, model_config: dict):
                datasets=ctx.datasets or training_datasets(data, ctx.upstream), callbacks=ctx.train_callbacks)
 
 
+def squared_error(likelihood, params, x):
+    """The summed per-image mean squared error of the reconstruction (the decoder's mean) on
+    [0, 1] pixels: a tensor; ``sq_err`` in every family's sums, ``*_mse`` once divided by n."""
+    mean = likelihood.mean(params.float()) / 255.0
+    return ((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum()
+
+
 def quality(mse: float) -> dict[str, float]:
     """Test reconstruction MSE on [0, 1] pixels and its PSNR in dB."""
     return {"test_mse": mse, "test_psnr": 10 * math.log10(1.0 / max(mse, 1e-12))}

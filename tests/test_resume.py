@@ -129,7 +129,7 @@ def test_a_killed_and_resumed_stage1_equals_an_uninterrupted_one(tmp_path):
     finally:
         _crash(proc)
     # (a crashed machine: nothing of the run goes on; the resume below starts once it is all gone)
-    wait_for(lambda: not _train_worker_pids(), 60, "the killed run's training workers to end")
+    wait_for(lambda: not _train_worker_pids(proc), 60, "the killed run's training workers to end")
     assert proc.returncode != 0, "the driver finished before it could be killed"
     _, all_runs = runs(cut_dir)
     cut_parent = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline")
@@ -213,7 +213,7 @@ def _crash(proc) -> None:
     import os
     import signal
 
-    for pid in _train_worker_pids():
+    for pid in _train_worker_pids(proc):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -221,9 +221,13 @@ def _crash(proc) -> None:
     kill_group(proc)
 
 
-def _train_worker_pids():
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in ps.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
+def _train_worker_pids(proc):
+    """The Ray Train workers of the run ``proc`` started (in its own session: Ray gives each
+    worker a process group of its own, but they keep the session), not those of any other
+    run on the machine (a user's, another test's)."""
+    ps = subprocess.run(["ps", "-eo", "pid,sid,args"], capture_output=True, text=True).stdout
+    rows = (line.split(None, 2) for line in ps.splitlines()[1:])
+    return [int(pid) for pid, sid, *args in rows if int(sid) == proc.pid and args and "RayTrainWorker" in args[0]]
 
 
 @pytest.mark.slow
@@ -239,7 +243,7 @@ def test_a_lost_worker_restarts_from_the_last_checkpoint(tmp_path):
         # with three on disk, the first is registered and a restart must restore from it.
         wait_for(lambda: len(list(tmp_path.glob("ray_results/stage1-*/checkpoint_*/meta.json"))) >= 3
                   or proc.poll() is not None, 300, "three stage-1 checkpoints")
-        pids = _train_worker_pids()
+        pids = _train_worker_pids(proc)
         assert pids, "no Ray Train worker process found"
         os.kill(pids[-1], signal.SIGKILL)
         proc.wait(timeout=600)
@@ -316,7 +320,7 @@ def test_a_signal_during_training_stops_it_marks_the_runs_killed_and_says_how_to
     assert log.rstrip().splitlines()[-1].endswith(f"during stage1: runs marked KILLED, checkpoints kept; "
                                                   f"resume with: hvae resume {parent.info.run_id}"), log[-2000:]
     assert parent.info.status == "KILLED" and stage_runs(all_runs, "stage1")[0].info.status == "KILLED"
-    wait_for(lambda: not _train_worker_pids(), 10, "the training workers to end")
+    wait_for(lambda: not _train_worker_pids(proc), 10, "the training workers to end")
     assert list(tmp_path.glob("ray_results/stage1-*/checkpoint_*/meta.json"))
     plan = hvae(tmp_path, *args, "--dry-run")
     assert re.search(r"#   stage1\s+resume after epoch \d+", plan.stdout), plan.stdout[-2000:]

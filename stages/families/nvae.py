@@ -20,7 +20,7 @@ from pydantic import Field
 
 from pipeline.schema import Section
 from stages.families import IMAGE_NATS, Family
-from stages.images import ImageTask, quality, save_bars, save_reconstructions
+from stages.images import ImageTask, quality, save_bars, save_reconstructions, squared_error
 
 # tests only: make the KL non-finite at this global step (read by the driver, passed to the task)
 INJECT_NAN_ENV = "HVAE_TEST_INJECT_NAN_AT_STEP"
@@ -124,10 +124,9 @@ def iw_sums(model, x, k: int, seed: int, together: int = 1) -> dict:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         out = model(x, generator=gen)
-        mean = model.likelihood.mean(out["params"]) / 255.0
         iw = iw_bound(model.log_weights(x, k, generator=gen, together=together)).double()
         return {"count": float(len(x)), "recon": float(out["nll"].sum()), "kl": float(out["kl"].sum()),
-                "iw": float(iw.sum()), "sq_err": float(((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum()),
+                "iw": float(iw.sum()), "sq_err": float(squared_error(model.likelihood, out["params"], x)),
                 IMAGE_NATS: (-iw).cpu().numpy()}
 
 

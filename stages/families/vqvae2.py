@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from pipeline.schema import Section
 from stages.families import IMAGE_NATS, Family, add_up
-from stages.images import ImageTask, quality, save_bars, save_reconstructions
+from stages.images import ImageTask, quality, save_bars, save_reconstructions, squared_error
 
 
 class VQVAE2Config(Section):
@@ -89,9 +89,7 @@ class VQTask(ImageTask):
         sums = self._sums(out, x)
         for l, st in enumerate(out["stats"]):
             sums[f"usage_level{l}"] = st["usage"]
-        core = getattr(model, "module", model)
-        mean = core.likelihood.mean(out["params"].float()) / 255.0  # the reconstruction, [0, 1]
-        sums["sq_err"] = ((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum()
+        sums["sq_err"] = squared_error(getattr(model, "module", model).likelihood, out["params"], x)
         return sums
 
     def summarize(self, split, sums):
@@ -132,8 +130,7 @@ def nll_sums(vq, priors, x, y) -> dict:
         sums[IMAGE_NATS] = image.cpu().numpy()
         if labels is not None:  # the bound is then one on -log p(x | y)
             sums["conditional"] = float(len(x))
-        mean = vq.likelihood.mean(out["params"]) / 255.0
-        sums["sq_err"] = float(((mean - x.float() / 255.0) ** 2).flatten(1).mean(1).sum())
+        sums["sq_err"] = float(squared_error(vq.likelihood, out["params"], x))
         for l, c in enumerate(out["codes"]):
             sums[f"usage{l}"] = torch.bincount(c.flatten(), minlength=vq.codebook_sizes[l]).double().cpu().numpy()
     return sums
