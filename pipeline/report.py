@@ -134,9 +134,11 @@ def report(tracker: Tracker, *, dataset: str | None, model: str | None, tags: di
     text += paired(tracker, rows)
     print(text)
     out.write_text(text)
-    run_id = tracker.start_run(f"report-{datetime.now():%Y%m%d-%H%M%S}", {"hvae.kind": "report"},
-                               params={"filters": {"dataset": dataset, "model": model, **tags}, "rows": len(rows)})
-    tracker.log_text(run_id, text, "report.md")
-    tracker.finish(run_id)
-    print(f"written to {out}; MLflow run {run_id} holds it as report.md")
+    kept = tracker.reports()  # (its own experiment: a report is no pipeline to list among them)
+    run_id = kept.start_run(f"report-{datetime.now():%Y%m%d-%H%M%S}",
+                            {"hvae.kind": "report", "hvae.experiment": tracker.experiment_name},
+                            params={"filters": {"dataset": dataset, "model": model, **tags}, "rows": len(rows)})
+    kept.log_text(run_id, text, "report.md")
+    kept.finish(run_id)
+    print(f"written to {out}; MLflow run {run_id} in experiment '{kept.experiment_name}' holds it as report.md")
     return 0

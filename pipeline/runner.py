@@ -22,7 +22,7 @@ from pathlib import Path
 from stages import checkpoints, families
 from stages.base import StageContext, StageError
 
-from . import datasets, graph, signals
+from . import datasets, graph, results_page, signals
 from .config import PipelineConfig, to_yaml
 from .liveness import TAG_DRIVER, TAG_HEARTBEAT, Heartbeat, is_dead, this_driver
 from .manifest import ManifestError, verify_manifest, write_manifest
@@ -321,10 +321,12 @@ def _open_parent(tracker, cfg: PipelineConfig, data_fp: str, config_path: str | 
 
     family = families.of(cfg)
     job = os.environ.get(JOB_ENV)
+    commit = results_page.git_commit(Path(__file__).resolve().parent.parent)
     parent_id = tracker.start_parent(
-        f"pipeline-{datetime.now():%Y%m%d-%H%M%S}", cfg.model_dump(mode="json", exclude={"sweep"}),
+        f"{family.name}-{cfg.data.dataset}-{datetime.now():%Y%m%d-%H%M%S}", cfg.model_dump(mode="json", exclude={"sweep"}),
         tags={"hvae.kind": "pipeline", "hvae.dataset": cfg.data.dataset, "hvae.model": family.name,
               "hvae.data_fingerprint": data_fp, TAG_DRIVER: this_driver(), **extra_tags,
+              **({results_page.COMMIT: commit[0], "hvae.git_dirty": str(commit[1]).lower()} if commit else {}),
               **({"hvae.config_file": config_path} if config_path else {}),
               **({TAG_JOB: job} if job else {}),
               **({TAG_PARENT: parent_of} if parent_of else {})},
@@ -395,10 +397,23 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     with Heartbeat(tracker.uri, parent_id):
         outcome = _run_stages(tracker, cfg, stages, forced, parent_id, data)
     if outcome.code == 0:
-        tracker.log_metrics(parent_id, {"pipeline_seconds": time.perf_counter() - t0})
+        tracker.log_metrics(parent_id, {"pipeline_seconds": time.perf_counter() - t0,
+                                        **results_page.headline(outcome.rows)})
+        _publish(tracker, cfg, data, outcome, parent_id)
         tracker.finish(parent_id)
         _print_summary(outcome.rows, tracker, parent_id, outcome.outputs)
     return Outcome(outcome.code, parent_id, outcome.run_ids)
+
+
+def _publish(tracker, cfg: PipelineConfig, data, done, parent_id: str) -> None:
+    """The parent run's page: its description (pipeline/results_page.py) from the stages' results."""
+    evaluated = done.run_ids.get("evaluate")
+    table = done.outputs["evaluate"] / graph.get("evaluate").printed if evaluated else None
+    text = results_page.page(cfg, data.describe(), done.rows, done.outputs, done.run_ids,
+                             tracker.client.get_run(evaluated).data.tags if evaluated else None,
+                             table.read_text() if table is not None and table.is_file() else None,
+                             results_page.git_commit(Path(__file__).resolve().parent.parent))
+    tracker.set_tags(parent_id, {results_page.NOTE: text})
 
 
 def local_area(storage_path: str) -> Path:

@@ -86,6 +86,7 @@ class Tracker:
 
         self.uri = resolve_uri(tracking_cfg.uri)
         self.experiment_name = tracking_cfg.experiment
+        self._cfg = tracking_cfg
         if self.uri.startswith(("http://", "https://")):
             from .reach import http
 
@@ -103,6 +104,11 @@ class Tracker:
                 )
                 exp = self.client.get_experiment_by_name(tracking_cfg.experiment)
         self.experiment_id = exp.experiment_id if exp is not None else None
+
+    def reports(self) -> "Tracker":
+        """The tracker of this experiment's reports (``<experiment>-reports``, created when
+        missing): `hvae report` runs kept out of the pipelines' run list."""
+        return Tracker(self._cfg.model_copy(update={"experiment": f"{self.experiment_name}-reports"}))
 
     @property
     def shown_uri(self) -> str:
@@ -250,4 +256,4 @@ class Tracker:
         return self.client.get_run(run_id).info.artifact_uri
 
     def ui_url(self, run_id: str, host: str = "http://127.0.0.1:5000") -> str:
-        return f"{host}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{host}/#/experiments/{self.experiment_id}/runs/{run_id}?workflowType=machine_learning"

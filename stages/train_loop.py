@@ -561,4 +561,6 @@ def fit(spec: LoopSpec, *, name: str, storage_path: str, cluster, datasets: dict
     state, meta = found.load()
     metrics = {k: float(v) for k, v in meta["metrics"].items() if not k.endswith(("startup_seconds", "report_seconds"))}
     weights, kept_metrics, line = kept(state, meta, spec.keep, getattr(spec.make_task, "select_metric", "val_loss"))
-    return Fitted(state, meta, found.path, {**metrics, **kept_metrics, "fit_seconds": seconds}, weights, line)
+    # the LR schedule moves once per optimizer step: its count is the steps trained, resumes included
+    steps = {"optimizer_steps": float(state["scheduler"]["last_epoch"])} if "scheduler" in state else {}
+    return Fitted(state, meta, found.path, {**metrics, **kept_metrics, **steps, "fit_seconds": seconds}, weights, line)

@@ -45,6 +45,36 @@ def test_stage1_child_run_is_tracked_with_tags_metrics_and_artifacts(smoke_run):
     assert tags["hvae.kept"].startswith(f"epoch {best + 1} of 2, the lowest val_nll_nats")
 
 
+def test_the_parent_run_is_a_results_page(smoke_run):
+    """Its description shows the test NLL, the samples and reconstructions (from the stage runs'
+    artifacts, through the UI's get-artifact route), the NLL table, the data, epochs and steps,
+    the commit; the headline metrics sit on the parent; its name says model and dataset."""
+    from urllib.parse import quote
+
+    cwd, proc, parent_id = smoke_run
+    client, _ = runs(cwd)
+    parent, children = client.get_run(parent_id), pipeline_runs(cwd, parent_id)
+    evaluated = children["evaluate"].data.metrics
+    assert re.fullmatch(r"vqvae2-mnist5k-\d{8}-\d{6}", parent.info.run_name)
+    for key in ("test_nll_nats", "test_nll_nats_se", "test_nll_bpd", "test_prior_bpd"):
+        assert parent.data.metrics[key] == evaluated[key], key
+    steps = children["stage1"].data.metrics["optimizer_steps"]
+    assert parent.data.metrics["stage1_optimizer_steps"] == steps > 0
+    page = parent.data.tags["mlflow.note.content"]
+    assert f"≤ {evaluated['test_nll_nats']:.2f} ± " in page.splitlines()[0]
+    for stage, path in (("sample", "samples/grid.png"), ("stage1", "figures/reconstructions.png")):
+        link = f"get-artifact?path={quote(path, safe='')}&run_uuid={children[stage].info.run_id}"
+        assert f"]({link})" in page, link
+        assert path in {f.path for f in client.list_artifacts(children[stage].info.run_id, path.split("/")[0])}
+    table = client.download_artifacts(children["evaluate"].info.run_id, "report/nll_table.md", str(cwd))
+    assert Path(table).read_text().splitlines()[0] in page  # the table's header row
+    assert f"stage1: 2 epochs, {steps:.0f} optimizer steps" in page and "priors: " in page
+    assert re.search(r"- data: mnist5k: train \d+, val \d+, test \d+ images of 1x32x32", page)
+    commit = parent.data.tags.get("mlflow.source.git.commit")
+    assert commit is None or f"git commit {commit[:12]}" in page  # (a clone has one; an sdist not)
+    assert "?workflowType=machine_learning" in proc.stdout  # the printed link opens the training view
+
+
 def test_checkpoint_loads_with_weights_only(smoke_run):
     import mlflow
 

@@ -56,6 +56,11 @@ def test_nvae_runs_three_stages_and_the_report_compares_it_with_vqvae2(smoke_sto
     assert abs(delta) > 0 and 0 < se < abs(delta) * 10
     only = hvae(tmp_path, "report", "--model", "nvae", "--out", "nvae.md")
     assert only.returncode == 0 and "VQ-VAE-2" not in (tmp_path / "nvae.md").read_text()
+    # the reports' runs have their own experiment: the pipelines' list holds pipelines alone
+    _, listed = runs(tmp_path)
+    assert not [r for r in listed if r.data.tags.get("hvae.kind") == "report"]
+    _, reports = runs(tmp_path, "hvae-reports")
+    assert len(reports) == 2 and all(r.data.tags["hvae.experiment"] == "hvae" for r in reports)
 
 
 def test_a_non_finite_term_stops_stage1_naming_step_and_term_and_keeps_the_checkpoint(tmp_path):

@@ -1,0 +1,109 @@
+"""The pipeline's parent run as a results page: its MLflow description (the tag
+``mlflow.note.content``, Markdown the UI renders on the run page) with the headline NLL, the
+sample grid and the reconstructions (shown from the stage runs' artifacts through the UI's own
+``get-artifact`` route), the NLL table, the data, the epochs and optimizer steps, the git
+commit; and the headline metrics copied onto the parent so pipelines sort and compare in
+the run list. Torch-free: built from the stages' metrics, tags and output folders.
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from urllib.parse import quote
+
+NOTE = "mlflow.note.content"
+COMMIT = "mlflow.source.git.commit"
+LIMIT = 8000  # characters: MLflow's longest tag value
+# what a pipeline's run-list row shows of its stages (each from the stage that logs it)
+HEADLINE = ("test_nll_nats", "test_nll_nats_se", "test_nll_bpd", "test_nll_bpd_se", "test_recon_bpd",
+            "test_prior_bpd", "test_kl_bpd", "test_iw_samples", "test_mse", "sample_confidence",
+            "sample_label_entropy", "val_bpd", "val_bits_per_code")
+# (stage, artifact) of the pictures the page shows, in this order
+PICTURES = (("sample", "samples/grid.png", "samples"), ("stage1", "figures/reconstructions.png",
+                                                        "reconstructions: inputs on odd rows, their reconstructions below"))
+
+
+def headline(rows) -> dict[str, float]:
+    """The stages' summary rows ``(name, status, run id, seconds, metrics)`` -> the metrics the
+    parent carries: the headline ones as logged (a later stage's wins), and each training
+    stage's ``<stage>_optimizer_steps``."""
+    out: dict[str, float] = {}
+    for name, _, _, _, metrics in rows:
+        out.update({k: metrics[k] for k in HEADLINE if k in metrics})
+        if "optimizer_steps" in metrics:
+            out[f"{name}_optimizer_steps"] = metrics["optimizer_steps"]
+    return out
+
+
+def git_commit(folder: Path) -> tuple[str, bool] | None:
+    """(the commit ``folder`` is checked out at, whether files differ from it), or None
+    outside a git work tree (an installed wheel)."""
+    try:
+        sha = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        if sha.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip(), bool(dirty.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def picture(run_id: str, path: str, alt: str) -> str:
+    """An image the run page shows from another run's artifact (a path relative to the UI's root,
+    so it works wherever `hvae ui` or an MLflow server serves the store)."""
+    return f"![{alt}](get-artifact?path={quote(path, safe='')}&run_uuid={run_id})"
+
+
+def _result_line(evaluated: dict | None, metrics: dict) -> str:
+    if not evaluated or "test_nll_nats" not in metrics:
+        return "**No test NLL**: the evaluate stage did not run in this pipeline."
+    bound = evaluated.get("hvae.bound", "")
+    se = lambda k: f" ± {metrics[k]:.4g}" if k in metrics else ""  # noqa: E731
+    return (f"**{evaluated.get('hvae.model_name', '')}** on {evaluated.get('hvae.dataset_desc', '')}: test NLL "
+            f"**{bound} {metrics['test_nll_nats']:.2f}{se('test_nll_nats_se')} nats** per image, "
+            f"{bound} {metrics['test_nll_bpd']:.4f}{se('test_nll_bpd_se')} bits/dim")
+
+
+def _training_lines(cfg, rows) -> list[str]:
+    lines = []
+    for name, status, run_id, _, metrics in rows:
+        section = getattr(cfg, name, None)
+        if section is None or not hasattr(section, "epochs"):
+            continue
+        steps = f", {metrics['optimizer_steps']:.0f} optimizer steps" if "optimizer_steps" in metrics else ""
+        kept = (f", the weights of epoch {metrics['kept_epoch'] + 1:.0f} (train.keep={cfg.train.keep})"
+                if "kept_epoch" in metrics else "")
+        reused = f" (reused from run {run_id})" if status == "REUSED" else ""
+        lines.append(f"- {name}: {section.epochs} epoch{'s' if section.epochs != 1 else ''}{steps}{kept}{reused}")
+    return lines
+
+
+def page(cfg, data_line: str, rows, outputs: dict[str, Path], run_ids: dict[str, str],
+         evaluated: dict | None, table: str | None, commit: tuple[str, bool] | None) -> str:
+    """The description's Markdown, at most ``LIMIT`` characters (the published rows of the NLL
+    table are the first thing left out when it would be longer)."""
+    metrics = headline(rows)
+    pictures = [picture(run_ids[stage], path, alt) for stage, path, alt in PICTURES
+                if stage in outputs and (outputs[stage] / path).is_file()]
+    root = f" from {cfg.data.root}" if cfg.data.dataset != "mnist5k" else ""  # (the embedded digits have none)
+    facts = [f"- data: {cfg.data.dataset}{root}: {data_line}", *_training_lines(cfg, rows)]
+    if commit is not None:
+        facts.append(f"- code: git commit {commit[0][:12]}" + (" with uncommitted changes" if commit[1] else ""))
+    facts.append("- config: the artifact config.yaml; each stage's run is nested under this one")
+    head = [_result_line(evaluated, metrics), "", "  ".join(pictures)] if pictures else [_result_line(evaluated, metrics)]
+    table = table.strip() if table else None
+    for shown in (table, _ours_only(table)):
+        text = "\n".join([*head, "", *([shown, ""] if shown else []), *facts]) + "\n"
+        if len(text) <= LIMIT:
+            return text
+    return "\n".join([*head, "", *facts])[:LIMIT]
+
+
+def _ours_only(table: str | None) -> str | None:
+    """The NLL table without its published rows (a note says where the whole table is)."""
+    if not table:
+        return None
+    kept = [line for line in table.splitlines() if "(published)" not in line]
+    return "\n".join(kept) + "\n\nThe published rows: the evaluate run's report/nll_table.md."
