@@ -2,6 +2,11 @@
 bench/results/bmnist_<model>.md.
 
     .venv/bin/python bench/bmnist.py configs/bmnist_vqvae2.yaml [key=value ...]
+    .venv/bin/python bench/bmnist.py --from FOLDER configs/bmnist_nvae.yaml [key=value ...]
+
+``--from FOLDER`` records the newest finished pipeline in FOLDER instead of starting one (a
+run that was cut and finished by `hvae resume` there): the same config and overrides, the
+wall time then the stage runs' own added up.
 
 Runs `hvae run CONFIG` in a fresh temporary folder on the full MNIST that set-up fetched
 (data.root=<project>/data), then records the wall time, the epochs each training stage ran,
@@ -16,13 +21,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "bench"))
-from common import config_and_overrides, fresh_run, record  # noqa: E402
+from common import config_and_overrides, finished_run, fresh_run, record  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
+    given = argv[argv.index("--from") + 1] if "--from" in argv else None
+    if given:
+        at = argv.index("--from")
+        argv = argv[:at] + argv[at + 2:]
     config, overrides = config_and_overrides(argv)
     overrides = [f"data.root={ROOT / 'data'}", f"sample.classifier={ROOT / 'data' / 'mnist_classifier.pt'}", *overrides]
-    with fresh_run(config, overrides) as (folder, total, client, children):
+    with (finished_run(given) if given else fresh_run(config, overrides)) as (folder, total, client, children):
         ev = children["evaluate"]
         m, tags = ev.data.metrics, ev.data.tags
         drawn = children["sample"].data.metrics
@@ -33,13 +42,16 @@ def main(argv: list[str]) -> int:
         k = int(m.get("test_iw_samples", 1))
         how = (f"the importance-weighted estimate, K = {k}" if k > 1 else
                "the VQ upper bound −log p(x|z_q(x)) − Σ log p(z)" if "test_prior_nats" in m else "the negative ELBO")
-    cmd = " ".join(["python bench/bmnist.py", os.path.relpath(config, ROOT), *argv[1:]])
+    cmd = " ".join(["python bench/bmnist.py", *(["--from FOLDER"] if given else []), os.path.relpath(config, ROOT),
+                    *argv[1:]])
+    resumed = (" Recorded with `--from` from a pipeline that `hvae resume` finished after a cut, reusing the "
+               "stages done before it: the wall time adds up the stage runs' own.") if given else ""
     family = tags.get("hvae.model", "model")
     record(f"bmnist_{family}", cmd, "\n".join([
         f"Whole `hvae run`: **{total / 60:.0f} min** ({epochs}). Test NLL on the 10,000 binarized test "
         f"digits: **{tags.get('hvae.bound', '')} {m['test_nll_nats']:.2f} nats per image** "
         f"({m['test_nll_bpd']:.4f} bits/dim over 784 pixels) ± {m['test_nll_nats_se']:.2f} (the standard error over "
-        f"the test digits), {how}; one seed."
+        f"the test digits), {how}; one seed.{resumed}"
         + (f" Of it, the reconstruction {m['test_recon_nats']:.2f} nats and the priors {m['test_prior_nats']:.2f}: "
            "a one-hot posterior pays every code's full cost." if "test_prior_nats" in m else ""),
         f"Its {int(drawn['num_samples'])} samples, scored by the MNIST classifier (bench/classifier.py): mean "

@@ -199,10 +199,23 @@ def cmd_fetch(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hvae", description=__doc__.split("\n")[0])
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("hvae")
+    except PackageNotFoundError:  # (run from a source folder that was never installed)
+        installed = "unknown"
+    parser = argparse.ArgumentParser(
+        prog="hvae", description="Two-stage hierarchical generative models (VQ-VAE-2, NVAE) as a Ray + MLflow pipeline.",
+        epilog="examples:\n  hvae run configs/default.yaml stage1.epochs=3\n  hvae run configs/nvae.yaml --dry-run\n"
+               "  hvae report --dataset mnist5k\n  hvae resume <parent run id>\n  hvae ui",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hvae {installed}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the pipeline on a config")
+    run = sub.add_parser("run", help="run the pipeline on a config", formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="examples:\n  hvae run configs/default.yaml\n  hvae run configs/smoke.yaml stage1.epochs=3 "
+                                "--until stage1\n  hvae run configs/vqvae2.yaml --seeds 3")
     run.add_argument("items", nargs="*", metavar="CONFIG | key=value",
                      help="a YAML config (optional, first), then dotted overrides like stage1.epochs=3")
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and the stages, run nothing")
@@ -216,21 +229,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     sweep = sub.add_parser("sweep", help="search a training stage's settings with Ray Tune (the config's sweep section)")
-    sweep.add_argument("items", nargs="*", metavar="CONFIG | key=value")
+    sweep.add_argument("items", nargs="*", metavar="CONFIG | key=value",
+                       help="a YAML config with a sweep: section (e.g. configs/sweep.yaml), then dotted overrides")
     sweep.set_defaults(func=cmd_sweep)
 
     resume = sub.add_parser("resume", help="re-run an earlier pipeline from its recorded config")
-    resume.add_argument("parent_run_id")
+    resume.add_argument("parent_run_id", help="the MLflow parent run of the pipeline (its run prints it; "
+                                              "`resume with:` after a signal)")
     resume.add_argument("items", nargs="*", metavar="key=value", help="overrides on top of the recorded config")
     resume.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: ./mlruns.db)")
-    resume.add_argument("--force", action="append", default=[], metavar="STAGE")
+    resume.add_argument("--force", action="append", default=[], metavar="STAGE",
+                        help="re-run STAGE and every stage after it instead of reusing them")
     resume.add_argument("--until", choices=graph.names(), metavar="STAGE", help="stop after STAGE")
     resume.set_defaults(func=cmd_resume)
 
     from .jobs import default_address
 
     submit = sub.add_parser("submit", help="run the pipeline as a Ray job on a cluster (Ray Jobs API)")
-    submit.add_argument("items", nargs="*", metavar="CONFIG | key=value")
+    submit.add_argument("items", nargs="*", metavar="CONFIG | key=value",
+                        help="a YAML config (optional, first), then dotted overrides, as for `hvae run`")
     submit.add_argument("--address", default=default_address(),
                         help="the cluster's dashboard/jobs address (default: $RAY_API_SERVER_ADDRESS or %(default)s)")
     submit.add_argument("--no-wait", action="store_true",
@@ -244,15 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("status", cmd_status, "show a submitted job's status"),
                              ("stop", cmd_stop, "stop a submitted job")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("job_id")
-        p.add_argument("--address", default=default_address())
+        p.add_argument("job_id", help="the job id `hvae submit` printed (raysubmit_...)")
+        p.add_argument("--address", default=default_address(),
+                       help="the cluster's dashboard/jobs address (default: $RAY_API_SERVER_ADDRESS or %(default)s)")
         if name == "status":
             p.add_argument("--logs", action="store_true", help="print the job's logs too")
         p.set_defaults(func=func)
 
     rep = sub.add_parser("report", help="the NLL table of every finished evaluate run (printed, Markdown, MLflow)")
     rep.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: ./mlruns.db)")
-    rep.add_argument("--experiment", default="hvae")
+    rep.add_argument("--experiment", default="hvae", help="the MLflow experiment to read (default: %(default)s)")
     rep.add_argument("--dataset", help="only this data.dataset (e.g. mnist5k)")
     rep.add_argument("--model", choices=families.names(), help="only this model family (stage1.model)")
     rep.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag")
@@ -266,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=cmd_fetch)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=5000, help="the port on 127.0.0.1 (default: %(default)s)")
     ui.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: ./mlruns.db)")
     ui.set_defaults(func=cmd_ui)
     return parser

@@ -389,6 +389,19 @@ _Loader.add_implicit_resolver(
 def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
+def _near(loc: tuple) -> str | None:
+    """The known key closest to an unknown one (``stage1.epochz`` -> ``epochs``), if any is close."""
+    import difflib
+
+    model = PipelineConfig
+    for part in loc[:-1]:
+        field_ = getattr(model, "model_fields", {}).get(part)
+        model = field_.annotation if field_ is not None else None
+    names = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _format_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
@@ -398,7 +411,8 @@ def _format_error(err: ValidationError) -> str:
             continue
         key = key or "config"
         if e["type"] == "extra_forbidden":
-            parts.append(f"{key}: unknown key")
+            near = _near(e["loc"])
+            parts.append(f"{key}: unknown key" + (f" (did you mean {near}?)" if near else ""))
         else:
             msg = e["msg"].removeprefix("Value error, ")
             parts.append(f"{key}: {msg} (got {e.get('input')!r})" if e["type"] != "value_error" else f"{key}: {msg}")

@@ -21,8 +21,10 @@ def test_defaults_and_overrides():
 
 
 @pytest.mark.parametrize("override,key", [
-    ("stage1.epochz=3", "stage1.epochz: unknown key"),
+    ("stage1.epochz=3", "stage1.epochz: unknown key (did you mean epochs?)"),
     ("bogus.x=1", "bogus: unknown key"),
+    ("trian.keep=last", "trian: unknown key (did you mean train?)"),
+    ("nvae.scale=2", "nvae.scale: unknown key (did you mean scales?)"),
     ("stage1.epochs=abc", "stage1.epochs: Input should be a valid integer"),
     ("cluster.use_gpu=maybe", "cluster.use_gpu: Input should be a valid boolean"),
     ("data.dataset=svhn", "data.dataset: Input should be"),
@@ -113,7 +115,7 @@ def test_cli_fails_before_any_work_with_one_line():
     proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "configs/smoke.yaml"),
                            "stage1.epochz=1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "config error: stage1.epochz: unknown key"
+    assert proc.stderr.strip() == "config error: stage1.epochz: unknown key (did you mean epochs?)"
     assert proc.stdout == ""
 
 
@@ -230,3 +232,24 @@ def test_num_workers_auto_is_one_worker_per_node_with_its_cpus_or_one_per_gpu():
     assert resolve_layout(fixed) is fixed  # a count given is kept (and Ray is not asked)
     with pytest.raises(ConfigError, match="cluster.num_workers"):
         load_config(None, ["cluster.num_workers=many"])
+
+
+def test_top_help_has_examples_and_no_markup_and_the_version_is_shown():
+    from importlib.metadata import version
+
+    shown = subprocess.run([sys.executable, "-m", "pipeline", "--version"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.strip() == f"hvae {version('hvae')}"
+    helped = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "``" not in helped.stdout
+    assert "examples:" in helped.stdout and "hvae run configs/default.yaml" in helped.stdout
+
+
+def test_every_argument_of_every_command_says_what_it_is():
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, p in commands.choices.items()
+              for a in p._actions if not a.help]
+    assert silent == []
