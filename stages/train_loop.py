@@ -522,6 +522,17 @@ def _fit_interruptibly(trainer) -> None:
         raise outcome["error"]
 
 
+def planned_steps(spec: LoopSpec, world: int) -> str:
+    """The line that says how long a training stage is, in the units that decide what it
+    learns: epochs, batches per worker and optimizer steps."""
+    task = spec.make_task(**spec.task_args)  # (a task's constructor only keeps its arguments)
+    batches = task.steps_per_epoch(world)
+    steps = spec.epochs * math.ceil(batches / spec.accumulate_steps)
+    accumulate = f", {spec.accumulate_steps} batches a step" if spec.accumulate_steps > 1 else ""
+    return (f"{spec.epochs} epoch{'s' if spec.epochs != 1 else ''} x {batches} batches of {task.batch_size} per "
+            f"worker on {world} worker{'s' if world != 1 else ''}{accumulate} = {steps:,} optimizer steps")
+
+
 def fit(spec: LoopSpec, *, name: str, storage_path: str, cluster, datasets: dict | None = None,
         callbacks: list | None = None) -> Fitted:
     """Run ``train_worker`` on a TorchTrainer (``cluster``: the config's cluster section) and
@@ -532,6 +543,7 @@ def fit(spec: LoopSpec, *, name: str, storage_path: str, cluster, datasets: dict
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = replace(spec, storage_path=storage_path, name=name, launched_at=time.time())
+    print(f"[hvae] {spec.stage}: {planned_steps(spec, cluster.num_workers)}", flush=True)
     resources = {"CPU": cluster.cpus_per_worker, **({"GPU": 1} if cluster.use_gpu else {})}
     trainer = TorchTrainer(
         _worker_entry,

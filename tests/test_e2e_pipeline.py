@@ -75,6 +75,18 @@ def test_the_parent_run_is_a_results_page(smoke_run):
     assert "?workflowType=machine_learning" in proc.stdout  # the printed link opens the training view
 
 
+def test_a_training_stage_says_its_steps_and_stage1_is_held_against_a_histogram(smoke_run):
+    cwd, proc, parent_id = smoke_run
+    stage1 = pipeline_runs(cwd, parent_id)["stage1"].data.metrics
+    # the line at the start counts what the schedule then ran
+    assert f"[hvae] stage1: 2 epochs x 4 batches of 32 per worker on 2 workers = {stage1['optimizer_steps']:.0f} " \
+           "optimizer steps" in proc.stdout, proc.stdout[-3000:]
+    base = stage1["baseline_histogram_bpd"]
+    assert 1.0 < base < 3.0  # (8-bit MNIST digits, pixels on their own: about 2 bits/dim)
+    warned = [line for line in proc.stdout.splitlines() if line.startswith("[hvae] stage1: warning: the reconstruction")]
+    assert len(warned) == (stage1["val_bpd"] >= base)  # (the smoke run's 8 steps learn next to nothing: it warns)
+
+
 def test_checkpoint_loads_with_weights_only(smoke_run):
     import mlflow
 
