@@ -4,9 +4,10 @@ bench/results/bmnist_<model>.md.
     .venv/bin/python bench/bmnist.py configs/bmnist_vqvae2.yaml [key=value ...]
     .venv/bin/python bench/bmnist.py --from FOLDER configs/bmnist_nvae.yaml [key=value ...]
 
-``--from FOLDER`` records the newest finished pipeline in FOLDER instead of starting one (a
-run that was cut and finished by `hvae resume` there): the same config and overrides, the
-wall time then the stage runs' own added up.
+``--from FOLDER`` records the newest finished pipeline of the config's model family in FOLDER
+instead of starting one (a run that was cut and finished by `hvae resume` there, or runs of
+several families in one store, so that one `hvae report` shows them together): the same
+config and overrides, the wall time then the stage runs' own added up.
 
 Runs `hvae run CONFIG` in a fresh temporary folder on the full MNIST that set-up fetched
 (data.root=<project>/data), then records the wall time, the epochs each training stage ran,
@@ -31,7 +32,13 @@ def main(argv: list[str]) -> int:
         argv = argv[:at] + argv[at + 2:]
     config, overrides = config_and_overrides(argv)
     overrides = [f"data.root={ROOT / 'data'}", f"sample.classifier={ROOT / 'data' / 'mnist_classifier.pt'}", *overrides]
-    with (finished_run(given) if given else fresh_run(config, overrides)) as (folder, total, client, children):
+    if given:  # (the project's `pipeline` package, not bench/pipeline.py beside this script)
+        sys.path.insert(0, str(ROOT))
+        from pipeline.config import load_config
+        from stages.families import of
+
+        family = of(load_config(config, overrides)).name
+    with (finished_run(given, family) if given else fresh_run(config, overrides)) as (folder, total, client, children):
         ev = children["evaluate"]
         m, tags = ev.data.metrics, ev.data.tags
         drawn = children["sample"].data.metrics
@@ -59,6 +66,15 @@ def main(argv: list[str]) -> int:
         f"(ln 10 = 2.303: every digit as often), {drawn['sample_digits_seen'] * 10:.0f} of 10 digits drawn.", "",
         "The evaluate stage's table (ours among the published rows):", "", table,
     ]))
+    if given:  # every family's row of the store, beside the published ones: `hvae report`
+        import subprocess
+
+        shown = subprocess.run([sys.executable, "-m", "pipeline", "report", "--dataset", "mnist", "--out",
+                                str(Path(given) / "report.md")], cwd=given, capture_output=True, text=True, timeout=600)
+        record("bmnist_report", "hvae report --dataset mnist", "\n".join([
+            "In the folder where the binarized-MNIST runs above ran (`bench/bmnist.py --from FOLDER`): "
+            "`hvae report` puts each model's newest evaluate run beside the published rows.", "",
+            shown.stdout.split("written to ")[0].strip()]))
     return 0
 
 

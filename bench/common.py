@@ -71,16 +71,18 @@ def fresh_run(config: str, overrides: list[str]):
 
 
 @contextmanager
-def finished_run(folder: str):
-    """The newest finished pipeline in ``folder`` (a run that was cut and finished by `hvae
-    resume`, say) -> while open: (the folder, the wall seconds of its stage runs added up,
-    an MlflowClient on its store, {stage: the run its parent used, reused ones included})."""
+def finished_run(folder: str, model: str):
+    """The newest finished pipeline of the model family ``model`` in ``folder`` (a run that was
+    cut and finished by `hvae resume`, say) -> while open: (the folder, the wall seconds of its
+    stage runs added up, an MlflowClient on its store, {stage: the run its parent used, reused
+    ones included})."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{Path(folder).resolve()}/mlruns.db")
     exp = client.get_experiment_by_name("hvae")
-    parent = client.search_runs([exp.experiment_id], "tags.`hvae.kind` = 'pipeline' and attributes.status = 'FINISHED'",
-                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    parent = client.search_runs([exp.experiment_id], "tags.`hvae.kind` = 'pipeline' and attributes.status = 'FINISHED' "
+                                f"and tags.`hvae.model` = '{model}'", order_by=["attributes.start_time DESC"],
+                                max_results=1)[0]
     runs = {k.split(".")[-1]: client.get_run(v) for k, v in parent.data.tags.items()
             if k.startswith(("hvae.run.", "hvae.reused_from."))}
     total = sum((r.info.end_time - r.info.start_time) / 1000 for r in runs.values())
