@@ -301,8 +301,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def quiet_output() -> None:
+    """What hvae prints is for a person, and often for a log file: MLflow's INFO lines (table
+    creation, …) off; when the output is no terminal, no colour codes in Ray's forwarded worker
+    lines and no MLflow transfer progress bars (an environment setting given wins)."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # (read when mlflow is imported)
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_output()
     try:
         return args.func(args)
     except ConfigError as exc:

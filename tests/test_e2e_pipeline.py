@@ -85,6 +85,8 @@ def test_a_training_stage_says_its_steps_and_stage1_is_held_against_a_histogram(
     assert 1.0 < base < 3.0  # (8-bit MNIST digits, pixels on their own: about 2 bits/dim)
     warned = [line for line in proc.stdout.splitlines() if line.startswith("[hvae] stage1: warning: the reconstruction")]
     assert len(warned) == (stage1["val_bpd"] >= base)  # (the smoke run's 8 steps learn next to nothing: it warns)
+    # output to a file or pipe: no colour codes, no MLflow INFO lines
+    assert "\x1b[" not in proc.stdout + proc.stderr and " INFO mlflow" not in proc.stdout + proc.stderr
 
 
 def test_checkpoint_loads_with_weights_only(smoke_run):
