@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--root", default="data", help="the data.root to write into (default: %(default)s)")
     fetch.set_defaults(func=cmd_fetch)
 
+    for command in (run, sweep, resume):
+        command.add_argument("--verbose", action="store_true",
+                             help="print Ray's, Ray Data's and MLflow's own log lines too (off by default)")
+
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000, help="the port on 127.0.0.1 (default: %(default)s)")
     ui.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: ./mlruns.db)")
@@ -301,11 +305,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def quiet_output() -> None:
-    """What hvae prints is for a person, and often for a log file: MLflow's INFO lines (table
-    creation, …) off; when the output is no terminal, no colour codes in Ray's forwarded worker
-    lines and no MLflow transfer progress bars (an environment setting given wins)."""
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # (read when mlflow is imported)
+def quiet_output(verbose: bool = False) -> None:
+    """What hvae prints is for a person, and often for a log file: unless ``verbose``, MLflow's
+    INFO lines (table creation, …) and Ray's and Ray Data's own warnings (token set-up, progress
+    bars off, …) are left out; when the output is no terminal, no colour codes in Ray's
+    forwarded worker lines and no MLflow transfer progress bars. (An environment setting given
+    wins.)"""
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # (read when mlflow is imported)
+        os.environ.setdefault("HVAE_RAY_LOG_LEVEL", "ERROR")  # ray.init's, in pipeline/raycluster.py
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # (inherited by Ray Data's actors)
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -313,7 +322,7 @@ def quiet_output() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_output()
+    quiet_output(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -19,7 +19,12 @@ def _configure_ray_data() -> None:
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING"))
+
+
+def _ray_log_level() -> str:
+    """Ray's own log level in this driver: ERROR unless `--verbose` (pipeline/cli.quiet_output)."""
+    return os.environ.get("HVAE_RAY_LOG_LEVEL", "WARNING")
 
 
 @contextlib.contextmanager
@@ -60,7 +65,7 @@ def connect(cluster_cfg) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every worker's epoch lines
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # inherited by the local Ray Data actors
     if cluster_cfg.address is None and os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING")  # inside a Ray job: the job's cluster
+        ray.init(logging_level=_ray_log_level())  # inside a Ray job: the job's cluster
     elif cluster_cfg.address is None:
         # a new local Ray, never a stale one named in /tmp/ray/ray_current_cluster; the dashboard
         # serves the State API that Ray Train's controller polls: keep it on loopback
@@ -72,14 +77,45 @@ def connect(cluster_cfg) -> int:
         port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         with _loopback_only():
-            ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, logging_level="WARNING")
+            ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, logging_level=_ray_log_level())
     else:
         from .reach import ray_address
 
         ray_address(cluster_cfg.address, cluster_cfg.connect_timeout_s)
-        ray.init(address=cluster_cfg.address, logging_level="WARNING")
+        ray.init(address=cluster_cfg.address, logging_level=_ray_log_level())
     signals.keep_ours(ours)
+    if _ray_log_level() == "ERROR":
+        _drop_known_noise()
     return len([n for n in ray.nodes() if n.get("Alive")])
+
+
+# Ray's C++ core logs this at error level for every actor that may restart and was given its
+# arguments through the object store (Ray Train's controller, a Ray Data actor pool): nothing
+# is wrong (ray-project/ray#53727), yet a newcomer reads it as a failure.
+KNOWN_NOISE = ("has constructor arguments in the object store and max_restarts > 0",)
+
+
+def _drop_known_noise() -> None:
+    """Leave ``KNOWN_NOISE`` out of the worker lines Ray forwards to this driver (quiet mode:
+    not `--verbose`). Through Ray's private log dispatcher: if a Ray release moves it, the
+    lines are simply not filtered."""
+    import functools
+
+    try:
+        from ray._private import worker as w
+
+        ignore_prefix = w._should_ignore_worker_log_prefix(w.global_worker)
+        dispatcher = w.global_worker_stdstream_dispatcher
+
+        def forward(data):
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in KNOWN_NOISE)]
+            if lines:
+                w.print_to_stdstream({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", functools.partial(forward))
+    except (AttributeError, ImportError, KeyError, TypeError):
+        pass
 
 
 class ResourceError(StageError):
