@@ -44,15 +44,18 @@ def main(argv: list[str]) -> int:
         drawn = children["sample"].data.metrics
         table = (Path(client.download_artifacts(ev.info.run_id, "report/nll_table.md", str(folder)))).read_text()
         trained = {s: r for s, r in children.items() if s in ("stage1", "priors")}
-        epochs = ", ".join(f"{s}: {r.data.params.get(s + '.epochs')} epochs, {r.data.metrics.get(s + '_seconds', 0):.0f} s"
-                           for s, r in trained.items())
+        epochs = ", ".join(f"{s}: {r.data.params.get(s + '.epochs')} epoch{'' if r.data.params.get(s + '.epochs') == '1' else 's'}, "
+                           f"{r.data.metrics.get(s + '_seconds', 0):.0f} s" for s, r in trained.items())
         k = int(m.get("test_iw_samples", 1))
         how = (f"the importance-weighted estimate, K = {k}" if k > 1 else
                "the VQ upper bound −log p(x|z_q(x)) − Σ log p(z)" if "test_prior_nats" in m else "the negative ELBO")
     cmd = " ".join(["python bench/bmnist.py", *(["--from FOLDER"] if given else []), os.path.relpath(config, ROOT),
                     *argv[1:]])
-    resumed = (" Recorded with `--from` from a pipeline that `hvae resume` finished after a cut, reusing the "
-               "stages done before it: the wall time adds up the stage runs' own.") if given else ""
+    reused = sorted(s for s, r in children.items()
+                    if r.data.tags.get("hvae.pipeline_run") != ev.data.tags.get("hvae.pipeline_run"))
+    resumed = ((" Recorded with `--from` from the store it ran in: the wall time adds up its stage runs' own"
+                + (f" ({', '.join(reused)} done by an earlier pipeline that was cut, reused by the `hvae resume` "
+                   "that finished it)" if reused else "") + ".") if given else "")
     family = tags.get("hvae.model", "model")
     record(f"bmnist_{family}", cmd, "\n".join([
         f"Whole `hvae run`: **{total / 60:.0f} min** ({epochs}). Test NLL on the 10,000 binarized test "
