@@ -15,6 +15,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MNIST := data/mnist.npz
 CLASSIFIER := data/mnist_classifier.pt
+BROWSER := $(VENV)/.browser-stamp
 
 .PHONY: run test test-fast test-shuffled chaos ui bench bench-full clean classifier
 
@@ -28,6 +29,15 @@ $(STAMP): pyproject.toml
 $(MNIST): | $(STAMP)
 	$(BIN)/hvae fetch mnist --root data
 
+# a headless browser for the UI test (tests/test_browser.py): Debian's chromium, installed when
+# missing and possible (root, apt); otherwise that one test skips and says why
+$(BROWSER): | $(STAMP)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { echo "[make] installing chromium (apt-get) for the browser test"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } 2>&1 | tail -3 \
+	    || echo "[make] chromium could not be installed: tests/test_browser.py will skip"; }
+	touch $(BROWSER)
+
 # the digit classifier that scores MNIST samples (models/digits.py), trained once (about 2 minutes)
 $(CLASSIFIER): | $(MNIST)
 	$(BIN)/python bench/classifier.py
@@ -37,7 +47,7 @@ classifier: $(CLASSIFIER)
 run: $(STAMP) $(MNIST)
 	$(BIN)/hvae run configs/default.yaml
 
-test: $(STAMP) $(MNIST)
+test: $(STAMP) $(MNIST) $(BROWSER)
 	$(BIN)/python -m pytest -q --durations=25 -m "not chaos"
 
 test-fast: $(STAMP) $(MNIST)

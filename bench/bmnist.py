@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "bench"))
-from common import config_and_overrides, finished_run, fresh_run, record  # noqa: E402
+from common import config_and_overrides, finished_run, fresh_run, metrics, record  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -40,12 +40,12 @@ def main(argv: list[str]) -> int:
         family = of(load_config(config, overrides)).name
     with (finished_run(given, family) if given else fresh_run(config, overrides)) as (folder, total, client, children):
         ev = children["evaluate"]
-        m, tags = ev.data.metrics, ev.data.tags
-        drawn = children["sample"].data.metrics
+        m, tags = metrics(ev), ev.data.tags
+        drawn = metrics(children["sample"])
         table = (Path(client.download_artifacts(ev.info.run_id, "report/nll_table.md", str(folder)))).read_text()
         trained = {s: r for s, r in children.items() if s in ("stage1", "priors")}
         epochs = ", ".join(f"{s}: {r.data.params.get(s + '.epochs')} epoch{'' if r.data.params.get(s + '.epochs') == '1' else 's'}, "
-                           f"{r.data.metrics.get(s + '_seconds', 0):.0f} s" for s, r in trained.items())
+                           f"{metrics(r).get(s + '_seconds', 0):.0f} s" for s, r in trained.items())
         k = int(m.get("test_iw_samples", 1))
         how = (f"the importance-weighted estimate, K = {k}" if k > 1 else
                "the VQ upper bound −log p(x|z_q(x)) − Σ log p(z)" if "test_prior_nats" in m else "the negative ELBO")

@@ -89,6 +89,19 @@ def finished_run(folder: str, model: str):
     yield Path(folder), total, client, runs
 
 
+def curve(client, run, key: str) -> list[float]:
+    """A stage run's per-epoch values of ``key`` (logged as ``<stage>/<key>``), by step."""
+    name = f"{run.data.tags['hvae.stage']}/{key}"
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
+
+
+def metrics(run) -> dict:
+    """A run's metrics as the stage named them (without the ``<stage>/`` namespace)."""
+    from pipeline.tracking import plain
+
+    return plain(run.data.metrics)
+
+
 def record(name: str, command: str, body: str) -> str:
     """Write ``name``'s latest result and regenerate BENCHMARKS.md -> the section's text."""
     text = f"### `{command}` — {date.today().isoformat()}\n\nMachine: {machine()}.\n\n{body.strip()}\n"

@@ -29,7 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "bench"))
-from common import record  # noqa: E402
+from common import curve, record  # noqa: E402
 
 TINY = ["cluster.num_workers=2", "cluster.cpus_per_worker=1", "vqvae2.hidden=16", "vqvae2.res_hidden=8", "vqvae2.res_blocks=1", "vqvae2.embed_dim=8",
         "vqvae2.codebook_size=[16,32]", "stage1.num_mixtures=2", "stage1.batch_size=128", "stage1.epochs=1",
@@ -139,9 +139,8 @@ def _metrics(cwd: Path) -> dict:
     client = MlflowClient(f"sqlite:///{cwd}/mlruns.db")
     exp = client.get_experiment_by_name("hvae")
     run = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("hvae.stage") == "stage1")
-    curve = lambda k: [m.value for m in sorted(client.get_metric_history(run.info.run_id, k), key=lambda m: m.step)]  # noqa: E731
-    return {"items_per_s": curve("images_per_s"), "first_batch_s": curve("first_batch_s"),
-            "data_wait_s": curve("data_wait_s"), "epoch_s": curve("epoch_seconds")}
+    return {k: curve(client, run, key) for k, key in (("items_per_s", "images_per_s"), ("first_batch_s", "first_batch_s"),
+                                                      ("data_wait_s", "data_wait_s"), ("epoch_s", "epoch_seconds"))}
 
 
 def _mib(b: int) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "bench"))
-from common import record  # noqa: E402
+from common import curve, metrics, record  # noqa: E402
 
 LAYOUTS = {"2 workers × 1 CPU (DDP, gloo)": ["cluster.num_workers=2", "cluster.cpus_per_worker=1"],
            "1 worker × 2 CPUs (auto)": ["cluster.num_workers=auto"]}
@@ -36,9 +36,9 @@ def _stage1(overrides: list[str]) -> dict:
         client = MlflowClient(f"sqlite:///{tmp}/mlruns.db")
         exp = client.get_experiment_by_name("hvae")
         run = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("hvae.stage") == "stage1")
-        speed = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "images_per_s"), key=lambda m: m.step)]
-        return {"speed": statistics.mean(speed[1:]), "seconds": run.data.metrics["stage1_seconds"],
-                "val_bpd": run.data.metrics["val_bpd"]}
+        speed = curve(client, run, "images_per_s")
+        return {"speed": statistics.mean(speed[1:]), "seconds": metrics(run)["stage1_seconds"],
+                "val_bpd": metrics(run)["val_bpd"]}
 
 
 def main() -> int:

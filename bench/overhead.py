@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from common import config_and_overrides, fresh_run, record  # noqa: E402
+from common import config_and_overrides, curve, fresh_run, metrics, record  # noqa: E402
 
 
 def _compute(cfg, artifacts: dict[str, Path]) -> dict[str, float]:
@@ -65,8 +65,8 @@ def main(argv: list[str]) -> int:
     config, overrides = config_and_overrides(argv)
     with fresh_run(config, overrides) as (tmp, total, client, runs):
 
-        def curve(run, key):
-            return [p.value for p in client.get_metric_history(run.info.run_id, key)]
+        def history(run, key):
+            return curve(client, run, key)
 
         artifacts = {s: Path(client.download_artifacts(r.info.run_id, "", f"{tmp}/in/{s}")) for s, r in runs.items()}
         cwd = os.getcwd()
@@ -81,15 +81,15 @@ def main(argv: list[str]) -> int:
     work, over = [], []  # (what, seconds)
     stage_walls, moved = 0.0, 0.0  # (moved: artifacts logged to MLflow and downloaded by the next stages)
     for stage, run in sorted(runs.items(), key=lambda kv: kv[1].info.start_time):
-        m = run.data.metrics
+        m = metrics(run)
         wall = m[f"{stage}_seconds"]
         stage_walls += wall + m.get("upload_seconds", 0.0) + m.get("download_seconds", 0.0)
         over += [(f"{stage}: Ray start", m["ray_connect_seconds"])] if m.get("ray_connect_seconds", 0) > 0.5 else []
         moved += m.get("download_seconds", 0.0) + m.get("upload_seconds", 0.0)
         if "fit_seconds" in m:
-            epochs, waits = curve(run, "epoch_seconds"), sum(curve(run, "data_wait_s"))
-            val, reports, startup = sum(curve(run, "val_seconds")), sum(curve(run, "report_seconds")), \
-                curve(run, "startup_seconds")[0]
+            epochs, waits = history(run, "epoch_seconds"), sum(history(run, "data_wait_s"))
+            val, reports, startup = sum(history(run, "val_seconds")), sum(history(run, "report_seconds")), \
+                history(run, "startup_seconds")[0]
             work += [(f"{stage}: training steps ({len(epochs)} epochs)", sum(epochs) - waits),
                      (f"{stage}: validation", val)]
             rest = m["fit_seconds"] - startup - sum(epochs) - val - reports

@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "bench"))
-from common import config_and_overrides, fresh_run, record  # noqa: E402
+from common import config_and_overrides, curve, fresh_run, metrics, record  # noqa: E402
 HEADLINE = ("val_bpd", "val_bits_per_code", "test_nll_bpd", "test_nll_nats")
 
 
@@ -24,8 +24,8 @@ def main(argv: list[str]) -> int:
     with fresh_run(config, overrides) as (_, total, client, children):
         rows = []
         for run in sorted(children.values(), key=lambda r: r.info.start_time):
-            stage, m = run.data.tags["hvae.stage"], run.data.metrics
-            speed = [p.value for p in client.get_metric_history(run.info.run_id, "images_per_s")]
+            stage, m = run.data.tags["hvae.stage"], metrics(run)
+            speed = curve(client, run, "images_per_s")
             shown = ", ".join(f"{k} {m[k]:.4g}" for k in HEADLINE if k in m)
             rows.append(f"| {stage} | {m.get(stage + '_seconds', float('nan')):.1f} | "
                         f"{statistics.mean(speed):.0f} | {shown} |" if speed else

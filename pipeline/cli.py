@@ -1,6 +1,7 @@
 """The ``hvae`` command line (also ``python -m pipeline``).
 
     hvae run [CONFIG] [key=value ...] [--dry-run] [--force STAGE] [--until STAGE] [--seeds N]
+    hvae config [CONFIG] [key=value ...]
     hvae sweep CONFIG [key=value ...]
     hvae resume PARENT_RUN_ID [--uri sqlite:///mlruns.db] [key=value ...]
     hvae submit CONFIG --address http://HEAD:8265 [key=value ...] [--no-wait] [--sweep]
@@ -68,6 +69,18 @@ def _run_seeds(args, config_path, overrides, cfg) -> int:
     tracker = Tracker(cfg.tracking, create=False)
     setup = tracker.client.get_run(evaluated).data.tags["hvae.setup"]  # the same for every seed's evaluate run
     return report(tracker, dataset=None, model=None, tags={"hvae.setup": setup}, out=Path("report.md"))
+
+
+def cmd_config(args) -> int:
+    """The resolved config (defaults, file, overrides), as it applies to its model family."""
+    from .config import active_yaml
+    from .masking import mask
+
+    config_path, overrides = _split_args(args.items)
+    cfg = load_config(config_path, overrides)
+    print(f"# hvae config {' '.join(args.items)}".rstrip() + f"  ({cfg.family.name}: the sections that apply)")
+    print(mask(active_yaml(cfg)), end="")
+    return 0
 
 
 def cmd_sweep(args) -> int:
@@ -177,9 +190,11 @@ def _no_store(uri: str) -> int:
 
 
 def cmd_ui(args) -> int:
-    from .tracking import resolve_uri
+    from .tracking import relocate, resolve_uri
 
     uri = resolve_uri(args.uri)
+    for line in relocate(uri):  # (a store copied or moved with its artifacts)
+        print(f"[hvae] the store moved: {line}")
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
@@ -227,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run N times, stage1.seed and priors.seed counting up from stage1.seed, then report "
                           "their NLL as mean ± s.d. over the seeds (written to report.md)")
     run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser("config", help="print the resolved config (defaults, file, overrides) for its model family",
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="examples:\n  hvae config\n  hvae config configs/nvae.yaml stage1.epochs=3")
+    config.add_argument("items", nargs="*", metavar="CONFIG | key=value",
+                        help="a YAML config (optional, first), then dotted overrides like stage1.epochs=3")
+    config.set_defaults(func=cmd_config)
 
     sweep = sub.add_parser("sweep", help="search a training stage's settings with Ray Tune (the config's sweep section)")
     sweep.add_argument("items", nargs="*", metavar="CONFIG | key=value",

@@ -292,6 +292,16 @@ class _Checks(Section):
         return families.of(self)
 
     @model_validator(mode="after")
+    def _root(self):
+        """A folder given for the embedded digits would be ignored in silence: say so instead."""
+        default = DataConfig.model_fields["root"].default
+        if self.data.dataset == "mnist5k" and self.data.root != default:
+            raise ValueError(f"data.root={self.data.root} is set, but data.dataset=mnist5k (the embedded digits) "
+                             f"reads no files: for a folder of images set data.dataset=imagefolder (or mnist, "
+                             f"fashion_mnist, cifar10 for those datasets' files under data.root)")
+        return self
+
+    @model_validator(mode="after")
     def _binarized(self):
         if self.data.binarize != "none" and self.stage1.likelihood != "bernoulli":
             raise ValueError(f"data.binarize={self.data.binarize} makes binary images: set "
@@ -488,6 +498,16 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Pi
 
 def to_yaml(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def active_yaml(cfg: PipelineConfig) -> str:
+    """The config as it applies: the model family's own section and not the others', no section
+    of a stage the family does not run, no sweep section unless there is one."""
+    family = cfg.family
+    left_out = {name for name in families.names() if name != family.name} | set(graph.not_applicable(family))
+    if cfg.sweep is None:
+        left_out.add("sweep")
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=left_out), sort_keys=False)
 
 
 TRAINING_SEEDS = ("stage1.seed", "priors.seed")  # what `hvae run --seeds N` varies

@@ -27,6 +27,7 @@ class Stage:
     linked: str = ""  # an artifact whose location the run's summary prints
     epoch_metrics: str = ""  # regex alternatives of the metrics it reports every epoch (train_/val_)
     not_in_fingerprint: dict[str, frozenset] = field(default_factory=dict)  # keys that do not shape output
+    reads: tuple[str, ...] = ()  # the data's splits it reads (its run's dataset inputs)
 
 
 # train: keys that change speed or resilience, not what is learned
@@ -34,7 +35,7 @@ SPEED_ONLY = frozenset({"compile", "channels_last", "checkpoint_every_steps"})
 
 STAGES = (
     Stage("stage1", "stages.stage1", "train the model family's autoencoder on Ray Train", ("stage1", FAMILY, "train"),
-          trains=True, on_ray=True, not_in_fingerprint={"train": SPEED_ONLY},
+          trains=True, on_ray=True, not_in_fingerprint={"train": SPEED_ONLY}, reads=("train", "val"),
           artifacts=("model/<family>.pt", "model/config.json", "figures/*.png"),
           shown=("val_bpd",), epoch_metrics=r"loss|bpd|nll_nats"),
     Stage("extract", "stages.extract", "encode every split into code maps with a Ray Data actor pool", (),
@@ -47,7 +48,7 @@ STAGES = (
           ("stage1", "priors"), on_ray=True, artifacts=("samples/grid.png", "samples/samples.npz"), linked="samples/grid.png"),
     Stage("evaluate", "stages.evaluate", "test NLL (bound or importance-weighted estimate) and its parts",
           ("evaluate",), ("stage1", "priors"), on_ray=True, artifacts=("report/nll_table.md",),
-          shown=("test_nll_bpd", "test_nll_nats"), printed="report/nll_table.md",
+          shown=("test_nll_bpd", "test_nll_nats"), printed="report/nll_table.md", reads=("test",),
           not_in_fingerprint={"evaluate": frozenset({"batch_size", "num_actors"})}),
 )
 

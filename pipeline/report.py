@@ -26,7 +26,7 @@ from stages import literature
 from stages.nll_table import nll_table
 
 from . import graph
-from .tracking import TAG_STAGE, Tracker
+from .tracking import TAG_STAGE, Tracker, plain
 
 
 def collect(tracker: Tracker, dataset: str | None = None, model: str | None = None,
@@ -41,14 +41,14 @@ def collect(tracker: Tracker, dataset: str | None = None, model: str | None = No
     trained_stages = graph.training_stages()
     rows = []
     for run in tracker.search(filters):
-        t, m = run.data.tags, run.data.metrics
+        t, m = run.data.tags, plain(run.data.metrics)
         trained = [tracker.client.get_run(t[f"hvae.upstream.{s}"]) for s in trained_stages
                    if f"hvae.upstream.{s}" in t]
         rows.append({
             **m, "model": t.get("hvae.model_name", t.get("hvae.model", "?")), "dataset": t.get("hvae.dataset_desc", "?"),
             "structure": t.get("hvae.structure", ""), "bound": t.get("hvae.bound", "≤"),
-            "params": sum(r.data.metrics.get("num_params", 0.0) for r in trained),
-            "seconds": sum(r.data.metrics.get(f"{r.data.tags.get(TAG_STAGE)}_seconds", 0.0) for r in trained),
+            "params": sum(plain(r.data.metrics).get("num_params", 0.0) for r in trained),
+            "seconds": sum(plain(r.data.metrics).get(f"{r.data.tags.get(TAG_STAGE)}_seconds", 0.0) for r in trained),
             "run": run.info.run_id, "benchmark": t.get("hvae.benchmark"), "setup": t.get("hvae.setup"),
         })
     return literature.ordered(rows)

@@ -50,6 +50,40 @@ def resolve_artifact_location(location: str | None, uri: str, base: Path | None 
     return None
 
 
+def relocate(uri: str) -> list[str]:
+    """A SQLite store copied or moved with its ``mlartifacts/`` folder: the locations it recorded
+    (absolute, as MLflow keeps them) are made those beside its file now, so its runs' artifacts are
+    found again (by `hvae ui`, reuse, `hvae report`). An experiment whose recorded folder is
+    somewhere else on purpose (tracking.artifact_location) keeps it: only a folder ending in
+    ``mlartifacts`` is moved, and only when the one beside the file holds that experiment's runs.
+    Returns one line per experiment moved."""
+    import sqlite3
+
+    uri = resolve_uri(uri)
+    if not uri.startswith("sqlite:///") or not store_exists(uri):
+        return []
+    db = Path(uri[len("sqlite:///"):])
+    here = db.parent / "mlartifacts"
+    if not here.is_dir():
+        return []
+    moved = []
+    with sqlite3.connect(db, timeout=30) as con:
+        for exp_id, location in con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall():
+            if not location or not location.startswith("file://") or location.rstrip("/") == here.as_uri():
+                continue
+            if Path(location.rstrip("/")).name != "mlartifacts":
+                continue
+            runs = [r for (r,) in con.execute("SELECT run_uuid FROM runs WHERE experiment_id = ?", (exp_id,))]
+            if not runs or not any((here / r).is_dir() for r in runs):
+                continue
+            old = location.rstrip("/")
+            con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (here.as_uri(), exp_id))
+            con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? "
+                        "AND artifact_uri LIKE ? || '/%'", (here.as_uri(), len(old) + 1, exp_id, old))
+            moved.append(f"experiment {exp_id}: artifacts recorded at {old} are read from {here.as_uri()}")
+    return moved
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():
@@ -61,18 +95,26 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-class MetricsReporter:
-    """Logs ``metrics`` at ``step`` to one MLflow run. Picklable: holds only the URI and run id."""
+def plain(metrics: dict) -> dict:
+    """A run's metrics without their stage's namespace (``stage1/val_bpd`` -> ``val_bpd``), as the
+    stages named them; a run logged before the namespaces reads the same."""
+    return {k.split("/", 1)[1] if "/" in k else k: v for k, v in metrics.items()}
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
+
+class MetricsReporter:
+    """Logs ``metrics`` at ``step`` to one MLflow run, each name after ``prefix`` (a stage run's
+    ``<stage>/``: the UI's charts then fall into one section per stage, and stage 1's ``train_loss``
+    is never drawn beside the priors'). Picklable: holds only the URI, run id and prefix."""
+
+    def __init__(self, tracking_uri: str, run_id: str, prefix: str = ""):
+        self.tracking_uri, self.run_id, self.prefix = tracking_uri, run_id, prefix
 
     def __call__(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()
+        batch = [Metric(self.prefix + k, float(v), ts, int(step)) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch)
 
@@ -96,6 +138,8 @@ class Tracker:
         sqlite = self.uri.startswith("sqlite:///")
         with FileLock(self.uri[len("sqlite:///"):] + ".lock") if sqlite else nullcontext():
             self.client = MlflowClient(self.uri)  # creates and migrates the database
+            for line in relocate(self.uri):  # (a store copied or moved with its artifacts)
+                print(f"[hvae] the store moved: {line}")
             exp = self.client.get_experiment_by_name(tracking_cfg.experiment)
             if exp is None and create:
                 self.client.create_experiment(
@@ -104,6 +148,7 @@ class Tracker:
                 )
                 exp = self.client.get_experiment_by_name(tracking_cfg.experiment)
         self.experiment_id = exp.experiment_id if exp is not None else None
+        self._prefixes: dict[str, str] = {}  # run id -> its metrics' namespace ("<stage>/" for a stage run)
 
     def reports(self) -> "Tracker":
         """The tracker of this experiment's reports (``<experiment>-reports``, created when
@@ -131,7 +176,16 @@ class Tracker:
                     extra_tags: dict[str, str] | None = None) -> str:
         tags = {TAG_PARENT: parent_id, TAG_STAGE: stage, TAG_FINGERPRINT: fingerprint, TAG_PIPELINE: parent_id,
                 **(extra_tags or {})}
-        return self.start_run(stage, tags, params=params)
+        run_id = self.start_run(stage, tags, params=params)
+        self._prefixes[run_id] = f"{stage}/"
+        return run_id
+
+    def _prefix(self, run_id: str) -> str:
+        """The namespace of a run's metrics: ``<stage>/`` for a stage run, none for the others."""
+        if run_id not in self._prefixes:
+            stage = self.client.get_run(run_id).data.tags.get(TAG_STAGE)
+            self._prefixes[run_id] = f"{stage}/" if stage else ""
+        return self._prefixes[run_id]
 
     # ---- finding earlier work -------------------------------------------------------
     def _search(self, filters: list[str], order: str = "attributes.start_time DESC", max_results: int = 50):
@@ -160,7 +214,8 @@ class Tracker:
         return max(runs, key=lambda r: r.info.start_time) if runs else None
 
     def metric_history(self, run_id: str, key: str) -> list:
-        return self.client.get_metric_history(run_id, key)
+        """The curve of a metric as the stage named it (its namespace added here)."""
+        return self.client.get_metric_history(run_id, self._prefix(run_id) + key)
 
     def running_runs(self):
         return self._search(["attributes.status = 'RUNNING'"])
@@ -188,11 +243,11 @@ class Tracker:
             self.client.log_batch(run_id, params=flat[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict, step: int | None = None) -> None:
-        MetricsReporter(self.uri, run_id)(metrics, 0 if step is None else step)
+        self.reporter(run_id)(metrics, 0 if step is None else step)
 
     def log_final_metrics(self, run_id: str, metrics: dict) -> None:
         """Log a stage's result metrics, except those it already logged per epoch (their curve stays)."""
-        logged = self.client.get_run(run_id).data.metrics
+        logged = plain(self.client.get_run(run_id).data.metrics)
         self.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in logged})
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
@@ -205,6 +260,12 @@ class Tracker:
 
     def log_artifacts(self, run_id: str, folder: Path) -> None:
         self.client.log_artifacts(run_id, str(folder))
+
+    def log_table(self, run_id: str, records: list[dict], name: str) -> None:
+        """Rows of {column: value} as an MLflow table artifact (the UI shows it as a table)."""
+        import pandas as pd
+
+        self.client.log_table(run_id, pd.DataFrame.from_records(records), name)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
@@ -249,8 +310,22 @@ class Tracker:
         tag = InputTag(key="mlflow.data.context", value=context)
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=[tag])])
 
+    def log_data_input(self, run_id: str, name: str, digest: str, location: str, profile: dict,
+                       context: str) -> None:
+        """The prepared data a stage reads, as a run input: ``name`` (data.dataset), the data's
+        fingerprint as its digest, where it was prepared as its source, a few facts as its profile."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        scheme = location.split("://", 1)[0] if "://" in location else "local"
+        dataset = Dataset(name=name, digest=digest[:36], source_type=scheme, source=json.dumps({"uri": location}),
+                          profile=json.dumps(profile))
+        tag = InputTag(key="mlflow.data.context", value=context)
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=[tag])])
+
     def reporter(self, run_id: str) -> MetricsReporter:
-        return MetricsReporter(self.uri, run_id)
+        return MetricsReporter(self.uri, run_id, self._prefix(run_id))
 
     def artifact_uri(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.artifact_uri

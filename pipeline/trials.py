@@ -258,8 +258,10 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
 def _replay(tracker, run) -> None:
     from ray import tune
 
+    from .tracking import plain
+
     steps: dict[int, dict] = {}
-    for key in (k for k in run.data.metrics if k.startswith(("val_", "train_"))):
+    for key in (k for k in plain(run.data.metrics) if k.startswith(("val_", "train_"))):
         for m in tracker.metric_history(run.info.run_id, key):
             steps.setdefault(m.step, {})[key] = m.value
     for step in sorted(steps):

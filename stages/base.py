@@ -45,6 +45,8 @@ class StageResult:
     # datasets the stage wrote, to register as run inputs: context (e.g. "train") -> folder
     # relative to output_dir
     datasets: dict[str, str] = field(default_factory=dict)
+    # tables to show as such in the tracking UI: artifact file (.json) -> {column: cell} rows
+    tables: dict[str, list[dict]] = field(default_factory=dict)
 
 
 class StageError(RuntimeError):

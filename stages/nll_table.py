@@ -61,11 +61,21 @@ def _cells(r: dict, extra: list[str]) -> list[str]:
     return cells + [shown[k](r[k]) if k in r else "" for k in extra]
 
 
-def nll_table(rows: list[dict]) -> str:
+def _head_and_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     extra = [k for k in EXTRA if any(k in r for r in rows)]
-    head = COLUMNS + [EXTRA[k] for k in extra]
+    return COLUMNS + [EXTRA[k] for k in extra], [_cells(r, extra) for r in rows]
+
+
+def nll_records(rows: list[dict]) -> list[dict[str, str]]:
+    """The table's rows as {column: cell}, the cells as the Markdown shows them."""
+    head, cells = _head_and_cells(rows)
+    return [dict(zip(head, row)) for row in cells]
+
+
+def nll_table(rows: list[dict]) -> str:
+    head, cells = _head_and_cells(rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_cells(r, extra)) + " |" for r in rows]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     legend = (LEGEND + (SEEDS if any(r.get("seeds", 1) > 1 for r in rows) else "")
               + (PUBLISHED if any(r.get("published") for r in rows) else ""))
     return "\n".join(lines + ["", legend]) + "\n"

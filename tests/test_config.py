@@ -253,3 +253,23 @@ def test_every_argument_of_every_command_says_what_it_is():
     silent = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, p in commands.choices.items()
               for a in p._actions if not a.help]
     assert silent == []
+
+
+def test_hvae_config_prints_the_resolved_config_of_its_family_only():
+    import yaml
+
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "config", str(ROOT / "configs/nvae.yaml"), "stage1.epochs=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    shown = yaml.safe_load(proc.stdout)  # (the header line is a YAML comment)
+    assert shown["stage1"]["epochs"] == 3 and shown["stage1"]["model"] == "nvae" and "nvae" in shown
+    assert not {"vqvae2", "vae", "extract", "priors", "sweep"} & set(shown)  # not this family's, or not set
+    vq = yaml.safe_load(subprocess.run([sys.executable, "-m", "pipeline", "config"], capture_output=True, text=True,
+                                       timeout=120).stdout)
+    assert {"vqvae2", "extract", "priors"} <= set(vq) and not {"nvae", "vae"} & set(vq)
+
+
+def test_a_data_root_the_dataset_would_not_read_is_an_error():
+    with pytest.raises(ConfigError, match=r"data.root=/photos is set, but data.dataset=mnist5k .* set data.dataset=imagefolder"):
+        load_config(None, ["data.root=/photos"])
+    assert load_config(None, ["data.dataset=imagefolder", "data.root=/photos"]).data.root == "/photos"

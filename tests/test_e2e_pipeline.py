@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import SMOKE, hvae, pipeline_runs, runs
+from pipeline.tracking import plain
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +24,17 @@ def test_stage1_child_run_is_tracked_with_tags_metrics_and_artifacts(smoke_run):
     assert tags["mlflow.parentRunId"] == parent.info.run_id
     assert tags["hvae.pipeline_run"] == parent.info.run_id
     assert len(tags["hvae.fingerprint"]) == 16
-    assert math.isfinite(child.data.metrics["val_loss"])
-    assert child.data.metrics["val_bpd"] > 0
+    # every metric under the stage's name (a chart section per stage in the UI)
+    assert all(k.startswith("stage1/") for k in child.data.metrics), sorted(child.data.metrics)
+    assert math.isfinite(child.data.metrics["stage1/val_loss"])
+    assert child.data.metrics["stage1/val_bpd"] > 0
     # the reconstruction's squared error and the codebooks' scale-free fit, every epoch
-    assert 0 < child.data.metrics["val_mse"] < 1
+    assert 0 < child.data.metrics["stage1/val_mse"] < 1
     for l in (0, 1):
-        assert 0 < child.data.metrics[f"val_rel_quant_err_level{l}"] < 2
-        assert len(client.get_metric_history(child.info.run_id, f"train_rel_quant_err_level{l}")) == 2
+        assert 0 < child.data.metrics[f"stage1/val_rel_quant_err_level{l}"] < 2
+        assert len(client.get_metric_history(child.info.run_id, f"stage1/train_rel_quant_err_level{l}")) == 2
     # per-epoch curves from rank 0 (smoke: 2 epochs)
-    history = client.get_metric_history(child.info.run_id, "val_loss")
+    history = client.get_metric_history(child.info.run_id, "stage1/val_loss")
     assert sorted(m.step for m in history) == [0, 1]
     files = {f.path for f in client.list_artifacts(child.info.run_id)}
     assert {"model", "figures"} <= files
@@ -39,9 +42,9 @@ def test_stage1_child_run_is_tracked_with_tags_metrics_and_artifacts(smoke_run):
     assert figures == {"figures/reconstructions.png", "figures/codebook_usage.png"}
     assert parent.info.run_id in proc.stdout  # the user is told where the run is
     # the weights handed on are the best validation epoch's (train.keep=best), and the run says which
-    nll = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "val_nll_nats")}
+    nll = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "stage1/val_nll_nats")}
     best = min(nll, key=lambda e: (nll[e], e))
-    assert child.data.metrics["kept_epoch"] == best and child.data.metrics["kept_val_nll_nats"] == nll[best]
+    assert child.data.metrics["stage1/kept_epoch"] == best and child.data.metrics["stage1/kept_val_nll_nats"] == nll[best]
     assert tags["hvae.kept"].startswith(f"epoch {best + 1} of 2, the lowest val_nll_nats")
 
 
@@ -54,11 +57,11 @@ def test_the_parent_run_is_a_results_page(smoke_run):
     cwd, proc, parent_id = smoke_run
     client, _ = runs(cwd)
     parent, children = client.get_run(parent_id), pipeline_runs(cwd, parent_id)
-    evaluated = children["evaluate"].data.metrics
+    evaluated = plain(children["evaluate"].data.metrics)
     assert re.fullmatch(r"vqvae2-mnist5k-\d{8}-\d{6}", parent.info.run_name)
     for key in ("test_nll_nats", "test_nll_nats_se", "test_nll_bpd", "test_prior_bpd"):
         assert parent.data.metrics[key] == evaluated[key], key
-    steps = children["stage1"].data.metrics["optimizer_steps"]
+    steps = plain(children["stage1"].data.metrics)["optimizer_steps"]
     assert parent.data.metrics["stage1_optimizer_steps"] == steps > 0
     page = parent.data.tags["mlflow.note.content"]
     assert f"≤ {evaluated['test_nll_nats']:.2f} ± " in page.splitlines()[0]
@@ -77,7 +80,7 @@ def test_the_parent_run_is_a_results_page(smoke_run):
 
 def test_a_training_stage_says_its_steps_and_stage1_is_held_against_a_histogram(smoke_run):
     cwd, proc, parent_id = smoke_run
-    stage1 = pipeline_runs(cwd, parent_id)["stage1"].data.metrics
+    stage1 = plain(pipeline_runs(cwd, parent_id)["stage1"].data.metrics)
     # the line at the start counts what the schedule then ran
     assert f"[hvae] stage1: 2 epochs x 4 batches of 32 per worker on 2 workers = {stage1['optimizer_steps']:.0f} " \
            "optimizer steps" in proc.stdout, proc.stdout[-3000:]
@@ -150,7 +153,7 @@ def test_five_stages_finish_under_one_parent_each_consuming_the_one_before(smoke
         paths = _artifact_paths(client, run.info.run_id)
         for want in ARTIFACTS[name]:
             assert want in paths, f"{name} lacks {want}"
-    m = children["evaluate"].data.metrics
+    m = plain(children["evaluate"].data.metrics)
     assert 0 < m["test_nll_bpd"] < 10 and math.isfinite(m["test_nll_nats"])
     assert m["test_nll_nats"] == pytest.approx(m["test_recon_nats"] + m["test_prior_nats"])
     assert m["test_nll_bpd"] == pytest.approx(m["test_recon_bpd"] + m["test_prior_bpd"])
@@ -169,7 +172,7 @@ def test_five_stages_finish_under_one_parent_each_consuming_the_one_before(smoke
     assert table[:, 1].mean() == pytest.approx(m["test_nll_nats"], rel=1e-5)
     assert m["test_nll_nats_se"] == pytest.approx(table[:, 1].std(ddof=1) / len(table) ** 0.5, rel=1e-4)
     # per-epoch bits per code of each prior level
-    assert client.get_metric_history(children["priors"].info.run_id, "val_bits_per_code_level1")
+    assert client.get_metric_history(children["priors"].info.run_id, "priors/val_bits_per_code_level1")
     # the codes are registered as the extract run's dataset inputs
     inputs = client.get_run(children["extract"].info.run_id).inputs.dataset_inputs
     assert sorted(i.dataset.name for i in inputs) == ["codes-test", "codes-train", "codes-val"]
@@ -245,11 +248,11 @@ def test_evaluate_over_two_actors_sums_to_the_same_nll_as_one(smoke_run, tmp_pat
     cwd, _, parent_id = smoke_run
     for name in ("mlruns.db", "ray_results"):  # a copy of the store: the shared one stays as it is
         (shutil.copytree if (cwd / name).is_dir() else shutil.copy)(cwd / name, tmp_path / name)
-    one = pipeline_runs(cwd, parent_id)["evaluate"].data.metrics
+    one = plain(pipeline_runs(cwd, parent_id)["evaluate"].data.metrics)
     proc = hvae(tmp_path, "run", SMOKE, "--force", "evaluate", "evaluate.num_actors=2", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     parent = re.search(r"MLflow parent run ([0-9a-f]{32})", proc.stdout).group(1)
-    two = pipeline_runs(tmp_path, parent)["evaluate"].data.metrics
+    two = plain(pipeline_runs(tmp_path, parent)["evaluate"].data.metrics)
     for key in ("test_nll_nats", "test_recon_nats", "test_prior_nats", "test_mse", "test_images"):
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
 
@@ -280,7 +283,7 @@ def test_the_naive_sampler_draws_the_pipelines_samples(smoke_run, tmp_path):
     for key in naive.files:
         assert np.array_equal(naive[key], cached[key]), key
     # the digit classifier scored the samples
-    logged = pipeline_runs(tmp_path, parent)["sample"].data.metrics
+    logged = plain(pipeline_runs(tmp_path, parent)["sample"].data.metrics)
     scores = digit_scores(classifier, torch.from_numpy(naive["images"]))
     assert logged["sample_confidence"] == pytest.approx(scores["confidence"], rel=1e-5)
     assert logged["sample_label_entropy"] == pytest.approx(scores["label_entropy"], rel=1e-5)
@@ -304,10 +307,36 @@ def test_seeds_runs_the_pipeline_per_training_seed_and_reports_their_mean_and_sd
     evaluated = [r for r in all_runs if r.data.tags.get("hvae.stage") == "evaluate"]
     assert sorted(r.data.tags["hvae.seed"] for r in evaluated) == ["0/0", "1/1"]
     assert len({r.data.tags["hvae.setup"] for r in evaluated}) == 1
-    nats = [r.data.metrics["test_nll_nats"] for r in evaluated]
+    nats = [plain(r.data.metrics)["test_nll_nats"] for r in evaluated]
     mean_row = next(line for line in proc.stdout.splitlines() if "(mean of 2 seeds)" in line)
     cell = mean_row.split("|")[5]  # "≤ 2010.93 ± 1.23"
     mean, sd = (float(v) for v in cell.replace("≤", "").split("±"))
     assert mean == pytest.approx(sum(nats) / 2, abs=0.01)
     assert sd == pytest.approx(abs(nats[0] - nats[1]) / 2 ** 0.5, abs=0.01)
     assert (tmp_path / "report.md").read_text().count("(mean of 2 seeds)") == 1
+
+
+def test_a_copied_store_finds_its_artifacts_beside_it(smoke_run, tmp_path, capsys):
+    """MLflow records absolute artifact locations: a store folder copied elsewhere (its mlruns.db
+    with its mlartifacts/) reads them from the copy, for `hvae ui` and every later run."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import Tracker
+
+    cwd, _, parent_id = smoke_run
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.copy(cwd / "mlruns.db", moved / "mlruns.db")
+    shutil.copytree(cwd / "mlartifacts", moved / "mlartifacts")
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{moved}/mlruns.db"), create=False)
+    assert f"read from {(moved / 'mlartifacts').as_uri()}" in capsys.readouterr().out
+    sample = pipeline_runs(cwd, parent_id)["sample"].info.run_id
+    assert tracker.artifact_uri(sample) == f"{(moved / 'mlartifacts').as_uri()}/{sample}/artifacts"
+    grid = tracker.client.download_artifacts(sample, "samples/grid.png", str(tmp_path))
+    assert Path(grid).read_bytes() == next((cwd / "mlartifacts").glob(f"{sample}/artifacts/samples/grid.png")).read_bytes()
+    # the original store keeps its own locations
+    assert MlflowClient(f"sqlite:///{cwd}/mlruns.db").get_run(sample).info.artifact_uri.startswith(
+        (cwd / "mlartifacts").as_uri())

@@ -124,7 +124,9 @@ def test_runs_differing_only_in_seed_give_a_mean_and_sd_row():
     a, b = (load_config(None, [f"stage1.seed={s}", f"priors.seed={s}"]) for s in (0, 1))
     key = lambda cfg, data="fp": setup_key(cfg, data)  # noqa: E731
     assert key(a) == key(b) != key(load_config(None, ["stage1.lr=1e-3"]))
-    assert key(a) == key(load_config(None, ["cluster.num_workers=1", "data.root=/elsewhere"]))  # where it runs is no setup
+    assert key(a) == key(load_config(None, ["cluster.num_workers=1", "cluster.storage_path=/x"]))  # where it runs is no setup
+    mnist = lambda *more: key(load_config(None, ["data.dataset=mnist", *more]))  # noqa: E731
+    assert mnist() == mnist("data.root=/elsewhere") != key(a)  # nor where its files are
     assert key(a) != key(a, "other data")
     row = lambda nats, run: {"model": "m", "dataset": "d", "setup": "k", "test_nll_nats": nats,  # noqa: E731
                              "test_nll_bpd": nats / 100, "seconds": 10.0, "run": run}

@@ -9,6 +9,7 @@ import torch
 import pytest
 
 from conftest import SMOKE, hvae, pipeline_runs, runs
+from pipeline.tracking import plain
 from stages.families.nvae import INJECT_NAN_ENV
 
 pytestmark = pytest.mark.slow  # real clusters, sweeps or several pipelines: `make test` only
@@ -28,7 +29,7 @@ def test_nvae_runs_three_stages_and_the_report_compares_it_with_vqvae2(smoke_sto
     ev = children["evaluate"]
     assert ev.data.tags["hvae.upstream.stage1"] == children["stage1"].info.run_id
     assert "hvae.upstream.priors" not in ev.data.tags
-    m = ev.data.metrics
+    m = plain(ev.data.metrics)
     assert m["test_iw_samples"] == 4 and 0 < m["test_nll_bpd"] < 8 and m["test_kl_bpd"] >= 0
     # the IW estimate is no worse than the ELBO it improves on (up to Monte-Carlo noise)
     assert m["test_nll_nats"] <= m["test_elbo_nats"] + 1.0

@@ -110,7 +110,7 @@ def _stage1_result(folder: Path, run_id: str):
 
     client, _ = runs(folder)
     weights = torch.load(next(folder.glob(f"mlartifacts/{run_id}/artifacts/model/vqvae2.pt")), weights_only=True)
-    curves = {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
+    curves = {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, f"stage1/{k}"))
               for k in ("train_loss", "val_loss", "val_bpd", "lr")}
     return weights, curves
 
@@ -255,11 +255,11 @@ def test_a_lost_worker_restarts_from_the_last_checkpoint(tmp_path):
     client, all_runs = runs(tmp_path)
     s1 = stage_runs(all_runs, "stage1")
     assert len(s1) == 1 and s1[0].info.status == "FINISHED"
-    assert s1[0].data.metrics["worker_restarts"] == 1
-    restores = client.get_metric_history(s1[0].info.run_id, "restored_from_epoch")
+    assert s1[0].data.metrics["stage1/worker_restarts"] == 1
+    restores = client.get_metric_history(s1[0].info.run_id, "stage1/restored_from_epoch")
     assert restores and restores[0].value >= 0, "the restart from a checkpoint is not recorded"
     assert "resuming from the checkpoint of epoch" in log
-    steps = sorted({p.step for p in client.get_metric_history(s1[0].info.run_id, "val_loss")})
+    steps = sorted({p.step for p in client.get_metric_history(s1[0].info.run_id, "stage1/val_loss")})
     assert steps == list(range(10))
 
 

@@ -97,10 +97,12 @@ def test_images_and_storage_in_a_bucket_run_the_whole_pipeline(s3, tmp_path, mon
     node = tmp_path / "node"
     node.mkdir()
     store = f"s3://hvae/store{s3.query}"
-    args = ["run", SMOKE, "data.dataset=imagefolder", f"data.root=s3://hvae/images{s3.query}",
+    # the images' bucket read with a key in the URI (user:password@): masked wherever it is shown
+    args = ["run", SMOKE, "data.dataset=imagefolder", f"data.root=s3://reader:s3cr3t@hvae/images{s3.query}",
             f"cluster.storage_path={store}"]
     proc = hvae(node, *args, env=s3.env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    _the_key_is_masked(node, proc)
     assert "train 64, val 8, test 8 images of 3x32x32, prepared at s3://hvae/store/data/imagefolder-" in proc.stdout
     assert "| ≤" in proc.stdout  # the NLL table: evaluate streamed the test images from the bucket
     assert {p.name for p in node.iterdir()} <= {"mlartifacts", "mlruns.db", "mlruns.db.lock"}, list(node.iterdir())
@@ -118,3 +120,22 @@ def test_images_and_storage_in_a_bucket_run_the_whole_pipeline(s3, tmp_path, mon
     assert forced.returncode == 0, forced.stdout[-3000:]
     assert f"[hvae] stage1: --force: deleted its checkpoints at s3://hvae/store/{name}" in forced.stdout
     assert checkpoints.newest(store, name).path != found.path  # trained afresh into new checkpoints
+
+
+def _the_key_is_masked(node, proc):
+    """A secret in a value (the password in data.root's URI) is masked in the output, the params
+    and the recorded config.yaml; `hvae resume` then asks for it again."""
+    import subprocess
+    import sys
+
+    from conftest import runs
+
+    assert "s3cr3t" not in proc.stdout + proc.stderr
+    client, all_runs = runs(node)
+    parent = next(r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline")
+    assert parent.data.params["data.root"].startswith("s3://reader:***@hvae/images?")
+    recorded = Path(client.download_artifacts(parent.info.run_id, "config.yaml", str(node.parent)))
+    assert "s3cr3t" not in recorded.read_text() and "reader:***@" in recorded.read_text()
+    again = subprocess.run([sys.executable, "-m", "pipeline", "resume", parent.info.run_id], cwd=node,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "recorded its config with secrets masked (root)" in again.stderr

@@ -92,8 +92,8 @@ def test_trials_are_nested_under_the_sweep_run_and_asha_stops_the_bad_one(sweep_
     # epoch, from before the cut, is on it); its run says so
     assert bad.info.status == "KILLED" and "hvae.error" not in bad.data.tags
     assert bad.data.tags["hvae.early_stopped"].startswith("asha after epoch 1 of 3")
-    assert sorted(m.step for m in client.get_metric_history(good.info.run_id, "val_loss")) == [0, 1, 2]
-    bad_steps = sorted(m.step for m in client.get_metric_history(bad.info.run_id, "val_loss"))
+    assert sorted(m.step for m in client.get_metric_history(good.info.run_id, "stage1/val_loss")) == [0, 1, 2]
+    bad_steps = sorted(m.step for m in client.get_metric_history(bad.info.run_id, "stage1/val_loss"))
     assert bad_steps[0] == 0 and len(bad_steps) < 3  # (it may log the epoch it was in when stopped)
     # the table and the best config are printed, and recorded on the sweep run
     table = re.findall(r"^\| (\S+) \| (\S+) \| (\d/3) \| ([\d.]+|-) \| (\w+) \| (\w+|-) \|$", proc.stdout, re.M)
@@ -118,7 +118,7 @@ def test_then_pipeline_reuses_the_best_trials_model(sweep_run):
     evaluate = stage_runs(all_runs, "evaluate")
     assert len(evaluate) == 1 and evaluate[0].info.status == "FINISHED"
     assert evaluate[0].data.tags["hvae.upstream.stage1"] == best
-    assert evaluate[0].data.metrics["test_nll_bpd"] > 0
+    assert evaluate[0].data.metrics["evaluate/test_nll_bpd"] > 0
 
 
 def test_a_prior_sweep_keeps_stage1_fixed_and_continues_from_the_best_prior(sweep_run):
@@ -143,7 +143,7 @@ def test_a_prior_sweep_keeps_stage1_fixed_and_continues_from_the_best_prior(swee
     assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
     assert all(t.data.tags["mlflow.parentRunId"] == sweep.info.run_id for t in trials)
     assert {t.data.tags["hvae.upstream.extract"] for t in trials} == {extract}
-    best = min(trials, key=lambda t: t.data.metrics["val_loss"])
+    best = min(trials, key=lambda t: t.data.metrics["priors/val_loss"])
     assert sweep.data.tags["hvae.best_run"] == best.info.run_id
     assert best.data.params["priors.lr"] == "0.003"
     # then: the pipeline reused stage1, extract and the best prior, and evaluated them
