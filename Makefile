@@ -29,13 +29,13 @@ $(STAMP): pyproject.toml
 $(MNIST): | $(STAMP)
 	$(BIN)/hvae fetch mnist --root data
 
-# a headless browser for the UI test (tests/test_browser.py): Debian's chromium, installed when
+# a headless browser for the UI test (tests/test_ui.py): Debian's chromium, installed when
 # missing and possible (root, apt); otherwise that one test skips and says why
 $(BROWSER): | $(STAMP)
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { echo "[make] installing chromium (apt-get) for the browser test"; \
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } 2>&1 | tail -3 \
-	    || echo "[make] chromium could not be installed: tests/test_browser.py will skip"; }
+	    || echo "[make] chromium could not be installed: tests/test_ui.py will skip"; }
 	touch $(BROWSER)
 
 # the digit classifier that scores MNIST samples (models/digits.py), trained once (about 2 minutes)

@@ -4,6 +4,8 @@
     hvae config [CONFIG] [key=value ...]
     hvae sweep CONFIG [key=value ...]
     hvae resume PARENT_RUN_ID [--uri sqlite:///mlruns.db] [key=value ...]
+    hvae sample PARENT_RUN_ID [--num N] [--temperature T] [--out grid.png]
+    hvae evaluate PARENT_RUN_ID [--iw-samples K] [--out table.md]
     hvae submit CONFIG --address http://HEAD:8265 [key=value ...] [--no-wait] [--sweep]
     hvae status JOB_ID [--address ...] [--logs]
     hvae stop JOB_ID [--address ...]
@@ -97,43 +99,96 @@ def cmd_sweep(args) -> int:
     return run_sweep(cfg, config_path=config_path)
 
 
-def cmd_resume(args) -> int:
-    """Re-run an earlier pipeline from the config its parent run recorded."""
+def _recorded(run_id: str, uri: str, items: list[str], command: str):
+    """The config a pipeline's parent run recorded, with ``items`` on top -> (config, run), or an
+    exit code after one line saying what is wrong."""
     import tempfile
 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from . import signals
-    from .runner import run_pipeline
-    from .tracking import resolve_uri, store_exists
-
-    signals.install()
-    if not store_exists(args.uri):  # (a look must not create an empty store)
-        return _no_store(args.uri)
-    client = MlflowClient(resolve_uri(args.uri))
-    try:
-        run = client.get_run(args.parent_run_id)
-    except MlflowException:
-        print(f"error: no run {args.parent_run_id} in {resolve_uri(args.uri)}", file=sys.stderr)
-        return 2
-    if run.data.tags.get("hvae.kind") != "pipeline":
-        print(f"error: run {args.parent_run_id} is not an hvae pipeline (parent) run", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(args.parent_run_id, "config.yaml", tmp)
-        cfg = load_config(path, args.items)
     from .config import to_yaml
     from .masking import masked
+    from .tracking import resolve_uri, store_exists
 
+    if not store_exists(uri):  # (a look must not create an empty store)
+        return _no_store(uri)
+    client = MlflowClient(resolve_uri(uri))
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        print(f"error: no run {run_id} in {resolve_uri(uri)}", file=sys.stderr)
+        return 2
+    if run.data.tags.get("hvae.kind") != "pipeline":
+        print(f"error: run {run_id} is not an hvae pipeline (parent) run", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:  # (runs go to the store named here, wherever it was recorded)
+        cfg = load_config(client.download_artifacts(run_id, "config.yaml", tmp), [f"tracking.uri={resolve_uri(uri)}", *items])
     hidden = [line.strip().split(":")[0] for line in to_yaml(cfg).splitlines() if masked(line)]
     if hidden:  # a secret in a value was masked when it was recorded: it must come again
-        print(f"error: run {args.parent_run_id} recorded its config with secrets masked ({', '.join(hidden)}): "
-              f"pass them again, e.g. hvae resume {args.parent_run_id} <section>.{hidden[0]}=...", file=sys.stderr)
+        print(f"error: run {run_id} recorded its config with secrets masked ({', '.join(hidden)}): "
+              f"pass them again, e.g. hvae {command} {run_id} <section>.{hidden[0]}=...", file=sys.stderr)
         return 2
+    return cfg, run
+
+
+def cmd_resume(args) -> int:
+    """Re-run an earlier pipeline from the config its parent run recorded."""
+    from . import signals
+    from .runner import run_pipeline
+
+    signals.install()
+    found = _recorded(args.parent_run_id, args.uri, args.items, "resume")
+    if isinstance(found, int):
+        return found
+    cfg, run = found
     print(f"[hvae] resuming pipeline {args.parent_run_id} ({run.info.status}) from its recorded config")
     return run_pipeline(cfg, force=args.force, extra_tags={"hvae.resumes": args.parent_run_id},
                         until=args.until).code
+
+
+def cmd_sample(args) -> int:
+    """New samples from a finished pipeline's models: its recorded config with the sample
+    settings given, run up to the sample stage (the trained stages are reused, not trained
+    again), the grid copied to --out."""
+    overrides = [f"sample.num_samples={args.num}", f"sample.temperature={args.temperature}",
+                 *([f"sample.seed={args.seed}"] if args.seed is not None else [])]
+    return _again(args, "sample", overrides, "samples/grid.png")
+
+
+def cmd_evaluate(args) -> int:
+    """A finished pipeline's models scored again on the test split (e.g. with more importance
+    samples): its recorded config with --iw-samples, run up to the evaluate stage."""
+    overrides = [f"evaluate.iw_samples={args.iw_samples}"] if args.iw_samples is not None else []
+    return _again(args, "evaluate", overrides, "report/nll_table.md")
+
+
+def _again(args, stage: str, overrides: list[str], artifact: str) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from . import signals
+    from .runner import run_pipeline
+
+    signals.install()
+    found = _recorded(args.run_id, args.uri, [*overrides, *args.items], stage)
+    if isinstance(found, int):
+        return found
+    cfg, _ = found
+    print(f"[hvae] {stage} from pipeline {args.run_id}'s models ({' '.join(overrides) or 'its recorded settings'})")
+    outcome = run_pipeline(cfg, extra_tags={"hvae.again_from": args.run_id}, until=stage)
+    if outcome.code or stage not in outcome.run_ids:
+        return outcome.code or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        got = MlflowClient(cfg.tracking.uri).download_artifacts(outcome.run_ids[stage], artifact, tmp)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(got, args.out)
+            print(f"[hvae] {stage}: {artifact} written to {args.out}")
+    return 0
 
 
 def cmd_submit(args) -> int:
@@ -264,6 +319,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="re-run STAGE and every stage after it instead of reusing them")
     resume.add_argument("--until", choices=graph.names(), metavar="STAGE", help="stop after STAGE")
     resume.set_defaults(func=cmd_resume)
+
+    for name, func, text, example in (
+            ("sample", cmd_sample, "draw new samples from a finished pipeline's models (they are not trained again)",
+             "hvae sample <parent run id> --num 64 --temperature 0.8 --out grid.png"),
+            ("evaluate", cmd_evaluate, "score a finished pipeline's models on the test split again",
+             "hvae evaluate <parent run id> --iw-samples 1000")):
+        p = sub.add_parser(name, help=text, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"example:\n  {example}")
+        p.add_argument("run_id", help="the MLflow parent run of a finished pipeline (its run prints it)")
+        p.add_argument("items", nargs="*", metavar="key=value", help="more overrides on top of its recorded config")
+        p.add_argument("--uri", default="sqlite:///mlruns.db", help="tracking URI (default: ./mlruns.db)")
+        if name == "sample":
+            p.add_argument("--num", type=int, default=64, help="how many samples (default: %(default)s)")
+            p.add_argument("--temperature", type=float, default=1.0,
+                           help="VQ: the priors' logits divided by it; NVAE: the prior's sigmas times it (default: 1)")
+            p.add_argument("--seed", type=int, help="the sampling seed (default: the recorded sample.seed)")
+            p.add_argument("--out", default="grid.png", help="where to copy the sample grid (default: %(default)s)")
+        else:
+            p.add_argument("--iw-samples", type=int, metavar="K",
+                           help="VAE families: importance samples per test image (default: the recorded setting)")
+            p.add_argument("--out", help="where to copy the NLL table (Markdown; default: only printed)")
+        p.set_defaults(func=func)
 
     from .jobs import default_address
 

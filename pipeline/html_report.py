@@ -63,6 +63,7 @@ def curves_png(curves: dict[str, list[tuple[int, float]]], title: str) -> bytes 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups = [("loss", [k for k in curves if k.endswith("_loss")]),
               ("bits", [k for k in curves if not k.endswith("_loss")])]
@@ -73,6 +74,7 @@ def curves_png(curves: dict[str, list[tuple[int, float]]], title: str) -> bytes 
             points = sorted(curves[key])
             ax.plot([s + 1 for s, _ in points], [v for _, v in points], marker="o", markersize=3, label=key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(unit if unit == "loss" else "bits")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -84,8 +86,10 @@ def curves_png(curves: dict[str, list[tuple[int, float]]], title: str) -> bytes 
     return out.getvalue()
 
 
-def figure(png: bytes, caption: str) -> str:
-    return (f'<figure><img src="{data_uri(png)}" alt="{html.escape(caption)}">'
+def figure(png: bytes, caption: str, zoom: int = 1) -> str:
+    """A picture and its caption; ``zoom``: shown that many times its size (small images of pixels)."""
+    width = int.from_bytes(png[16:20], "big") * zoom  # (a PNG's IHDR width)
+    return (f'<figure><img src="{data_uri(png)}" alt="{html.escape(caption)}" width="{width}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
@@ -111,16 +115,18 @@ def pipeline_report(title: str, headline: str, table: str | None, curves: dict[s
     folders (``outputs``: stage -> folder)."""
     trained = [figure(png, f"{stage}: per-epoch curves") for stage, c in curves.items()
                if (png := curves_png(c, stage)) is not None]
-    samples = _pictures(outputs.get("sample"), {"samples/grid.png": "samples from the priors, decoded"})
+    samples = _pictures(outputs.get("sample"), {"samples/grid.png": "samples from the model's prior, decoded"}, zoom=2)
     figures = _pictures(outputs.get("stage1"), {
-        "figures/reconstructions.png": "validation images (odd rows) over their reconstructions (even rows)",
+        "figures/reconstructions.png": "validation images (odd rows) over their reconstructions (even rows)"}, zoom=2)
+    figures += _pictures(outputs.get("stage1"), {
         "figures/codebook_usage.png": "how often each code of each level is used (validation)",
         "figures/kl_per_group.png": "validation KL per latent group (bits per image)"})
     return document(title, headline, table, [("Samples", samples), ("Stage 1", figures), ("Training", trained)],
                     facts)
 
 
-def _pictures(folder: Path | None, wanted: dict[str, str]) -> list[str]:
+def _pictures(folder: Path | None, wanted: dict[str, str], zoom: int = 1) -> list[str]:
     if folder is None:
         return []
-    return [figure((folder / rel).read_bytes(), caption) for rel, caption in wanted.items() if (folder / rel).is_file()]
+    return [figure((folder / rel).read_bytes(), caption, zoom) for rel, caption in wanted.items()
+            if (folder / rel).is_file()]

@@ -25,7 +25,7 @@ import numpy as np
 from stages import literature
 from stages.nll_table import nll_table
 
-from . import graph
+from . import graph, html_report
 from .tracking import TAG_STAGE, Tracker, plain
 
 
@@ -139,6 +139,8 @@ def report(tracker: Tracker, *, dataset: str | None, model: str | None, tags: di
                             {"hvae.kind": "report", "hvae.experiment": tracker.experiment_name},
                             params={"filters": {"dataset": dataset, "model": model, **tags}, "rows": len(rows)})
     kept.log_text(run_id, text, "report.md")
+    shown = f"{len(rows)} evaluate run{'s' if len(rows) != 1 else ''} of experiment '{tracker.experiment_name}'"
+    kept.log_text(run_id, html_report.document(f"hvae report: {shown}", shown, text, [], []), "report.html")
     kept.finish(run_id)
-    print(f"written to {out}; MLflow run {run_id} in experiment '{kept.experiment_name}' holds it as report.md")
+    print(f"written to {out}; MLflow run {run_id} in experiment '{kept.experiment_name}' holds it as report.md and report.html")
     return 0

@@ -14,6 +14,7 @@ from urllib.parse import quote
 NOTE = "mlflow.note.content"
 COMMIT = "mlflow.source.git.commit"
 LIMIT = 8000  # characters: MLflow's longest tag value
+REPORT = "report.html"  # the parent run's self-contained page (pipeline/html_report.py)
 # what a pipeline's run-list row shows of its stages (each from the stage that logs it)
 HEADLINE = ("test_nll_nats", "test_nll_nats_se", "test_nll_bpd", "test_nll_bpd_se", "test_recon_bpd",
             "test_prior_bpd", "test_kl_bpd", "test_iw_samples", "test_mse", "sample_confidence",
@@ -80,19 +81,27 @@ def _training_lines(cfg, rows) -> list[str]:
     return lines
 
 
-def page(cfg, data_line: str, rows, outputs: dict[str, Path], run_ids: dict[str, str],
-         evaluated: dict | None, table: str | None, commit: tuple[str, bool] | None) -> str:
-    """The description's Markdown, at most ``LIMIT`` characters (the published rows of the NLL
-    table are the first thing left out when it would be longer)."""
-    metrics = headline(rows)
-    pictures = [picture(run_ids[stage], path, alt) for stage, path, alt in PICTURES
-                if stage in outputs and (outputs[stage] / path).is_file()]
+def summary(cfg, data_line: str, rows, evaluated: dict | None,
+            commit: tuple[str, bool] | None) -> tuple[str, list[str]]:
+    """(the result's line, the facts' lines: data, epochs and steps, code, where the rest is):
+    what the description and report.html both say."""
     root = f" from {cfg.data.root}" if cfg.data.dataset != "mnist5k" else ""  # (the embedded digits have none)
     facts = [f"- data: {cfg.data.dataset}{root}: {data_line}", *_training_lines(cfg, rows)]
     if commit is not None:
         facts.append(f"- code: git commit {commit[0][:12]}" + (" with uncommitted changes" if commit[1] else ""))
-    facts.append("- config: the artifact config.yaml; each stage's run is nested under this one")
-    head = [_result_line(evaluated, metrics), "", "  ".join(pictures)] if pictures else [_result_line(evaluated, metrics)]
+    facts.append(f"- everything in one page: the artifact {REPORT} (curves, samples, every figure); the config: "
+                 "the artifact config.yaml; each stage's run is nested under this one")
+    return _result_line(evaluated, headline(rows)), facts
+
+
+def page(cfg, data_line: str, rows, outputs: dict[str, Path], run_ids: dict[str, str],
+         evaluated: dict | None, table: str | None, commit: tuple[str, bool] | None) -> str:
+    """The description's Markdown, at most ``LIMIT`` characters (the published rows of the NLL
+    table are the first thing left out when it would be longer)."""
+    pictures = [picture(run_ids[stage], path, alt) for stage, path, alt in PICTURES
+                if stage in outputs and (outputs[stage] / path).is_file()]
+    result, facts = summary(cfg, data_line, rows, evaluated, commit)
+    head = [result, "", "  ".join(pictures)] if pictures else [result]
     table = table.strip() if table else None
     for shown in (table, _ours_only(table)):
         text = "\n".join([*head, "", *([shown, ""] if shown else []), *facts]) + "\n"

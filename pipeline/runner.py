@@ -411,14 +411,23 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
 
 
 def _publish(tracker, cfg: PipelineConfig, data, done, parent_id: str) -> None:
-    """The parent run's page: its description (pipeline/results_page.py) from the stages' results."""
+    """The parent run's pages: its description (pipeline/results_page.py) and report.html
+    (pipeline/html_report.py), from the stages' results, curves and output folders."""
+    from . import html_report
+
     evaluated = done.run_ids.get("evaluate")
-    table = done.outputs["evaluate"] / graph.get("evaluate").printed if evaluated else None
-    text = results_page.page(cfg, data.describe(), done.rows, done.outputs, done.run_ids,
-                             tracker.client.get_run(evaluated).data.tags if evaluated else None,
-                             table.read_text() if table is not None and table.is_file() else None,
-                             results_page.git_commit(Path(__file__).resolve().parent.parent))
+    found = done.outputs["evaluate"] / graph.get("evaluate").printed if evaluated else None
+    table = found.read_text() if found is not None and found.is_file() else None
+    tags = tracker.client.get_run(evaluated).data.tags if evaluated else None
+    parent = tracker.client.get_run(parent_id)
+    recorded = parent.data.tags.get(results_page.COMMIT)  # (read once, when the run began)
+    commit = (recorded, parent.data.tags.get("hvae.git_dirty") == "true") if recorded else None
+    text = results_page.page(cfg, data.describe(), done.rows, done.outputs, done.run_ids, tags, table, commit)
     tracker.set_tags(parent_id, {results_page.NOTE: text})
+    line, facts = results_page.summary(cfg, data.describe(), done.rows, tags, commit)
+    curves = {name: tracker.curves(run_id) for name, _, run_id, _, _ in done.rows if graph.get(name).trains}
+    tracker.log_text(parent_id, html_report.pipeline_report(parent.info.run_name, line, table, curves, done.outputs,
+                                                            facts), results_page.REPORT)
 
 
 def local_area(storage_path: str) -> Path:

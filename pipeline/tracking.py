@@ -118,6 +118,15 @@ class MetricsReporter:
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch)
 
+    def images(self, images: dict, step: int) -> None:
+        """Pictures ({name: uint8 H x W x C array}) at ``step``: the run page's images, with a
+        slider over the steps."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        for name, array in images.items():
+            client.log_image(self.run_id, array, key=name, step=int(step))
+
 
 class Tracker:
     def __init__(self, tracking_cfg, create: bool = True):
@@ -212,6 +221,13 @@ class Tracker:
                 for r in self._search([f"tags.`{TAG_STAGE}` = '{stage}'", f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}'",
                                        f"attributes.status = '{status}'"])]
         return max(runs, key=lambda r: r.info.start_time) if runs else None
+
+    def curves(self, run_id: str, pattern: str = r"(train|val)_(loss|bpd|bits_per_code)") -> dict[str, list]:
+        """A stage run's per-epoch curves whose names match ``pattern``: {name: [(step, value)]}."""
+        import re
+
+        keys = [k for k in plain(self.client.get_run(run_id).data.metrics) if re.fullmatch(pattern, k)]
+        return {k: [(m.step, m.value) for m in self.metric_history(run_id, k)] for k in keys}
 
     def metric_history(self, run_id: str, key: str) -> list:
         """The curve of a metric as the stage named it (its namespace added here)."""

@@ -105,6 +105,11 @@ class TrainTask:
     def val_batches(self, rank: int, world: int) -> Iterable:
         raise NotImplementedError
 
+    def epoch_images(self, model, device) -> dict:
+        """Rank 0, after an epoch's validation: pictures of the model as it is then ({name: uint8
+        H x W x C array}), logged at the epoch's step. None by default."""
+        return {}
+
     def train_step(self, model, batch, device):
         """(loss to minimise, sums to accumulate over the epoch, e.g. {"count": n, "nll": ...})
         or (loss, sums, terms): named scalar parts of the loss, which the loop watches so that a

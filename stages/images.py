@@ -19,6 +19,9 @@ def shuffle_window(batch_size: int) -> int:
     return max(16, -(-1024 // batch_size))
 
 
+SHOWN = 8  # validation images drawn over their reconstructions every epoch (epoch_images)
+
+
 class ImageTask(TrainTask):
     """A stage-1 task: batches of uint8 images [B, C, H, W] for ``build_model``'s model.
 
@@ -97,6 +100,29 @@ class ImageTask(TrainTask):
         return draw
 
     def val_batches(self, rank, world):
+        """This rank's validation batches; the first images of the first one are kept for
+        ``epoch_images``."""
+        for i, batch in enumerate(self._val_batches(rank, world)):
+            if i == 0:
+                self._shown = batch[:SHOWN].cpu()
+            yield batch
+
+    def epoch_images(self, model, device) -> dict:
+        """The first validation images (top row) over their reconstructions by the model as it is
+        now (bottom row), as one uint8 H x W x 3 array: logged every epoch, the UI's step slider
+        then shows how the reconstructions came about."""
+        import torch
+        from torchvision.utils import make_grid
+
+        x = getattr(self, "_shown", None)
+        if x is None:
+            return {}
+        with torch.no_grad():
+            recon = model.likelihood.mean(model(x.to(device))["params"]).float().clamp(0, 255) / 255.0
+        grid = make_grid(torch.cat([x.float() / 255.0, recon.cpu()]), nrow=len(x), padding=2, pad_value=0.5)
+        return {"reconstructions": (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()}
+
+    def _val_batches(self, rank, world):
         from . import shards
 
         if self.hold:

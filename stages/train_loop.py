@@ -400,6 +400,16 @@ def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, e
         checkpoints.prune_steps(spec.storage_path, spec.name)  # the epoch's end supersedes its steps
 
 
+def _show(spec: LoopSpec, task: TrainTask, core, device, epoch: int) -> None:
+    """Rank 0: the task's pictures of this epoch to the tracker, at the epoch's step (when the
+    reporter takes pictures: MLflow's does)."""
+    show = getattr(spec.report, "images", None)
+    if show is not None:
+        pictures = task.epoch_images(core, device)
+        if pictures:
+            show(pictures, epoch)
+
+
 def train_worker(spec: LoopSpec) -> None:
     """The function every Ray Train worker runs."""
     import ray.train
@@ -440,6 +450,7 @@ def train_worker(spec: LoopSpec) -> None:
         if rank == 0:
             best.update(epoch, metrics, core.state_dict())
             _report(spec, core, optimizer, scheduler, scaler, metrics, epoch, nodes, val_out, best)
+            _show(spec, task, core, device, epoch)
         else:
             ray.train.report(metrics)
         timings = {"report_seconds": time.perf_counter() - t_report}

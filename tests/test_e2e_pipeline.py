@@ -46,6 +46,9 @@ def test_stage1_child_run_is_tracked_with_tags_metrics_and_artifacts(smoke_run):
     best = min(nll, key=lambda e: (nll[e], e))
     assert child.data.metrics["stage1/kept_epoch"] == best and child.data.metrics["stage1/kept_val_nll_nats"] == nll[best]
     assert tags["hvae.kept"].startswith(f"epoch {best + 1} of 2, the lowest val_nll_nats")
+    # the reconstructions of every epoch, as images with a step (the run page's slider)
+    shown = [f.path for f in client.list_artifacts(child.info.run_id, "images") if f.path.endswith(".png")]
+    assert sorted(re.search(r"reconstructions\+step\+(\d+)\+", p).group(1) for p in shown) == ["0", "1"], shown
 
 
 def test_the_parent_run_is_a_results_page(smoke_run):
@@ -76,6 +79,11 @@ def test_the_parent_run_is_a_results_page(smoke_run):
     commit = parent.data.tags.get("mlflow.source.git.commit")
     assert commit is None or f"git commit {commit[:12]}" in page  # (a clone has one; an sdist not)
     assert "?workflowType=machine_learning" in proc.stdout  # the printed link opens the training view
+    # report.html: one self-contained file with the table, the curves and every picture
+    html = Path(client.download_artifacts(parent_id, "report.html", str(cwd / "report"))).read_text()
+    assert "<table>" in html and f"{evaluated['test_nll_nats']:.2f}" in html
+    assert html.count('src="data:image/png;base64,') >= 5  # samples, 2 stage-1 figures, 2 stages' curves
+    assert not re.search(r'src="(?!data:)', html)  # nothing it would have to fetch
 
 
 def test_a_training_stage_says_its_steps_and_stage1_is_held_against_a_histogram(smoke_run):
@@ -340,3 +348,25 @@ def test_a_copied_store_finds_its_artifacts_beside_it(smoke_run, tmp_path, capsy
     # the original store keeps its own locations
     assert MlflowClient(f"sqlite:///{cwd}/mlruns.db").get_run(sample).info.artifact_uri.startswith(
         (cwd / "mlartifacts").as_uri())
+
+
+def test_hvae_sample_draws_anew_from_a_finished_pipeline_without_training(smoke_run, tmp_path):
+    """`hvae sample RUN --num --temperature --out`: the recorded config with those settings, the
+    trained stages reused (here in a copy of the store: its artifacts found beside it)."""
+    import shutil
+
+    from PIL import Image
+
+    cwd, _, parent_id = smoke_run
+    shutil.copy(cwd / "mlruns.db", tmp_path / "mlruns.db")
+    shutil.copytree(cwd / "mlartifacts", tmp_path / "mlartifacts")
+    proc = hvae(tmp_path, "sample", parent_id, "--num", "4", "--temperature", "0.5", "--out", "new/grid.png")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    for stage in ("stage1", "extract", "priors"):
+        assert re.search(rf"^{stage} +REUSED ", proc.stdout, re.M), proc.stdout[-2000:]
+    assert re.search(r"^sample +FINISHED ", proc.stdout, re.M)
+    assert Image.open(tmp_path / "new" / "grid.png").size[0] > 32  # (4 samples in a row of the grid)
+    again = re.search(r"MLflow parent run ([0-9a-f]{32})", proc.stdout).group(1)
+    sample = pipeline_runs(tmp_path, again)["sample"]
+    assert sample.data.params["sample.temperature"] == "0.5" and sample.data.params["sample.num_samples"] == "4"
+    assert sample.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())  # in the store named here

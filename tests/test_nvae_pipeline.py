@@ -62,6 +62,18 @@ def test_nvae_runs_three_stages_and_the_report_compares_it_with_vqvae2(smoke_sto
     assert not [r for r in listed if r.data.tags.get("hvae.kind") == "report"]
     _, reports = runs(tmp_path, "hvae-reports")
     assert len(reports) == 2 and all(r.data.tags["hvae.experiment"] == "hvae" for r in reports)
+    from mlflow.tracking import MlflowClient
+
+    both = next(r for r in reports if r.data.params["filters.dataset"] == "mnist5k")
+    page = Path(MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").download_artifacts(
+        both.info.run_id, "report.html", str(tmp_path))).read_text()
+    assert page.count("<table>") == 2 and "Paired differences" in page  # the NLL table and the paired one
+
+    # scored again with another K (`hvae evaluate`): the model is reused, not trained again
+    again = hvae(tmp_path, "evaluate", parent, "--iw-samples", "2", "--out", "k2.md")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert re.search(r"^stage1 +REUSED ", again.stdout, re.M) and re.search(r"^evaluate +FINISHED ", again.stdout, re.M)
+    assert "≈ IW, K=2" in (tmp_path / "k2.md").read_text()
 
 
 def test_a_non_finite_term_stops_stage1_naming_step_and_term_and_keeps_the_checkpoint(tmp_path):
