@@ -21,7 +21,6 @@ Variants, each from the same initial weights and batches:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

@@ -174,6 +174,8 @@ class PriorsConfig(Section):
 class SampleConfig(Section):
     num_samples: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)  # VQ: prior logits are divided by it; NVAE: prior sigmas multiplied
+    # a smaller grid at each of these temperatures too (samples/grid_t<T>.png, report.html): how sharpness trades for variety
+    temperatures: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.5, 0.8])
     seed: int = 0
     pixels: Literal["mean", "sample"] = "mean"  # decoder mean, or a draw from the pixel likelihood
     # VQ priors: each layer keeps its state and computes only the new position; false: the

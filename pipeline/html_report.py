@@ -115,7 +115,12 @@ def pipeline_report(title: str, headline: str, table: str | None, curves: dict[s
     folders (``outputs``: stage -> folder)."""
     trained = [figure(png, f"{stage}: per-epoch curves") for stage, c in curves.items()
                if (png := curves_png(c, stage)) is not None]
-    samples = _pictures(outputs.get("sample"), {"samples/grid.png": "samples from the model's prior, decoded"}, zoom=2)
+    drawn = outputs.get("sample")
+    samples = _pictures(drawn, {"samples/grid.png": "samples from the model's prior at sample.temperature, decoded"},
+                        zoom=2)
+    if drawn is not None:
+        at = sorted(drawn.glob("samples/grid_t*.png"), key=lambda p: float(p.stem[len("grid_t"):]))
+        samples += _pictures(drawn, {f"samples/{p.name}": f"temperature {p.stem[len('grid_t'):]}" for p in at}, zoom=2)
     figures = _pictures(outputs.get("stage1"), {
         "figures/reconstructions.png": "validation images (odd rows) over their reconstructions (even rows)"}, zoom=2)
     figures += _pictures(outputs.get("stage1"), {

@@ -65,7 +65,7 @@ def connect(cluster_cfg) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every worker's epoch lines
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # inherited by the local Ray Data actors
     if cluster_cfg.address is None and os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=_ray_log_level())  # inside a Ray job: the job's cluster
+        started = ray.init(logging_level=_ray_log_level())  # inside a Ray job: the job's cluster
     elif cluster_cfg.address is None:
         # a new local Ray, never a stale one named in /tmp/ray/ray_current_cluster; the dashboard
         # serves the State API that Ray Train's controller polls: keep it on loopback
@@ -77,13 +77,17 @@ def connect(cluster_cfg) -> int:
         port = _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         with _loopback_only():
-            ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port, logging_level=_ray_log_level())
+            started = ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port,
+                               logging_level=_ray_log_level())
     else:
         from .reach import ray_address
 
         ray_address(cluster_cfg.address, cluster_cfg.connect_timeout_s)
-        ray.init(address=cluster_cfg.address, logging_level=_ray_log_level())
+        started = ray.init(address=cluster_cfg.address, logging_level=_ray_log_level())
     signals.keep_ours(ours)
+    if getattr(started, "dashboard_url", None):
+        url = started.dashboard_url if "://" in started.dashboard_url else f"http://{started.dashboard_url}"
+        print(f"[hvae] Ray dashboard: {url} (workers, their logs and resources while it runs)", flush=True)
     if _ray_log_level() == "ERROR":
         _drop_known_noise()
     return len([n for n in ray.nodes() if n.get("Alive")])

@@ -48,10 +48,54 @@ def collect(tracker: Tracker, dataset: str | None = None, model: str | None = No
             **m, "model": t.get("hvae.model_name", t.get("hvae.model", "?")), "dataset": t.get("hvae.dataset_desc", "?"),
             "structure": t.get("hvae.structure", ""), "bound": t.get("hvae.bound", "≤"),
             "params": sum(plain(r.data.metrics).get("num_params", 0.0) for r in trained),
+            "epochs": "+".join(r.data.params.get(f"{r.data.tags.get(TAG_STAGE)}.epochs", "?") for r in trained),
+            "data": _data_of(tracker, t),
             "seconds": sum(plain(r.data.metrics).get(f"{r.data.tags.get(TAG_STAGE)}_seconds", 0.0) for r in trained),
             "run": run.info.run_id, "benchmark": t.get("hvae.benchmark"), "setup": t.get("hvae.setup"),
         })
     return literature.ordered(rows)
+
+
+def _data_of(tracker: Tracker, tags: dict) -> str:
+    """Where a pipeline's images came from (its data.root; the embedded digits have none)."""
+    parent = tags.get("mlflow.parentRunId")
+    if not parent:
+        return ""
+    params = tracker.client.get_run(parent).data.params
+    return params.get("data.root", "") if params.get("data.dataset", "mnist5k") != "mnist5k" else "(embedded)"
+
+
+def aligned(markdown: str, width: int | None = None) -> str:
+    """The Markdown tables in ``markdown`` with their columns padded to one width each; with
+    ``width`` (a terminal's), the text columns cut (…) until a row fits in it where they can."""
+    out, block = [], []
+
+    def flush():
+        if not block:
+            return
+        rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block]
+        rule = [i for i, r in enumerate(rows) if all(set(c) <= {"-"} for c in r)]
+        body = [r for i, r in enumerate(rows) if i not in rule]
+        sizes = [max(len(r[i]) for r in body) for i in range(len(body[0]))]
+        if width:
+            text = [i for i, c in enumerate(body[0]) if c in ("Model", "Dataset", "Structure", "Data", "Best")]
+            while sum(sizes) + 3 * len(sizes) + 1 > width and any(sizes[i] > 12 for i in text):
+                widest = max(text, key=lambda i: sizes[i])
+                sizes[widest] -= 1
+        cut = lambda c, n: c if len(c) <= n else c[: n - 1] + "…"  # noqa: E731
+        lines = ["| " + " | ".join(cut(c, n).ljust(n) for c, n in zip(r, sizes)) + " |" for r in body]
+        lines.insert(1, "|" + "|".join("-" * (n + 2) for n in sizes) + "|")
+        out.extend(lines)
+        block.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            block.append(line)
+        else:
+            flush()
+            out.append(line)
+    flush()
+    return "\n".join(out) + "\n"
 
 
 def over_seeds(rows: list[dict]) -> list[dict]:
@@ -132,7 +176,10 @@ def report(tracker: Tracker, *, dataset: str | None, model: str | None, tags: di
     text = nll_table(literature.ordered(over_seeds(rows) + rows
                                         + literature.rows({r["benchmark"] for r in rows if r["benchmark"]})))
     text += paired(tracker, rows)
-    print(text)
+    import shutil
+    import sys
+
+    print(aligned(text, shutil.get_terminal_size().columns if sys.stdout.isatty() else None))
     out.write_text(text)
     kept = tracker.reports()  # (its own experiment: a report is no pipeline to list among them)
     run_id = kept.start_run(f"report-{datetime.now():%Y%m%d-%H%M%S}",

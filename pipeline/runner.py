@@ -322,7 +322,7 @@ def _dry_run(cfg: PipelineConfig, until: str | None, forced: set[str]) -> Outcom
 
 def _open_parent(tracker, cfg: PipelineConfig, data_fp: str, config_path: str | None, extra_tags: dict,
                  parent_of: str | None) -> str:
-    from .tracking import JOB_ENV, TAG_JOB, TAG_PARENT
+    from .tracking import JOB_ENV, TAG_JOB, TAG_PARENT, resolve_uri
 
     family = families.of(cfg)
     job = os.environ.get(JOB_ENV)
@@ -338,6 +338,8 @@ def _open_parent(tracker, cfg: PipelineConfig, data_fp: str, config_path: str | 
     )
     tracker.log_text(parent_id, mask(to_yaml(cfg)), "config.yaml")  # (a secret in a value: masked, pipeline/masking.py)
     print(f"[hvae] MLflow parent run {parent_id} in experiment '{tracker.experiment_name}' ({tracker.shown_uri})")
+    ui = "hvae ui" + ("" if tracker.uri == resolve_uri("sqlite:///mlruns.db") else f" --uri {tracker.shown_uri}")
+    print(f"[hvae] follow it in the MLflow UI: {ui}, then {tracker.ui_url(parent_id)}", flush=True)
     skipped = graph.not_applicable(family)
     if skipped:
         print(f"[hvae] {', '.join(skipped)}: not applicable to {family.name} (it learns its prior in stage 1)")

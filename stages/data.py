@@ -56,6 +56,14 @@ def on_this_node(num_cpus: float = 0.25) -> dict:
     return {"num_cpus": num_cpus, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 
 
+def read_here(num_cpus: float = 0.25) -> dict:
+    """``on_this_node`` for Ray Data's readers, which take it as named arguments (a node's
+    default label ``ray.io/node-id`` in place of the scheduling strategy)."""
+    import ray
+
+    return {"num_cpus": num_cpus, "label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
+
+
 @dataclass(frozen=True)
 class DataSpec:
     dataset: str  # the config's data.dataset

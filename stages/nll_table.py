@@ -5,13 +5,13 @@ A row is a dict: model, dataset, structure, bound (≤ or ≈), test_nll_nats, t
 test_recon_bpd, test_prior_bpd (VQ) or test_kl_bpd (VAE); optionally test_nll_nats_se and
 test_nll_bpd_se (shown as ± the standard error over the test images), test_iw_samples (the
 estimator's K), test_class_conditional, seeds (a row that is the mean over seeds: ± is then the
-s.d. over them), params, seconds and run (then the table has those columns too).
+s.d. over them), params, epochs, seconds, data and run (then the table has those columns too).
 """
 from __future__ import annotations
 
 COLUMNS = ["Model", "Dataset", "Structure", "Estimator", "NLL (nats/image)", "NLL (bits/dim)", "recon (bits/dim)",
            "prior/KL (bits/dim)"]
-EXTRA = {"params": "Parameters", "seconds": "Training (s)", "run": "Evaluate run"}
+EXTRA = {"params": "Parameters", "epochs": "Epochs", "seconds": "Training (s)", "data": "Data", "run": "Evaluate run"}
 LEGEND = ("≤: an upper bound on −log p(x): −log p(x | z_q(x)) − Σ_l log p(z_l | z_{l−1}) for the VQ models, "
           "the negative ELBO for a VAE; ≈: the importance-weighted estimate with K samples (an upper bound "
           "in expectation that tightens as K grows). Both per image, over the real pixels only: bits/dim "
@@ -57,7 +57,8 @@ def _cells(r: dict, extra: list[str]) -> list[str]:
     cells = [model, r["dataset"], r.get("structure", ""), estimator(r),
              f"{b} {r.get('test_nll_nats', nan):.2f}{se['nats']}", f"{b} {r.get('test_nll_bpd', nan):.4f}{se['bpd']}",
              f"{r.get('test_recon_bpd', nan):.4f}", f"{prior:.4f}"]
-    shown = {"params": lambda v: f"{v / 1e6:.2f} M", "seconds": lambda v: f"{v:.0f}", "run": str}
+    shown = {"params": lambda v: f"{v / 1e6:.2f} M", "seconds": lambda v: f"{v:.0f}", "run": str, "epochs": str,
+             "data": str}
     return cells + [shown[k](r[k]) if k in r else "" for k in extra]
 
 

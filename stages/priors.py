@@ -19,7 +19,7 @@ from models.likelihoods import to_bits_per_dim
 
 from . import shards
 from .base import StageContext, StageResult, TrainTask, load_weights
-from .data import on_this_node
+from .data import read_here
 from .extract import SCHEMA_FILE
 from .train_loop import LoopSpec, fit
 
@@ -118,7 +118,7 @@ def training_datasets(data, upstream: dict) -> dict:
     import ray.data
 
     codes_dir = upstream["extract"] / "codes"
-    return {s: ray.data.read_parquet(str(codes_dir / s), ray_remote_args=on_this_node()).materialize()
+    return {s: ray.data.read_parquet(str(codes_dir / s), **read_here()).materialize()
             for s in ("train", "val")}
 
 

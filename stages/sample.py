@@ -8,6 +8,7 @@ workers: the driver builds the family's sampler, and Ray tasks (one GPU each whe
 ``cluster.use_gpu``) draw ``sample.batch_size`` images each from generators seeded by
 (seed, first image). Output folder:
     samples/grid.png      the images in a grid
+    samples/grid_t<T>.png 16 more at each of sample.temperatures (the same seeds)
     samples/samples.npz   images (uint8 [N, C, H, W]), codes per level (level0 = top), labels
 With ``sample.classifier`` (grayscale digits), the fixed MNIST classifier of models/digits.py
 scores them: ``sample_confidence`` and ``sample_label_entropy`` (a digit-space proxy for IS/FID).
@@ -20,6 +21,9 @@ import numpy as np
 
 from .base import StageContext, StageResult
 from .families import load_model
+
+
+AT_T = 16  # samples in each grid of sample.temperatures
 
 
 def _draw(sampler, use_gpu: bool, first: int, count: int):
@@ -52,6 +56,12 @@ def run(ctx: StageContext) -> StageResult:
     if labels is not None:
         arrays["labels"] = labels.numpy()
     np.savez_compressed(folder / "samples.npz", **arrays)
+    for t in (t for t in scfg.temperatures if t != scfg.temperature):  # the same seeds, another temperature
+        at, k = ray.put(family.sampler(model, ctx.upstream, scfg.model_copy(update={"temperature": t}))), min(n, AT_T)
+        drawn = torch.cat([p[0] for p in ray.get([task.remote(at, use_gpu, first, min(size, k - first))
+                                                   for first in range(0, k, size)])])
+        save_image(drawn.float() / 255.0, folder / f"grid_t{t:g}.png", nrow=max(1, int(math.sqrt(k))), padding=2,
+                   pad_value=0.5)
     metrics = {"num_samples": float(scfg.num_samples), "temperature": scfg.temperature}
     if scfg.classifier:
         metrics.update(classifier_scores(scfg.classifier, images))

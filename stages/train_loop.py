@@ -179,9 +179,46 @@ def _reduce_sums(sums: dict[str, torch.Tensor], device: torch.device) -> dict[st
     return {k: p.reshape(sums[k].shape) for k, p in zip(keys, parts)}
 
 
+PROGRESS_EVERY_S = 30.0  # rank 0 says where an epoch is at most this often (a line, not a bar: see Progress)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+class Progress:
+    """Rank 0's clock over a fit: inside an epoch, a line every ``PROGRESS_EVERY_S`` seconds
+    (step, items/s, time left); on each epoch's line, the time left. The estimate is the
+    seconds per step so far in this process (validation and checkpoints included) times the
+    steps left. Plain timestamped lines, never a redrawn bar: they reach the driver through
+    Ray's log forwarding and often a log file."""
+
+    def __init__(self, spec: "LoopSpec", steps: int, first_epoch: int, items_per_step: int):
+        self.spec, self.steps, self.items = spec, steps, items_per_step
+        self.left = (spec.epochs - first_epoch) * steps
+        self.done, self.t0 = 0, time.perf_counter()
+        self.shown = self.t0
+
+    def eta(self) -> str:
+        if not self.done:
+            return "?"
+        return _duration((time.perf_counter() - self.t0) / self.done * (self.left - self.done))
+
+    def step(self, epoch: int, step: int) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if now - self.shown >= PROGRESS_EVERY_S and step + 1 < self.steps:
+            self.shown = now
+            rate = self.done * self.items / (now - self.t0)
+            log(f"[{self.spec.stage}] epoch {epoch + 1}/{self.spec.epochs} step {step + 1}/{self.steps} "
+                f"{rate:.0f} items/s, {self.eta()} left")
+
+
 def log(message: str) -> None:
     """One line to the console. Ray Train's print patch would repeat a plain print here."""
-    print(message, file=sys.__stdout__, flush=True)
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.__stdout__, flush=True)
 
 
 # ---- the worker ------------------------------------------------------------------------
@@ -280,7 +317,8 @@ def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int):
 
 def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, rank: int, world: int, device,
               scaler=None, scheduler=None, resume: Resume | None = None,
-              checkpoint: Callable[[int, dict, float], None] | None = None):
+              checkpoint: Callable[[int, dict, float], None] | None = None,
+              progress: "Progress | None" = None):
     """Train one epoch, then validate -> (train sums, val sums, seconds of training, seconds of
     validation). An
     optimizer step every ``spec.accumulate_steps`` batches, and one for the epoch's last
@@ -317,6 +355,8 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
         _accumulate(train_sums, train_step(task, model, optimizer, batch, device, spec, scaler, guard, step,
                                            update=update, scheduler=scheduler))
         pending = not update
+        if progress is not None:
+            progress.step(epoch, step)
         if (step + 1) % spec.sync_every == 0:
             _stop_if_not_finite(spec, task, guard, epoch, world)
         if checkpoint is not None and every and update and (step + 1) % every == 0 and step + 1 < last:
@@ -379,7 +419,7 @@ def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds
 
 
 def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, epoch: int, nodes: list[str],
-            val_sums: dict | None = None, best: BestEpoch | None = None) -> None:
+            val_sums: dict | None = None, best: BestEpoch | None = None, left: str = "") -> None:
     """Rank 0: log the epoch, save its checkpoint (with the record of the best epoch so far)
     and report both to Ray Train."""
     import ray.train
@@ -389,7 +429,8 @@ def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, e
     shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                      if k.startswith(("train_loss", "val_")) and "level" not in k and "group" not in k
                      and not k.endswith("_seconds"))
-    log(f"[{spec.stage}] epoch {epoch + 1}/{spec.epochs} {shown} {metrics['images_per_s']:.0f} items/s")
+    done = "done" if epoch + 1 == spec.epochs else f"{left} left"
+    log(f"[{spec.stage}] epoch {epoch + 1}/{spec.epochs} {shown} {metrics['images_per_s']:.0f} items/s, {done}")
     with tempfile.TemporaryDirectory() as tmp:
         state = _state(core, optimizer, scheduler, scaler, best, epoch)
         meta = {"epoch": epoch, "model_config": spec.model_config, "metrics": metrics, "nodes": nodes,
@@ -427,6 +468,10 @@ def train_worker(spec: LoopSpec) -> None:
     # the start-up (the driver's fit call to a built, restored, wrapped model on every worker)
     # and the previous epoch's checkpoint and reports
     timings = {"startup_seconds": time.time() - spec.launched_at} if spec.launched_at else {}
+    steps = task.steps_per_epoch(world)
+    progress = Progress(spec, steps, start_epoch, task.batch_size * world) if rank == 0 else None
+    if rank == 0:
+        log(f"[{spec.stage}] model: {summary(core)}")
     for epoch in range(start_epoch, spec.epochs):
         lr = resume.lr if resume is not None else optimizer.param_groups[0]["lr"]  # (at the epoch's start)
 
@@ -442,18 +487,34 @@ def train_worker(spec: LoopSpec) -> None:
                 checkpoints.save_step(spec.storage_path, spec.name, epoch, done, state, meta)
 
         train_sums, val_sums, seconds, timings["val_seconds"] = run_epoch(
-            spec, task, model, optimizer, epoch, rank, world, device, scaler, scheduler, resume, step_checkpoint)
+            spec, task, model, optimizer, epoch, rank, world, device, scaler, scheduler, resume, step_checkpoint,
+            progress)
         resume = None
         val_out: dict = {}
         metrics = epoch_metrics(task, spec, train_sums, val_sums, seconds, epoch, lr, world, device, val_out, timings)
         t_report = time.perf_counter()
         if rank == 0:
             best.update(epoch, metrics, core.state_dict())
-            _report(spec, core, optimizer, scheduler, scaler, metrics, epoch, nodes, val_out, best)
+            _report(spec, core, optimizer, scheduler, scaler, metrics, epoch, nodes, val_out, best, progress.eta())
             _show(spec, task, core, device, epoch)
         else:
             ray.train.report(metrics)
         timings = {"report_seconds": time.perf_counter() - t_report}
+
+
+def summary(model) -> str:
+    """Parameters in all and per top-level part, e.g. "1,234,567 parameters: encoder 600,000, ..."."""
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    total = count(model)
+    parts = [(name, count(child)) for name, child in model.named_children() if count(child)]
+    while len(parts) == 1:  # (one container, e.g. a list of priors: its parts instead)
+        inner = dict(model.named_children())[parts[0][0]]
+        named = [(f"{parts[0][0]}.{n}", count(c)) for n, c in inner.named_children() if count(c)]
+        if not named:
+            break
+        model, parts = inner, named
+    shown = ", ".join(f"{name} {n:,}" for name, n in parts[:12]) + (", ..." if len(parts) > 12 else "")
+    return f"{total:,} parameters" + (f": {shown}" if len(parts) > 1 else "")
 
 
 def _state(core, optimizer, scheduler, scaler, best: BestEpoch | None = None, epoch: int = 0) -> dict:

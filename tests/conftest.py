@@ -65,6 +65,30 @@ def wait_for(predicate, timeout, what, every=0.5):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url, proc, log, timeout=120):
+    """Until ``url`` answers; fail with the end of ``log`` if ``proc`` (the server) exits or
+    ``timeout`` s pass first."""
+    import time
+    import urllib.request
+
+    end = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except OSError:
+            assert proc.poll() is None and time.time() < end, f"{url} did not answer:\n" + Path(log).read_text()[-2000:]
+            time.sleep(0.5)
+
+
 def runs(cwd, experiment="hvae"):
     from mlflow.tracking import MlflowClient
 

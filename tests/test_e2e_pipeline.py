@@ -82,7 +82,10 @@ def test_the_parent_run_is_a_results_page(smoke_run):
     # report.html: one self-contained file with the table, the curves and every picture
     html = Path(client.download_artifacts(parent_id, "report.html", str(cwd / "report"))).read_text()
     assert "<table>" in html and f"{evaluated['test_nll_nats']:.2f}" in html
-    assert html.count('src="data:image/png;base64,') >= 5  # samples, 2 stage-1 figures, 2 stages' curves
+    # samples at sample.temperature and at each of sample.temperatures, 2 stage-1 figures, 2 stages' curves
+    assert html.count('src="data:image/png;base64,') >= 7 and "temperature 0.5" in html
+    drawn = {f.path for f in client.list_artifacts(children["sample"].info.run_id, "samples")}
+    assert {"samples/grid_t0.5.png", "samples/grid_t0.8.png"} <= drawn
     assert not re.search(r'src="(?!data:)', html)  # nothing it would have to fetch
 
 
@@ -101,6 +104,13 @@ def test_a_training_stage_says_its_steps_and_stage1_is_held_against_a_histogram(
     assert "\x1b[" not in printed
     noise = r"\(\w+ pid=\d+\).*core_worker\.cc|authentication_token_setup|Progress bars disabled| INFO mlflow|WARNING .*\.py:\d+ --"
     assert [line for line in printed.splitlines() if re.search(noise, line)] == []
+    assert "RayDeprecationWarning" not in printed
+    # where to watch it, said at the start; each training stage's model and timestamped epochs
+    assert re.search(r"^\[hvae\] Ray dashboard: http://127\.0\.0\.1:\d+ ", proc.stdout, re.M)
+    assert "[hvae] follow it in the MLflow UI: hvae ui, then http://127.0.0.1:5000/#/experiments/" in proc.stdout
+    assert re.search(r"\d\d:\d\d:\d\d \[stage1\] model: [\d,]+ parameters: encoders [\d,]+, ", proc.stdout)
+    assert re.search(r"\d\d:\d\d:\d\d \[stage1\] epoch 1/2 .* items/s, [\dmin s]+ left$", proc.stdout, re.M)
+    assert re.search(r"\[priors\] model: [\d,]+ parameters: ", proc.stdout)
 
 
 def test_checkpoint_loads_with_weights_only(smoke_run):

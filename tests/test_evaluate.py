@@ -152,3 +152,16 @@ def test_digit_scores_are_confidence_and_the_entropy_of_the_mean_label_distribut
     ones = torch.full((8, 1, 4, 4), 3, dtype=torch.uint8)  # every sample the same digit
     s = digit_scores(Fixed(), ones)
     assert s["label_entropy"] == pytest.approx(0.0, abs=1e-6) and s["digits_seen"] == 0.1
+
+
+def test_the_printed_report_is_aligned_and_fits_a_terminal_by_cutting_text_not_numbers():
+    from pipeline.report import aligned
+
+    table = ("| Model | Dataset | NLL (nats/image) |\n|---|---|---|\n"
+             "| VQ-VAE-2 (K=512) + gated PixelCNN priors | mnist (10000 test images, binarized) | ≤ 276.19 ± 0.28 |\n"
+             "| NVAE | mnist | ≈ 99.14 ± 0.22 |\n\nlegend\n")
+    wide = aligned(table).splitlines()
+    assert len({len(line) for line in wide[:4]}) == 1 and wide[-1] == "legend"
+    narrow = aligned(table, 60).splitlines()
+    assert all(len(line) <= 60 for line in narrow[:4]) and "…" in narrow[2]
+    assert "≤ 276.19 ± 0.28" in narrow[2] and "≈ 99.14 ± 0.22" in narrow[3]

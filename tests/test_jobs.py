@@ -4,7 +4,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,17 +15,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import SMOKE, hvae, runs, stage_runs
+from conftest import SMOKE, free_port, hvae, runs, stage_runs, wait_for_http
 
 pytestmark = pytest.mark.slow  # real clusters, sweeps or several pipelines: `make test` only
 
 VENV_BIN = str(Path(sys.executable).parent)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(args, tmp, name, env):
@@ -45,7 +38,7 @@ def _alive_nodes(gcs: str, env: dict) -> int:
 def head(tmp_path_factory):
     """Two Ray nodes (each in its own process group, `ray start --block`), removed afterwards."""
     tmp = tmp_path_factory.mktemp("cluster")
-    dash, port = _free_port(), _free_port()
+    dash, port = free_port(), free_port()
     # the cluster's own token (a fresh machine has no ~/.ray/auth_token): every node and every
     # client here reads it through RAY_AUTH_TOKEN_PATH
     token = tmp / "auth_token"
@@ -54,7 +47,7 @@ def head(tmp_path_factory):
     # the job's `python` is this venv's
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **auth}
     # every node gets its own agent ports: the defaults may be taken by another Ray on this machine
-    own_ports = lambda: [f"--{flag}={_free_port()}" for flag in (  # noqa: E731
+    own_ports = lambda: [f"--{flag}={free_port()}" for flag in (  # noqa: E731
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
     procs = [_start(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -145,7 +138,7 @@ def test_submit_checks_the_config_before_it_submits(head, tmp_path):
 @pytest.fixture
 def mlflow_server(tmp_path):
     """An MLflow tracking server on 127.0.0.1 with its own artifact store (proxied over HTTP)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [f"{VENV_BIN}/mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
@@ -155,15 +148,7 @@ def mlflow_server(tmp_path):
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=5)
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-2000:]
-                assert time.time() < deadline, "the MLflow server did not come up"
-                time.sleep(1)
+        wait_for_http(f"{url}/health", proc, tmp_path / "mlflow.log")
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

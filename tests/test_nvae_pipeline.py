@@ -50,6 +50,11 @@ def test_nvae_runs_three_stages_and_the_report_compares_it_with_vqvae2(smoke_sto
         nats = float(row.split("|")[5].split()[1])  # "≤ 2010.93 ± 15.38"
         assert 0 < nats < 1e5
     assert (tmp_path / "report.md").read_text().startswith("| Model |")
+    # aligned columns; each row says how long it trained and on what
+    head = next(line for line in table.splitlines() if line.startswith("| Model "))
+    assert "| Epochs " in head and "| Data " in head and len({len(line) for line in rows}) == 1, table
+    vq = next(r for r in rows if r.startswith("| VQ-VAE-2") and "(published)" not in r)
+    assert re.search(r"\| 2\+1 +\|", vq) and re.search(r"\| 2 +\|", nvae[0]) and "(embedded)" in nvae[0]
     # both were scored on the same test images: their per-image difference, against the better one
     paired = [line for line in pairs.splitlines() if line.startswith("| ") and not line.startswith("| Model")]
     assert len(paired) == 1 and ev.info.run_id[:8] in paired[0], report.stdout

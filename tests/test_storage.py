@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMOKE, hvae
+from conftest import SMOKE, free_port, hvae, wait_for_http
 
 pytestmark = pytest.mark.slow  # two pipelines: `make test` only
 
@@ -44,29 +44,17 @@ def s3(tmp_path):
     from a URI (``s3://hvae/...?endpoint_override=...``), ``env`` holds its credentials."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
     from types import SimpleNamespace
 
     from pyarrow import fs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=open(tmp_path / "moto.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "moto.log").read_text()[-2000:]
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/", proc, tmp_path / "moto.log", timeout=60)
         env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
         bucket = fs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
                                  access_key="testing", secret_key="testing", allow_bucket_creation=True)

@@ -188,3 +188,16 @@ def test_the_best_validation_epoch_is_kept_across_checkpoints_and_handed_on(tmp_
     # a checkpoint whose own epoch is the best holds its weights once
     now = BestEpoch("val_loss", {"model": weights(5), "best": {"epoch": 5, "value": 1.0}})
     assert float(now.weights["w"][0]) == 5.0 and "model" not in now.state(5)["best"]
+
+
+def test_the_model_summary_and_the_time_left_read_as_a_person_would_say_them():
+    from stages.train_loop import _duration, summary
+
+    model = torch.nn.Sequential()
+    model.add_module("encoder", torch.nn.Linear(3, 4))
+    model.add_module("decoder", torch.nn.Linear(4, 3))
+    assert summary(model) == "31 parameters: encoder 16, decoder 15"
+    nested = torch.nn.Sequential()
+    nested.add_module("priors", torch.nn.ModuleList([torch.nn.Linear(3, 4), torch.nn.Linear(4, 5)]))
+    assert summary(nested) == "41 parameters: priors.0 16, priors.1 25"  # (one container: its parts)
+    assert [_duration(s) for s in (4.6, 65, 3 * 3600 + 125)] == ["5 s", "1 min 05 s", "3 h 02 min"]

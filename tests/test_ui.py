@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,20 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pipeline_runs
+from conftest import free_port, pipeline_runs, wait_for_http
 
 ARTIFACTS = Path(os.environ.get("HVAE_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ui_serves_the_tracking_store(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -55,20 +48,13 @@ def test_ui_serves_the_tracking_store(tmp_path):
 def ui(smoke_store, tmp_path):
     """`hvae ui` on a free port in the smoke store's folder -> its root URL."""
     cwd = smoke_store[0]
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "ui.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port)], cwd=cwd, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     root = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{root}/health", timeout=5)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "ui.log").read_text()[-2000:]
-                time.sleep(0.5)
+        wait_for_http(f"{root}/health", proc, tmp_path / "ui.log", timeout=90)
         yield root
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
