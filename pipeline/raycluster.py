@@ -62,6 +62,24 @@ def connect(cluster_cfg) -> int:
     if ray.is_initialized():
         return len([n for n in ray.nodes() if n.get("Alive")])
     ours = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with a bare sys.exit
+    quiet = _ray_log_level() == "ERROR"
+    if quiet:  # (the C++ cores' error lines: see KNOWN_NOISE; --verbose keeps them)
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    with _stderr_without(KNOWN_NOISE) if quiet else contextlib.nullcontext():
+        started = _init(cluster_cfg)
+    signals.keep_ours(ours)
+    if getattr(started, "dashboard_url", None):
+        url = started.dashboard_url if "://" in started.dashboard_url else f"http://{started.dashboard_url}"
+        print(f"[hvae] Ray dashboard: {url} (workers, their logs and resources while it runs)", flush=True)
+    if quiet:
+        _drop_known_noise()
+    return len([n for n in ray.nodes() if n.get("Alive")])
+
+
+def _init(cluster_cfg):
+    """ray.init for ``cluster_cfg``: a Ray job's own cluster, a new local one, or one at an address."""
+    import ray
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # keep every worker's epoch lines
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # inherited by the local Ray Data actors
     if cluster_cfg.address is None and os.environ.get("RAY_ADDRESS"):
@@ -84,19 +102,41 @@ def connect(cluster_cfg) -> int:
 
         ray_address(cluster_cfg.address, cluster_cfg.connect_timeout_s)
         started = ray.init(address=cluster_cfg.address, logging_level=_ray_log_level())
-    signals.keep_ours(ours)
-    if getattr(started, "dashboard_url", None):
-        url = started.dashboard_url if "://" in started.dashboard_url else f"http://{started.dashboard_url}"
-        print(f"[hvae] Ray dashboard: {url} (workers, their logs and resources while it runs)", flush=True)
-    if _ray_log_level() == "ERROR":
-        _drop_known_noise()
-    return len([n for n in ray.nodes() if n.get("Alive")])
+    return started
 
 
-# Ray's C++ core logs this at error level for every actor that may restart and was given its
-# arguments through the object store (Ray Train's controller, a Ray Data actor pool): nothing
-# is wrong (ray-project/ray#53727), yet a newcomer reads it as a failure.
-KNOWN_NOISE = ("has constructor arguments in the object store and max_restarts > 0",)
+# Ray's C++ core logs the first at error level for every actor that may restart and was given
+# its arguments through the object store (Ray Train's controller, a Ray Data actor pool):
+# nothing is wrong (ray-project/ray#53727), yet a newcomer reads it as a failure. In quiet mode
+# the C++ cores log only fatal lines (RAY_BACKEND_LOG_LEVEL, inherited by every Ray process),
+# and each process then says the second once when it starts.
+KNOWN_NOISE = ("has constructor arguments in the object store and max_restarts > 0",
+               "Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL")
+
+
+@contextlib.contextmanager
+def _stderr_without(noise: tuple[str, ...]):
+    """This process's file descriptor 2 (where Ray's C++ core writes) into a temporary file
+    for the duration; then what was written there goes to the real stderr, less the lines
+    holding ``noise``. For a bounded call only (ray.init): nothing is lost, only held back."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(n in line for n in noise)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
 
 
 def _drop_known_noise() -> None:

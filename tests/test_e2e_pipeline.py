@@ -102,7 +102,8 @@ def test_a_training_stage_says_its_steps_and_stage1_is_held_against_a_histogram(
     # output to a file or pipe: no colour codes; without --verbose no line of Ray's or MLflow's own
     printed = proc.stdout + proc.stderr
     assert "\x1b[" not in printed
-    noise = r"\(\w+ pid=\d+\).*core_worker\.cc|authentication_token_setup|Progress bars disabled| INFO mlflow|WARNING .*\.py:\d+ --"
+    noise = (r"core_worker\.cc|Set ray log level|authentication_token_setup|Progress bars disabled| INFO mlflow|"
+             r"WARNING .*\.py:\d+ --|^\[\d{4}-\d\d-\d\d [\d:,]+ [IWE] \d+ \d+\]")
     assert [line for line in printed.splitlines() if re.search(noise, line)] == []
     assert "RayDeprecationWarning" not in printed
     # where to watch it, said at the start; each training stage's model and timestamped epochs
