@@ -5,7 +5,7 @@
     hvae sweep CONFIG [key=value ...]
     hvae resume PARENT_RUN_ID [--uri sqlite:///mlruns.db] [key=value ...]
     hvae sample PARENT_RUN_ID [--num N] [--temperature T] [--out grid.png]
-    hvae evaluate PARENT_RUN_ID [--iw-samples K] [--out table.md]
+    hvae evaluate PARENT_RUN_ID [--split test|val] [--iw-samples K] [--out table.md]
     hvae submit CONFIG --address http://HEAD:8265 [key=value ...] [--no-wait] [--sweep]
     hvae status JOB_ID [--address ...] [--logs]
     hvae stop JOB_ID [--address ...]
@@ -159,7 +159,9 @@ def cmd_sample(args) -> int:
 def cmd_evaluate(args) -> int:
     """A finished pipeline's models scored again on the test split (e.g. with more importance
     samples): its recorded config with --iw-samples, run up to the evaluate stage."""
-    overrides = [f"evaluate.iw_samples={args.iw_samples}"] if args.iw_samples is not None else []
+    overrides = [f"evaluate.split={args.split}"]
+    if args.iw_samples is not None:
+        overrides.append(f"evaluate.iw_samples={args.iw_samples}")
     return _again(args, "evaluate", overrides, "report/nll_table.md")
 
 
@@ -172,14 +174,20 @@ def _again(args, stage: str, overrides: list[str], artifact: str) -> int:
 
     from . import signals
     from .runner import run_pipeline
+    from .tracking import TAG_FINGERPRINT
 
     signals.install()
     found = _recorded(args.run_id, args.uri, [*overrides, *args.items], stage)
     if isinstance(found, int):
         return found
-    cfg, _ = found
+    cfg, parent = found
+    # the pipeline's own runs of the stages before, reused whatever code made them
+    client = MlflowClient(cfg.tracking.uri)
+    ran = {s: parent.data.tags.get(f"hvae.run.{s}") or parent.data.tags.get(f"hvae.reused_from.{s}")
+           for s in graph.names()[: graph.names().index(stage)]}
+    pinned = {s: client.get_run(r).data.tags[TAG_FINGERPRINT] for s, r in ran.items() if r}
     print(f"[hvae] {stage} from pipeline {args.run_id}'s models ({' '.join(overrides) or 'its recorded settings'})")
-    outcome = run_pipeline(cfg, extra_tags={"hvae.again_from": args.run_id}, until=stage)
+    outcome = run_pipeline(cfg, extra_tags={"hvae.again_from": args.run_id}, until=stage, pinned=pinned)
     if outcome.code or stage not in outcome.run_ids:
         return outcome.code or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -337,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, help="the sampling seed (default: the recorded sample.seed)")
             p.add_argument("--out", default="grid.png", help="where to copy the sample grid (default: %(default)s)")
         else:
+            p.add_argument("--split", choices=["test", "val"], default="test",
+                           help="the split to score (default: %(default)s; val: val_* metrics, left out of hvae report)")
             p.add_argument("--iw-samples", type=int, metavar="K",
                            help="VAE families: importance samples per test image (default: the recorded setting)")
             p.add_argument("--out", help="where to copy the NLL table (Markdown; default: only printed)")

@@ -198,6 +198,8 @@ class EvaluateConfig(Section):
     # times): K = 1000 costs K / iw_together passes of batch_size x iw_together images
     iw_together: int = Field(8, ge=1)
     num_actors: int = Field(1, ge=1)  # Ray Data actors holding the model, scoring test batches
+    # the split scored: val gives val_* metrics (a check while tuning; hvae report lists test runs only)
+    split: Literal["test", "val"] = "test"
 
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")

@@ -27,7 +27,7 @@ class Stage:
     linked: str = ""  # an artifact whose location the run's summary prints
     epoch_metrics: str = ""  # regex alternatives of the metrics it reports every epoch (train_/val_)
     not_in_fingerprint: dict[str, frozenset] = field(default_factory=dict)  # keys that do not shape output
-    reads: tuple[str, ...] = ()  # the data's splits it reads (its run's dataset inputs)
+    reads: tuple[str, ...] = ()  # the data's splits it reads, or the config key naming one (its run's dataset inputs)
 
 
 # train: keys that change speed or resilience, not what is learned
@@ -48,7 +48,8 @@ STAGES = (
           ("stage1", "priors"), on_ray=True, artifacts=("samples/grid.png", "samples/samples.npz"), linked="samples/grid.png"),
     Stage("evaluate", "stages.evaluate", "test NLL (bound or importance-weighted estimate) and its parts",
           ("evaluate",), ("stage1", "priors"), on_ray=True, artifacts=("report/nll_table.md",),
-          shown=("test_nll_bpd", "test_nll_nats"), printed="report/nll_table.md", reads=("test",),
+          shown=("test_nll_bpd", "test_nll_nats", "val_nll_bpd", "val_nll_nats"), printed="report/nll_table.md",
+          reads=("evaluate.split",),
           not_in_fingerprint={"evaluate": frozenset({"batch_size", "num_actors"})}),
 )
 

@@ -27,11 +27,13 @@ class PlannedStage:
         return f"{self.stage.name}-{self.fingerprint}"
 
 
-def plan(cfg, data_fp: str, until: str | None = None) -> list[PlannedStage]:
+def plan(cfg, data_fp: str, until: str | None = None, pinned: dict[str, str] | None = None) -> list[PlannedStage]:
     """The stages that apply to the config's model family (up to ``until``), each with its fingerprint.
 
     A fingerprint hashes the stage's config sections (the family's own section for stage 1),
-    the data, the upstream fingerprints and the source the stage and the family run."""
+    the data, the upstream fingerprints and the source the stage and the family run.
+    ``pinned``: stages whose fingerprint is given (an earlier run's, whatever code made it):
+    the stages after them chain on from those."""
     family = families.of(cfg)
     data_slice = cfg.data.model_dump(mode="json", exclude={"root", "download"})
     fps: dict[str, str] = {}
@@ -41,7 +43,8 @@ def plan(cfg, data_fp: str, until: str | None = None) -> list[PlannedStage]:
                      for s in st.sections}
         cfg_slice["data"] = data_slice
         code = code_hash([st.module, families.module_of(family.name)])
-        fps[st.name] = stage_fingerprint(st.name, cfg_slice, [fps[u] for u in st.upstream], data_fp, code)
+        fps[st.name] = (pinned or {}).get(st.name) or stage_fingerprint(st.name, cfg_slice, [fps[u] for u in st.upstream],
+                                                                        data_fp, code)
         out.append(PlannedStage(st, fps[st.name]))
         if st.name == until:
             break

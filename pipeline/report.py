@@ -41,6 +41,8 @@ def collect(tracker: Tracker, dataset: str | None = None, model: str | None = No
     trained_stages = graph.training_stages()
     rows = []
     for run in tracker.search(filters):
+        if run.data.tags.get("hvae.split", "test") != "test":
+            continue  # (an evaluation of the validation split: not a test NLL)
         t, m = run.data.tags, plain(run.data.metrics)
         trained = [tracker.client.get_run(t[f"hvae.upstream.{s}"]) for s in trained_stages
                    if f"hvae.upstream.{s}" in t]

@@ -81,26 +81,28 @@ def _training_lines(cfg, rows) -> list[str]:
     return lines
 
 
-def summary(cfg, data_line: str, rows, evaluated: dict | None,
-            commit: tuple[str, bool] | None) -> tuple[str, list[str]]:
+def summary(cfg, data_line: str, rows, evaluated: dict | None, commit: tuple[str, bool] | None,
+            report_link: str | None = None) -> tuple[str, list[str]]:
     """(the result's line, the facts' lines: data, epochs and steps, code, where the rest is):
-    what the description and report.html both say."""
+    what the description and report.html both say; ``report_link``: report.html's page in the UI."""
     root = f" from {cfg.data.root}" if cfg.data.dataset != "mnist5k" else ""  # (the embedded digits have none)
     facts = [f"- data: {cfg.data.dataset}{root}: {data_line}", *_training_lines(cfg, rows)]
     if commit is not None:
         facts.append(f"- code: git commit {commit[0][:12]}" + (" with uncommitted changes" if commit[1] else ""))
-    facts.append(f"- everything in one page: the artifact {REPORT} (curves, samples, every figure); the config: "
+    shown = f"[{REPORT}]({report_link})" if report_link else f"the artifact {REPORT}"
+    facts.append(f"- everything in one page: {shown} (curves, samples, every figure); the config: "
                  "the artifact config.yaml; each stage's run is nested under this one")
     return _result_line(evaluated, headline(rows)), facts
 
 
 def page(cfg, data_line: str, rows, outputs: dict[str, Path], run_ids: dict[str, str],
-         evaluated: dict | None, table: str | None, commit: tuple[str, bool] | None) -> str:
+         evaluated: dict | None, table: str | None, commit: tuple[str, bool] | None,
+         report_link: str | None = None) -> str:
     """The description's Markdown, at most ``LIMIT`` characters (the published rows of the NLL
     table are the first thing left out when it would be longer)."""
     pictures = [picture(run_ids[stage], path, alt) for stage, path, alt in PICTURES
                 if stage in outputs and (outputs[stage] / path).is_file()]
-    result, facts = summary(cfg, data_line, rows, evaluated, commit)
+    result, facts = summary(cfg, data_line, rows, evaluated, commit, report_link)
     head = [result, "", "  ".join(pictures)] if pictures else [result]
     table = table.strip() if table else None
     for shown in (table, _ours_only(table)):

@@ -188,6 +188,9 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
     tags = {**tags, **{f"hvae.upstream.{u}": upstream[u][0] for u in st.upstream}}
     run_id = tracker.start_child(parent_id, st.name, planned.fingerprint, params, tags)
     for split in st.reads:  # the data as the run's input (its fingerprint is the dataset's digest)
+        if "." in split:  # (a config key naming the split)
+            section, key = split.split(".")
+            split = getattr(getattr(cfg, section), key)
         tracker.log_data_input(run_id, cfg.data.dataset, data.fingerprint, data.location,
                                {"rows": data.rows[split], "images": data.describe()}, split)
     if resume_epoch is not None:
@@ -365,9 +368,11 @@ def _reuse(tracker, planned: PlannedStage, fetch) -> tuple[str, Path, object] | 
 
 def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str | None = None,
                  force: list[str] = (), extra_tags: dict[str, str] | None = None,
-                 until: str | None = None, parent_of: str | None = None) -> Outcome:
+                 until: str | None = None, parent_of: str | None = None,
+                 pinned: dict[str, str] | None = None) -> Outcome:
     """Run the DAG (up to and including ``until`` when given) under a new parent run
-    (itself nested under ``parent_of`` when given, e.g. a sweep's parent run)."""
+    (itself nested under ``parent_of`` when given, e.g. a sweep's parent run). ``pinned``:
+    {stage: fingerprint} of earlier runs that must be reused as they are (`hvae sample`)."""
     from .tracking import Tracker
 
     from .reach import http, ray_address
@@ -388,7 +393,7 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
         print(f"error: {exc}")
         return Outcome(2)
     data_fp = data.fingerprint
-    stages = plan(cfg, data_fp, until)
+    stages = plan(cfg, data_fp, until, pinned)
     wrong = batches_beyond_data(cfg, data.rows["train"], [p.name for p in stages])
     wrong = wrong or missing_classifier(cfg, [p.name for p in stages])
     if wrong:
@@ -402,7 +407,7 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
         print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
     parent_id = _open_parent(tracker, cfg, data_fp, config_path, extra_tags or {}, parent_of)
     with Heartbeat(tracker.uri, parent_id):
-        outcome = _run_stages(tracker, cfg, stages, forced, parent_id, data)
+        outcome = _run_stages(tracker, cfg, stages, forced, parent_id, data, set(pinned or ()))
     if outcome.code == 0:
         tracker.log_metrics(parent_id, {"pipeline_seconds": time.perf_counter() - t0,
                                         **results_page.headline(outcome.rows)})
@@ -424,7 +429,8 @@ def _publish(tracker, cfg: PipelineConfig, data, done, parent_id: str) -> None:
     parent = tracker.client.get_run(parent_id)
     recorded = parent.data.tags.get(results_page.COMMIT)  # (read once, when the run began)
     commit = (recorded, parent.data.tags.get("hvae.git_dirty") == "true") if recorded else None
-    text = results_page.page(cfg, data.describe(), done.rows, done.outputs, done.run_ids, tags, table, commit)
+    link = f"#/experiments/{tracker.experiment_id}/runs/{parent_id}/artifacts/{results_page.REPORT}"
+    text = results_page.page(cfg, data.describe(), done.rows, done.outputs, done.run_ids, tags, table, commit, link)
     tracker.set_tags(parent_id, {results_page.NOTE: text})
     line, facts = results_page.summary(cfg, data.describe(), done.rows, tags, commit)
     curves = {name: tracker.curves(run_id) for name, _, run_id, _, _ in done.rows if graph.get(name).trains}
@@ -456,12 +462,12 @@ class _Progress:
 
 
 def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced: set[str], parent_id: str,
-                data) -> _Progress:
+                data, pinned: set[str] = frozenset()) -> _Progress:
     """Each planned stage in order: reused when a finished run has its fingerprint, else run or resumed."""
     from filelock import FileLock
 
     from .raycluster import shutdown
-    from .tracking import plain
+    from .tracking import TAG_CORRUPT, plain
 
     work = local_area(cfg.cluster.storage_path) / "outputs" / parent_id
     fetch = _Fetcher(tracker, work / "inputs")
@@ -480,6 +486,12 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
                 print(f"[hvae] {name}: reuse MLflow run {run_id} (fingerprint {planned.fingerprint})")
                 done.rows.append((name, "REUSED", run_id, None, plain(found.data.metrics)))
                 continue
+            if name in pinned:  # (its run is gone or broken: training it anew is not what was asked)
+                tracker.finish(parent_id, "FAILED")
+                print(f"error: {name}: no finished run with fingerprint {planned.fingerprint} to reuse "
+                      f"(deleted, or tagged {TAG_CORRUPT}): nothing was trained")
+                done.code = 1
+                return done
             try:
                 t0 = time.perf_counter()
                 # inputs are the upstream runs' artifacts, downloaded by run id and verified

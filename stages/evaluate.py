@@ -15,7 +15,8 @@ each holding the model (``Family.scorer``) on its device (one GPU each when
 (``Family.summary``); every image's own value comes back too, for the standard error over the
 test images (``test_nll_nats_se``) and for paired comparisons of two models on the same test
 set (``hvae report``). Output: report/nll_table.md and report/per_image_nll.csv (source index,
-nats).
+nats). With ``evaluate.split=val`` the validation split is scored instead and every ``test_*``
+metric is named ``val_*`` (the run is tagged ``hvae.split``; ``hvae report`` leaves it out).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def score(ctx: StageContext, family, model) -> tuple[dict, np.ndarray]:
     # actors whole: an actor on another node cannot see the driver's files
     scorer = family.scorer(model.eval(), dict(ctx.upstream), ecfg)
     use_gpu = ctx.config.cluster.use_gpu
-    rows = ctx.data.stream("test").map_batches(
+    rows = ctx.data.stream(ecfg.split).map_batches(
         Scorer, fn_constructor_kwargs={"score": scorer, "use_gpu": use_gpu, "batch_size": ecfg.batch_size},
         batch_size=ecfg.batch_size, compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors), num_cpus=1,
         num_gpus=1 if use_gpu else 0)
@@ -99,8 +100,9 @@ def run(ctx: StageContext) -> StageResult:
     name, structure = family.describe(model)
     d = ctx.config.data
     binarized = f", binarized {d.binarize} (seed {d.binarize_seed})" if d.binarize != "none" else ""
-    dataset = f"{d.dataset}{binarized} ({int(metrics['test_images'])} test images, {ctx.data.describe_pixels()})"
-    bench = literature.benchmark(d)
+    split = ctx.config.evaluate.split
+    dataset = f"{d.dataset}{binarized} ({int(metrics['test_images'])} {split} images, {ctx.data.describe_pixels()})"
+    bench = literature.benchmark(d) if split == "test" else None
     row = {"model": name, "dataset": dataset, "structure": structure, "bound": bound_symbol(metrics), **metrics,
            "benchmark": bench}
     folder = ctx.output_dir / "report"
@@ -115,5 +117,8 @@ def run(ctx: StageContext) -> StageResult:
             "hvae.setup": setup_key(ctx.config, ctx.data.fingerprint), "hvae.seed": f"{ctx.config.stage1.seed}/{ctx.config.priors.seed}"}
     if bench:  # its test set and unit are a published benchmark's: hvae report shows those rows beside it
         tags["hvae.benchmark"] = bench
+    if split != "test":  # (the metrics say which split they are of; the table above already does)
+        tags["hvae.split"] = split
+        metrics = {f"{split}_{k[len('test_'):]}" if k.startswith("test_") else k: v for k, v in metrics.items()}
     return StageResult(metrics=metrics, output_dir=ctx.output_dir, tags=tags,
                        tables={"report/nll_table.json": nll_records(table)})

@@ -206,13 +206,17 @@ class Progress:
             return "?"
         return _duration((time.perf_counter() - self.t0) / self.done * (self.left - self.done))
 
-    def step(self, epoch: int, step: int) -> None:
+    def step(self, epoch: int, step: int, task: TrainTask, sums: dict) -> None:
+        """After a training step; ``sums``: this rank's sums of the epoch so far (its running
+        loss is shown: one host sync per line)."""
         self.done += 1
         now = time.perf_counter()
         if now - self.shown >= PROGRESS_EVERY_S and step + 1 < self.steps:
             self.shown = now
             rate = self.done * self.items / (now - self.t0)
-            log(f"[{self.spec.stage}] epoch {epoch + 1}/{self.spec.epochs} step {step + 1}/{self.steps} "
+            so_far = task.summarize("train", {k: v for k, v in sums.items() if not k.endswith("_s")})
+            loss = f" train_loss={so_far['train_loss']:.4g}" if "train_loss" in so_far else ""
+            log(f"[{self.spec.stage}] epoch {epoch + 1}/{self.spec.epochs} step {step + 1}/{self.steps}{loss} "
                 f"{rate:.0f} items/s, {self.eta()} left")
 
 
@@ -356,7 +360,7 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
                                            update=update, scheduler=scheduler))
         pending = not update
         if progress is not None:
-            progress.step(epoch, step)
+            progress.step(epoch, step, task, train_sums)
         if (step + 1) % spec.sync_every == 0:
             _stop_if_not_finite(spec, task, guard, epoch, world)
         if checkpoint is not None and every and update and (step + 1) % every == 0 and step + 1 < last:

@@ -362,15 +362,21 @@ def test_a_copied_store_finds_its_artifacts_beside_it(smoke_run, tmp_path, capsy
 
 
 def test_hvae_sample_draws_anew_from_a_finished_pipeline_without_training(smoke_run, tmp_path):
-    """`hvae sample RUN --num --temperature --out`: the recorded config with those settings, the
-    trained stages reused (here in a copy of the store: its artifacts found beside it)."""
+    """`hvae sample RUN --num --temperature --out`: the recorded config with those settings, that
+    pipeline's trained stages reused whatever code made them (here in a copy of the store: its
+    artifacts found beside it)."""
     import shutil
 
     from PIL import Image
 
+    from mlflow.tracking import MlflowClient
+
     cwd, _, parent_id = smoke_run
     shutil.copy(cwd / "mlruns.db", tmp_path / "mlruns.db")
     shutil.copytree(cwd / "mlartifacts", tmp_path / "mlartifacts")
+    # as if an older hvae had trained stage 1 (another fingerprint than this code's): still reused
+    MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").set_tag(pipeline_runs(cwd, parent_id)["stage1"].info.run_id,
+                                                            "hvae.fingerprint", "0123456789abcdef")
     proc = hvae(tmp_path, "sample", parent_id, "--num", "4", "--temperature", "0.5", "--out", "new/grid.png")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     for stage in ("stage1", "extract", "priors"):

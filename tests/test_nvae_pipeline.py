@@ -74,11 +74,17 @@ def test_nvae_runs_three_stages_and_the_report_compares_it_with_vqvae2(smoke_sto
         both.info.run_id, "report.html", str(tmp_path))).read_text()
     assert page.count("<table>") == 2 and "Paired differences" in page  # the NLL table and the paired one
 
-    # scored again with another K (`hvae evaluate`): the model is reused, not trained again
-    again = hvae(tmp_path, "evaluate", parent, "--iw-samples", "2", "--out", "k2.md")
+    # scored again, on the validation split with another K (`hvae evaluate`): the model is
+    # reused, not trained again; its val_* metrics stay out of the report's test NLLs
+    again = hvae(tmp_path, "evaluate", parent, "--split", "val", "--iw-samples", "2", "--out", "k2.md")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert re.search(r"^stage1 +REUSED ", again.stdout, re.M) and re.search(r"^evaluate +FINISHED ", again.stdout, re.M)
-    assert "≈ IW, K=2" in (tmp_path / "k2.md").read_text()
+    scored = (tmp_path / "k2.md").read_text()
+    assert "≈ IW, K=2" in scored and " val images, " in scored
+    val = pipeline_runs(tmp_path, re.search(r"MLflow parent run ([0-9a-f]{32})", again.stdout).group(1))["evaluate"]
+    assert "evaluate/val_nll_nats" in val.data.metrics and not any("test_" in k for k in val.data.metrics)
+    listed = hvae(tmp_path, "report", "--model", "nvae", "--out", "nvae_again.md")
+    assert (tmp_path / "nvae_again.md").read_text() == (tmp_path / "nvae.md").read_text(), listed.stdout
 
 
 def test_a_non_finite_term_stops_stage1_naming_step_and_term_and_keeps_the_checkpoint(tmp_path):

@@ -201,3 +201,23 @@ def test_the_model_summary_and_the_time_left_read_as_a_person_would_say_them():
     nested.add_module("priors", torch.nn.ModuleList([torch.nn.Linear(3, 4), torch.nn.Linear(4, 5)]))
     assert summary(nested) == "41 parameters: priors.0 16, priors.1 25"  # (one container: its parts)
     assert [_duration(s) for s in (4.6, 65, 3 * 3600 + 125)] == ["5 s", "1 min 05 s", "3 h 02 min"]
+
+
+def test_progress_inside_an_epoch_says_step_loss_speed_and_time_left(monkeypatch, capfd):
+    import re
+
+    from stages import train_loop
+
+    class Task:
+        def summarize(self, split, sums):
+            return {f"{split}_loss": float(sums["loss"]) / float(sums["count"])}
+
+    spec = train_loop.LoopSpec(make_task=Task, task_args={}, model_config={}, epochs=2, lr=1e-3, stage="stage1")
+    monkeypatch.setattr(train_loop, "PROGRESS_EVERY_S", 0.0)
+    progress = train_loop.Progress(spec, steps=4, first_epoch=0, items_per_step=8)
+    sums = {"loss": torch.tensor(6.0), "count": torch.tensor(2.0), "first_batch_s": torch.tensor(0.5)}
+    progress.step(0, 0, Task(), sums)
+    progress.step(0, 3, Task(), sums)  # (the epoch's last step: its own line follows, not this one)
+    lines = capfd.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"\d\d:\d\d:\d\d \[stage1\] epoch 1/2 step 1/4 train_loss=3 \d+ items/s, \d+ s left", lines[0])

@@ -98,3 +98,6 @@ def test_the_printed_link_shows_the_nll_table_and_the_samples_in_a_browser(smoke
         assert f'src="{src}"' in html, (stage, re.findall(r"<img[^>]*>", html))
         body = urllib.request.urlopen(f"{ui}/{src.replace('&amp;', '&')}", timeout=30).read()
         assert body[:8] == b"\x89PNG\r\n\x1a\n", (stage, body[:100])  # the image the page points at is served
+    # one click from the description to report.html
+    assert re.search(rf'href="#/experiments/\d+/runs/{parent_id}/artifacts/report\.html"', html), \
+        re.findall(r"<a [^>]*>", html)
