@@ -157,8 +157,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    """A finished pipeline's models scored again on the test split (e.g. with more importance
-    samples): its recorded config with --iw-samples, run up to the evaluate stage."""
+    """A finished pipeline's models scored again (on the test split, or --split val; e.g. with
+    more importance samples): its recorded config with --iw-samples, run up to the evaluate stage."""
     overrides = [f"evaluate.split={args.split}"]
     if args.iw_samples is not None:
         overrides.append(f"evaluate.iw_samples={args.iw_samples}")
@@ -191,7 +191,7 @@ def _again(args, stage: str, overrides: list[str], artifact: str) -> int:
     if outcome.code or stage not in outcome.run_ids:
         return outcome.code or 1
     with tempfile.TemporaryDirectory() as tmp:
-        got = MlflowClient(cfg.tracking.uri).download_artifacts(outcome.run_ids[stage], artifact, tmp)
+        got = client.download_artifacts(outcome.run_ids[stage], artifact, tmp)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(got, args.out)
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text, example in (
             ("sample", cmd_sample, "draw new samples from a finished pipeline's models (they are not trained again)",
              "hvae sample <parent run id> --num 64 --temperature 0.8 --out grid.png"),
-            ("evaluate", cmd_evaluate, "score a finished pipeline's models on the test split again",
+            ("evaluate", cmd_evaluate, "score a finished pipeline's models again (test or val split)",
              "hvae evaluate <parent run id> --iw-samples 1000")):
         p = sub.add_parser(name, help=text, formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog=f"example:\n  {example}")

@@ -42,7 +42,7 @@ STAGES = (
           ("stage1",), on_ray=True, artifacts=("codes/{train,val,test}/*.parquet", "codes/schema.json"),
           shown=("rows_train",)),
     Stage("priors", "stages.priors", "train a gated PixelCNN per code level on Ray Train", ("priors", "train"),
-          ("extract",), trains=True, on_ray=True, not_in_fingerprint={"train": SPEED_ONLY}, artifacts=("model/prior_level{l}.pt", "model/priors.json"),
+          ("extract", "stage1"), trains=True, on_ray=True, not_in_fingerprint={"train": SPEED_ONLY}, artifacts=("model/prior_level{l}.pt", "model/priors.json"),
           shown=("val_bits_per_code",), epoch_metrics=r"loss|bits_per_code|bits_per_code_level\d|nll_nats_level\d"),
     Stage("sample", "stages.sample", "draw samples through the hierarchy and decode them", ("sample",),
           ("stage1", "priors"), on_ray=True, artifacts=("samples/grid.png", "samples/samples.npz"), linked="samples/grid.png"),

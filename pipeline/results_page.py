@@ -31,6 +31,8 @@ def headline(rows) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, _, _, _, metrics in rows:
         out.update({k: metrics[k] for k in HEADLINE if k in metrics})
+        if name == "evaluate":  # (evaluate.split=val: its NLL is named val_nll_*)
+            out.update({k: v for k, v in metrics.items() if k.startswith("val_nll_")})
         if "optimizer_steps" in metrics:
             out[f"{name}_optimizer_steps"] = metrics["optimizer_steps"]
     return out
@@ -57,14 +59,21 @@ def picture(run_id: str, path: str, alt: str) -> str:
     return f"![{alt}](get-artifact?path={quote(path, safe='')}&run_uuid={run_id})"
 
 
-def _result_line(evaluated: dict | None, metrics: dict) -> str:
-    if not evaluated or "test_nll_nats" not in metrics:
+SPLIT_NAMES = {"test": "test", "val": "validation"}
+
+
+def _result_line(evaluated: dict | None, rows) -> str:
+    """The NLL the evaluate stage measured, on the split it scored (``evaluate.split``)."""
+    split = (evaluated or {}).get("hvae.split", "test")
+    metrics = next((m for name, _, _, _, m in rows if name == "evaluate"), {})
+    if not evaluated or f"{split}_nll_nats" not in metrics:
         return "**No test NLL**: the evaluate stage did not run in this pipeline."
     bound = evaluated.get("hvae.bound", "")
-    se = lambda k: f" ± {metrics[k]:.4g}" if k in metrics else ""  # noqa: E731
-    return (f"**{evaluated.get('hvae.model_name', '')}** on {evaluated.get('hvae.dataset_desc', '')}: test NLL "
-            f"**{bound} {metrics['test_nll_nats']:.2f}{se('test_nll_nats_se')} nats** per image, "
-            f"{bound} {metrics['test_nll_bpd']:.4f}{se('test_nll_bpd_se')} bits/dim")
+    se = lambda k: f" ± {metrics[f'{split}_{k}']:.4g}" if f"{split}_{k}" in metrics else ""  # noqa: E731
+    return (f"**{evaluated.get('hvae.model_name', '')}** on {evaluated.get('hvae.dataset_desc', '')}: "
+            f"{SPLIT_NAMES.get(split, split)} NLL "
+            f"**{bound} {metrics[f'{split}_nll_nats']:.2f}{se('nll_nats_se')} nats** per image, "
+            f"{bound} {metrics[f'{split}_nll_bpd']:.4f}{se('nll_bpd_se')} bits/dim")
 
 
 def _training_lines(cfg, rows) -> list[str]:
@@ -92,17 +101,16 @@ def summary(cfg, data_line: str, rows, evaluated: dict | None, commit: tuple[str
     shown = f"[{REPORT}]({report_link})" if report_link else f"the artifact {REPORT}"
     facts.append(f"- everything in one page: {shown} (curves, samples, every figure); the config: "
                  "the artifact config.yaml; each stage's run is nested under this one")
-    return _result_line(evaluated, headline(rows)), facts
+    return _result_line(evaluated, rows), facts
 
 
-def page(cfg, data_line: str, rows, outputs: dict[str, Path], run_ids: dict[str, str],
-         evaluated: dict | None, table: str | None, commit: tuple[str, bool] | None,
-         report_link: str | None = None) -> str:
-    """The description's Markdown, at most ``LIMIT`` characters (the published rows of the NLL
-    table are the first thing left out when it would be longer)."""
+def page(result: str, facts: list[str], outputs: dict[str, Path], run_ids: dict[str, str],
+         table: str | None) -> str:
+    """The description's Markdown (``summary``'s result line and facts, the pictures, the NLL
+    table), at most ``LIMIT`` characters (the published rows of the NLL table are the first
+    thing left out when it would be longer)."""
     pictures = [picture(run_ids[stage], path, alt) for stage, path, alt in PICTURES
                 if stage in outputs and (outputs[stage] / path).is_file()]
-    result, facts = summary(cfg, data_line, rows, evaluated, commit, report_link)
     head = [result, "", "  ".join(pictures)] if pictures else [result]
     table = table.strip() if table else None
     for shown in (table, _ours_only(table)):

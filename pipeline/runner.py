@@ -430,12 +430,12 @@ def _publish(tracker, cfg: PipelineConfig, data, done, parent_id: str) -> None:
     recorded = parent.data.tags.get(results_page.COMMIT)  # (read once, when the run began)
     commit = (recorded, parent.data.tags.get("hvae.git_dirty") == "true") if recorded else None
     link = f"#/experiments/{tracker.experiment_id}/runs/{parent_id}/artifacts/{results_page.REPORT}"
-    text = results_page.page(cfg, data.describe(), done.rows, done.outputs, done.run_ids, tags, table, commit, link)
-    tracker.set_tags(parent_id, {results_page.NOTE: text})
-    line, facts = results_page.summary(cfg, data.describe(), done.rows, tags, commit)
+    line, facts = results_page.summary(cfg, data.describe(), done.rows, tags, commit, link)
+    tracker.set_tags(parent_id, {results_page.NOTE: results_page.page(line, facts, done.outputs, done.run_ids, table)})
     curves = {name: tracker.curves(run_id) for name, _, run_id, _, _ in done.rows if graph.get(name).trains}
+    # (report.html's facts leave out the last line, which points at report.html itself)
     tracker.log_text(parent_id, html_report.pipeline_report(parent.info.run_name, line, table, curves, done.outputs,
-                                                            facts), results_page.REPORT)
+                                                            facts[:-1]), results_page.REPORT)
 
 
 def local_area(storage_path: str) -> Path:

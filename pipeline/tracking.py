@@ -9,6 +9,7 @@ override experiment names in Ray's integrations).
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -310,33 +311,27 @@ class Tracker:
         source is the artifact URI as the store gives it (file://, s3://, or mlflow-artifacts:
         behind a tracking server, which MLflow's source resolvers do not take)."""
         import hashlib
-        import json
-
-        from mlflow.entities import Dataset, DatasetInput, InputTag
 
         digest = hashlib.sha256()
         for f in sorted(Path(folder).rglob("*")):
             if f.is_file():
                 digest.update(f.name.encode())
                 digest.update(f.read_bytes())
-        uri = f"{self.artifact_uri(run_id)}/{rel}"
-        scheme = uri.split(":", 1)[0] if ":" in uri else "file"
-        dataset = Dataset(name=rel.replace("/", "-"), digest=digest.hexdigest()[:16],
-                          source_type="local" if scheme == "file" else scheme, source=json.dumps({"uri": uri}))
-        tag = InputTag(key="mlflow.data.context", value=context)
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=[tag])])
+        self.log_data_input(run_id, rel.replace("/", "-"), digest.hexdigest()[:16],
+                            f"{self.artifact_uri(run_id)}/{rel}", None, context)
 
-    def log_data_input(self, run_id: str, name: str, digest: str, location: str, profile: dict,
+    def log_data_input(self, run_id: str, name: str, digest: str, location: str, profile: dict | None,
                        context: str) -> None:
-        """The prepared data a stage reads, as a run input: ``name`` (data.dataset), the data's
-        fingerprint as its digest, where it was prepared as its source, a few facts as its profile."""
+        """Data a stage reads (or wrote), as a run input: ``name`` (e.g. data.dataset), a digest
+        (the data's fingerprint), where it is as its source, a few facts as its profile."""
         import json
 
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        scheme = location.split("://", 1)[0] if "://" in location else "local"
+        scheme = location.split(":", 1)[0] if re.match(r"[a-z][a-z0-9+.-]+:", location) else "local"
+        scheme = "local" if scheme == "file" else scheme
         dataset = Dataset(name=name, digest=digest[:36], source_type=scheme, source=json.dumps({"uri": location}),
-                          profile=json.dumps(profile))
+                          profile=json.dumps(profile) if profile is not None else None)
         tag = InputTag(key="mlflow.data.context", value=context)
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=[tag])])
 

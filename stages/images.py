@@ -20,6 +20,17 @@ def shuffle_window(batch_size: int) -> int:
 
 
 SHOWN = 8  # validation images drawn over their reconstructions every epoch (epoch_images)
+SAMPLED = 16  # samples drawn every epoch by a model that can sample (the same seed each epoch)
+
+
+def grid_array(images, nrow: int = 8):
+    """uint8 images [N, C, H, W] -> one uint8 H x W x 3 picture (numpy), ``nrow`` to a row,
+    with grey lines between them: what ``log_image`` takes."""
+    import torch
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.cpu().float() / 255.0, nrow=nrow, padding=2, pad_value=0.5)
+    return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
 class ImageTask(TrainTask):
@@ -112,15 +123,13 @@ class ImageTask(TrainTask):
         now (bottom row), as one uint8 H x W x 3 array: logged every epoch, the UI's step slider
         then shows how the reconstructions came about."""
         import torch
-        from torchvision.utils import make_grid
 
         x = getattr(self, "_shown", None)
         if x is None:
             return {}
         with torch.no_grad():
-            recon = model.likelihood.mean(model(x.to(device))["params"]).float().clamp(0, 255) / 255.0
-        grid = make_grid(torch.cat([x.float() / 255.0, recon.cpu()]), nrow=len(x), padding=2, pad_value=0.5)
-        return {"reconstructions": (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()}
+            recon = model.likelihood.mean(model(x.to(device))["params"]).round().clamp(0, 255).to(torch.uint8)
+        return {"reconstructions": grid_array(torch.cat([x, recon.cpu()]), nrow=len(x))}
 
     def _val_batches(self, rank, world):
         from . import shards

@@ -20,6 +20,7 @@ from models.likelihoods import to_bits_per_dim
 from . import shards
 from .base import StageContext, StageResult, TrainTask, load_weights
 from .data import read_here
+from .families import load_model
 from .extract import SCHEMA_FILE
 from .train_loop import LoopSpec, fit
 
@@ -50,8 +51,9 @@ def load_priors(folder: Path) -> HierarchicalPrior:
 
 
 class PriorTask(TrainTask):
-    def __init__(self, config: dict, batch_size: int, world_hint: int, seed: int, train_rows: int):
+    def __init__(self, config: dict, batch_size: int, world_hint: int, seed: int, train_rows: int, decoder=None):
         self.config, self.train_rows = config, train_rows
+        self.decoder = decoder  # stage 1's model: decodes the codes drawn every epoch (epoch_images)
         self.levels = len(config["codebook_sizes"])
         self.batch_size = max(1, math.ceil(batch_size / world_hint))
         self.seed = seed
@@ -97,6 +99,18 @@ class PriorTask(TrainTask):
     def val_step(self, model, batch, device):
         return self._forward(model, batch, device)[2]
 
+    def epoch_images(self, model, device) -> dict:
+        """``SAMPLED`` samples of the priors as they are now, decoded by stage 1's model (the
+        same seed every epoch: the step slider shows the samples improve)."""
+        if self.decoder is None:
+            return {}
+        from .families.vqvae2 import draw
+        from .images import SAMPLED, grid_array
+
+        self.decoder.to(device).eval()
+        images = draw(self.decoder, model, SAMPLED, 1.0, self.seed)[0]
+        return {"samples": grid_array(images)}
+
     def summarize(self, split, sums):
         n = float(sums["count"])
         out, total_nats, total_pos = {}, 0.0, 0
@@ -131,7 +145,7 @@ def run(ctx: StageContext) -> StageResult:
     spec = LoopSpec(
         make_task=PriorTask,
         task_args=dict(config=config, batch_size=pcfg.batch_size, world_hint=cluster.num_workers, seed=pcfg.seed,
-                       train_rows=schema["rows"]["train"]),
+                       train_rows=schema["rows"]["train"], decoder=load_model(ctx.upstream["stage1"] / "model")[1]),
         model_config=config, epochs=pcfg.epochs, lr=pcfg.lr, seed=pcfg.seed, stage=ctx.name, report=ctx.report,
         **ctx.config.train.model_dump(),
     )

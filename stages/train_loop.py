@@ -179,6 +179,7 @@ def _reduce_sums(sums: dict[str, torch.Tensor], device: torch.device) -> dict[st
     return {k: p.reshape(sums[k].shape) for k, p in zip(keys, parts)}
 
 
+CLOCKS = ("first_batch_s", "data_wait_s")  # seconds a training epoch's sums carry beside the task's
 PROGRESS_EVERY_S = 30.0  # rank 0 says where an epoch is at most this often (a line, not a bar: see Progress)
 
 
@@ -214,7 +215,7 @@ class Progress:
         if now - self.shown >= PROGRESS_EVERY_S and step + 1 < self.steps:
             self.shown = now
             rate = self.done * self.items / (now - self.t0)
-            so_far = task.summarize("train", {k: v for k, v in sums.items() if not k.endswith("_s")})
+            so_far = task.summarize("train", {k: v for k, v in sums.items() if k not in CLOCKS})
             loss = f" train_loss={so_far['train_loss']:.4g}" if "train_loss" in so_far else ""
             log(f"[{self.spec.stage}] epoch {epoch + 1}/{self.spec.epochs} step {step + 1}/{self.steps}{loss} "
                 f"{rate:.0f} items/s, {self.eta()} left")
@@ -411,7 +412,7 @@ def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds
     train = split("train")
     if val_out is not None:
         val_out.update({k: v.tolist() for k, v in split("val").items()})
-    waits = {k: float(train.pop(k)) / world for k in ("first_batch_s", "data_wait_s") if k in train}
+    waits = {k: float(train.pop(k)) / world for k in CLOCKS if k in train}
     metrics = {**task.summarize("train", train), **task.summarize("val", split("val")), **waits}
     mean_seconds = float(reduced["seconds"]) / world  # workers step in lockstep
     metrics.update(epoch=epoch, lr=lr, epoch_seconds=mean_seconds,

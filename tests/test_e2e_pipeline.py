@@ -49,6 +49,11 @@ def test_stage1_child_run_is_tracked_with_tags_metrics_and_artifacts(smoke_run):
     # the reconstructions of every epoch, as images with a step (the run page's slider)
     shown = [f.path for f in client.list_artifacts(child.info.run_id, "images") if f.path.endswith(".png")]
     assert sorted(re.search(r"reconstructions\+step\+(\d+)\+", p).group(1) for p in shown) == ["0", "1"], shown
+    # the priors' samples of every epoch (smoke: 1), decoded by stage 1's model
+    priors = pipeline_runs(cwd, parent_id)["priors"]
+    shown = [f.path for f in client.list_artifacts(priors.info.run_id, "images") if f.path.endswith(".png")]
+    assert [re.search(r"samples\+step\+(\d+)\+", p).group(1) for p in shown] == ["0"], shown
+    assert priors.data.tags["hvae.upstream.stage1"] == child.info.run_id
 
 
 def test_the_parent_run_is_a_results_page(smoke_run):

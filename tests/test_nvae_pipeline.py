@@ -37,6 +37,10 @@ def test_nvae_runs_three_stages_and_the_report_compares_it_with_vqvae2(smoke_sto
     client, _ = runs(tmp_path)
     files = {f.path for f in client.list_artifacts(children["stage1"].info.run_id, "figures")}
     assert files == {"figures/reconstructions.png", "figures/kl_per_group.png"}
+    # every epoch's reconstructions and samples, as images with a step
+    shown = [f.path for f in client.list_artifacts(children["stage1"].info.run_id, "images") if f.path.endswith(".png")]
+    assert sorted(re.sub(r"\+\d+\+.*|\+[^+]*$", "", p.split("/")[-1]) for p in shown) == \
+        ["reconstructions+step", "reconstructions+step", "samples+step", "samples+step"], shown
     assert {f.path for f in client.list_artifacts(children["sample"].info.run_id, "samples")} >= {"samples/grid.png"}
 
     report = hvae(tmp_path, "report", "--dataset", "mnist5k")
@@ -81,8 +85,14 @@ def test_nvae_runs_three_stages_and_the_report_compares_it_with_vqvae2(smoke_sto
     assert re.search(r"^stage1 +REUSED ", again.stdout, re.M) and re.search(r"^evaluate +FINISHED ", again.stdout, re.M)
     scored = (tmp_path / "k2.md").read_text()
     assert "≈ IW, K=2" in scored and " val images, " in scored
-    val = pipeline_runs(tmp_path, re.search(r"MLflow parent run ([0-9a-f]{32})", again.stdout).group(1))["evaluate"]
+    again_parent = re.search(r"MLflow parent run ([0-9a-f]{32})", again.stdout).group(1)
+    val = pipeline_runs(tmp_path, again_parent)["evaluate"]
     assert "evaluate/val_nll_nats" in val.data.metrics and not any("test_" in k for k in val.data.metrics)
+    # its parent's page and run-list columns give the validation NLL, named as such
+    shown = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_run(again_parent).data
+    assert shown.tags["mlflow.note.content"].splitlines()[0].startswith("**NVAE"), shown.tags["mlflow.note.content"][:300]
+    assert f"validation NLL **≈ {plain(val.data.metrics)['val_nll_nats']:.2f}" in shown.tags["mlflow.note.content"]
+    assert shown.metrics["val_nll_nats"] == plain(val.data.metrics)["val_nll_nats"]
     listed = hvae(tmp_path, "report", "--model", "nvae", "--out", "nvae_again.md")
     assert (tmp_path / "nvae_again.md").read_text() == (tmp_path / "nvae.md").read_text(), listed.stdout
 

@@ -98,6 +98,18 @@ class NVAETask(ImageTask):
         x = batch.to(device, non_blocking=True)  # (pinned when bound for a GPU)
         return self._sums(model(x), x)
 
+    def epoch_images(self, model, device) -> dict:
+        """The reconstructions, and ``SAMPLED`` samples from the prior (the same draws every
+        epoch: the step slider shows the same latents decoded by the model as it learns)."""
+        import torch
+
+        from stages.images import SAMPLED, grid_array
+
+        pictures = super().epoch_images(model, device)
+        with torch.no_grad():
+            drawn = model.sample(SAMPLED, 1.0, torch.Generator().manual_seed(self.seed))
+        return {**pictures, "samples": grid_array(drawn)}
+
     def summarize(self, split, sums):
         from models.likelihoods import to_bits_per_dim
 
