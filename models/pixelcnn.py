@@ -21,7 +21,11 @@ so its own entry is safe to read. Queries and keys get the map coordinates (Pixe
 Conditioning (all optional, added into every gate of both stacks):
 - ``cond_codes``: the code map of the level above (embedded, brought to this map's size
   by nearest upsampling and a 3x3 convolution);
-- ``labels``: a class label (embedded to a per-channel bias).
+- ``labels``: a class label (embedded to a per-channel bias);
+- a conditioning map given as it is (``cond_channels``; a PixelVAE's decoded latents).
+
+Over real values instead of codes (``inputs`` > 0, e.g. pixels: ``forward_values``), the
+output is whatever ``outputs`` channels the caller reads (a likelihood's parameters).
 
 The output is a categorical over the codebook at every position: logits [B, K, H, W].
 """
@@ -119,14 +123,18 @@ class GatedPixelCNN(nn.Module):
         attention_every: int = 0,  # a causal attention block after every this many layers (0: none)
         attention_heads: int = 4,
         dropout: float = 0.0,
+        inputs: int = 0,  # > 0: the input is a map of this many real values (pixels), not codes
+        outputs: int = 0,  # > 0: output channels (e.g. a likelihood's parameters) instead of num_codes logits
+        cond_channels: int = 0,  # channels of a conditioning map given to ``forward_values`` as it is
     ):
         super().__init__()
         if kernel % 2 == 0 or kernel < 3:
             raise ValueError("kernel must be odd and >= 3")
         self.num_codes, self.num_classes = num_codes, num_classes
         self.cond_factor = cond_factor
-        self.embed = nn.Embedding(num_codes, hidden)
-        cond_ch = hidden if cond_codes else 0
+        # codes are embedded; real values (pixels in [-1, 1]) go through a 1x1 convolution
+        self.embed = nn.Conv2d(inputs, hidden, 1) if inputs else nn.Embedding(num_codes, hidden)
+        cond_ch = hidden if cond_codes else cond_channels
         if cond_codes:
             self.cond_embed = nn.Embedding(cond_codes, hidden)
             self.cond_net = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
@@ -139,7 +147,8 @@ class GatedPixelCNN(nn.Module):
             {str(i): CausalAttention(hidden, attention_heads, dropout)
              for i in range(layers) if attention_every and (i + 1) % attention_every == 0}
         )
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, num_codes, 1))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
+                                  nn.Conv2d(hidden, outputs or num_codes, 1))
 
     def condition(self, cond_codes: torch.Tensor | None) -> torch.Tensor | None:
         if cond_codes is None:
@@ -162,6 +171,12 @@ class GatedPixelCNN(nn.Module):
             stacks.append((down_shift(v), h))
         logits = self.head(skip + h)  # skip connections of every layer plus the last residual stream
         return (logits, stacks) if return_stacks else logits
+
+    def forward_values(self, values: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """A PixelCNN over real values (``inputs`` > 0): values [B, inputs, H, W] and a
+        conditioning map [B, cond_channels, H or 1, W or 1] -> outputs [B, outputs, H, W] at each
+        position from the values before it (no channel of the position itself)."""
+        return self.forward_embedded(self.embed(values), cond)
 
     def forward(self, codes: torch.Tensor, cond_codes: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ Row by row:
 The logits are those of ``GatedPixelCNN.forward`` up to float rounding, so for a seed the
 codes are those of the naive sampler (``GatedPixelCNN.sample(..., cached=False)``, the
 reference a test compares against). Sampling reads the model as in eval mode: no dropout.
+A PixelCNN over real values (a PixelVAE's decoder) samples the same way (``sample_values``).
 """
 from __future__ import annotations
 
@@ -64,30 +65,49 @@ def sample_cached(net, shape: tuple[int, int, int], cond_codes=None, labels=None
 
 
 @torch.no_grad()
-def cached_logits(net, codes: torch.Tensor, cond_codes=None, labels=None) -> torch.Tensor:
+def sample_values(net, shape: tuple[int, int, int], cond: torch.Tensor | None, draw) -> torch.Tensor:
+    """``net``: a ``GatedPixelCNN`` over real values (``inputs`` > 0), ``cond`` its conditioning
+    map as ``forward_values`` takes it. Raster order: ``draw(outputs [B, outputs])`` -> the
+    values [B, inputs] placed at each position -> [B, H, W, inputs]."""
+    return _raster(net, shape, None, None, lambda i, j, out: draw(out), cond=cond)
+
+
+@torch.no_grad()
+def cached_logits(net, codes: torch.Tensor, cond_codes=None, labels=None, cond=None) -> torch.Tensor:
     """The logits [B, K, H, W] the cached sampler computes when it is handed ``codes`` [B, H, W]
-    position by position (teacher forcing): ``net(codes, ...)``'s, up to float rounding."""
+    (or values [B, H, W, inputs] with their ``cond``) position by position (teacher forcing):
+    ``net(codes, ...)``'s (``net.forward_values``'), up to float rounding."""
     out = []
 
     def given(i: int, j: int, logits: torch.Tensor) -> torch.Tensor:
         out.append(logits)
         return codes[:, i, j]
 
-    _raster(net, tuple(codes.shape), cond_codes, labels, given)
-    return torch.stack(out, -1).unflatten(-1, codes.shape[1:])
+    _raster(net, tuple(codes.shape[:3]), cond_codes, labels, given, cond=cond)
+    return torch.stack(out, -1).unflatten(-1, codes.shape[1:3])
 
 
-def _raster(net, shape, cond_codes, labels, pick) -> torch.Tensor:
+def _embed(net, t: torch.Tensor) -> torch.Tensor:
+    """Codes [...] or values [..., inputs] -> their embedding [..., C] (the net's first step)."""
+    if isinstance(net.embed, torch.nn.Embedding):
+        return net.embed(t)
+    return F.linear(t, net.embed.weight[:, :, 0, 0], net.embed.bias)
+
+
+def _raster(net, shape, cond_codes, labels, pick, cond=None) -> torch.Tensor:
     """Every position in raster order: its logits [B, K] from the layers' kept state, then
-    ``pick(i, j, logits)`` -> the codes [B] placed there."""
+    ``pick(i, j, logits)`` -> the codes [B] (values [B, inputs]) placed there."""
     b, hgt, wid = shape
     weight = net.embed.weight
-    device, c = weight.device, weight.shape[1]
     layers = net.layers
+    device, c = weight.device, layers[0].h_out.weight.shape[0]
     k = layers[0].k
     kh, half = k // 2 + 1, k // 2
-    codes = torch.zeros(shape, dtype=torch.long, device=device)
-    cond = net.condition(cond_codes)
+    values = not isinstance(net.embed, torch.nn.Embedding)
+    codes = (torch.zeros((*shape, weight.shape[1]), dtype=weight.dtype, device=device) if values
+             else torch.zeros(shape, dtype=torch.long, device=device))
+    if cond is None:
+        cond = net.condition(cond_codes)
     label_bias = [layer.label(labels)[:, :, None, None] if layer.label is not None and labels is not None else None
                   for layer in layers]
     # per layer, as matrices: the horizontal convolution over its window (C x kh, flattened as
@@ -104,7 +124,9 @@ def _raster(net, shape, cond_codes, labels, pick) -> torch.Tensor:
     for i in range(hgt):
         extra = []  # per layer: the conditioning of row i [B, 4C, 1, W] (or None)
         for l, layer in enumerate(layers):
-            e = layer.cond(cond[:, :, i:i + 1]) if layer.cond is not None and cond is not None else None
+            e = None
+            if layer.cond is not None and cond is not None:  # (a map of one row and column: the same everywhere)
+                e = layer.cond(cond[:, :, i:i + 1] if cond.shape[2] > 1 else cond).expand(b, -1, 1, wid)
             if label_bias[l] is not None:
                 e = label_bias[l] if e is None else e + label_bias[l]
             extra.append(e)
@@ -127,9 +149,9 @@ def _raster(net, shape, cond_codes, labels, pick) -> torch.Tensor:
                               head2.weight[:, :, 0, 0], head2.bias)
             drawn = pick(i, j, logits)
             codes[:, i, j] = drawn
-            h_in[0][:, :, kh + j] = net.embed(drawn)
+            h_in[0][:, :, kh + j] = _embed(net, drawn)
         # row i is drawn: row i of every vertical stack, and the vertical term of row i + 1
-        new = F.pad(net.embed(codes[:, i]).transpose(1, 2), (half, half))[:, :, None]  # [B, C, 1, W + 2 half]
+        new = F.pad(_embed(net, codes[:, i]).transpose(1, 2), (half, half))[:, :, None]  # [B, C, 1, W + 2 half]
         for l, layer in enumerate(layers):
             v_rows[l] = torch.cat([v_rows[l][:, :, 1:], new], dim=2)
             v_pre = layer.v_conv(v_rows[l])  # [B, 2C, 1, W]

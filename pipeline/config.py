@@ -2,7 +2,7 @@
 
 Every section forbids unknown keys and checks types strictly, so a typo or a wrong type
 fails before any work starts, with one line naming the dotted key. Each model family
-(``stages/families``) brings its own section (``vqvae2:``, ``nvae:``, ``vae:``); the stages'
+(``stages/families``) brings its own section (``vqvae2:``, ``nvae:``, ``vae:``, ``pixelvae:``); the stages'
 and the product's sections are here.
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ class TrackingConfig(Section):
 
 class Stage1Config(Section):
     """Training keys every model family shares; the model's own keys are in its section
-    (``vqvae2:``, ``nvae:``, ``vae:``: the family named by ``model``)."""
+    (``vqvae2:``, ``nvae:``, ``vae:``, ``pixelvae:``: the family named by ``model``)."""
 
     model: str = families.DEFAULT  # the model family (stages/families/<model>.py) and its config section
     likelihood: Literal["dlogistic", "bernoulli"] = "dlogistic"

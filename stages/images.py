@@ -128,7 +128,7 @@ class ImageTask(TrainTask):
         if x is None:
             return {}
         with torch.no_grad():
-            recon = model.likelihood.mean(model(x.to(device))["params"]).round().clamp(0, 255).to(torch.uint8)
+            recon = reconstructions(model, x.to(device))
         return {"reconstructions": grid_array(torch.cat([x, recon.cpu()]), nrow=len(x))}
 
     def _val_batches(self, rank, world):
@@ -191,6 +191,18 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def reconstructions(model, x):
+    """What a stage-1 model makes of the uint8 images ``x``, as uint8 images: its decoder's mean,
+    or its own ``reconstruct`` (a decoder that reads the pixels it predicts, a PixelVAE's, would
+    copy them: it draws from the latents instead)."""
+    import torch
+
+    own = getattr(model, "reconstruct", None)
+    if own is not None:
+        return own(x, torch.Generator().manual_seed(0))
+    return model.likelihood.mean(model(x)["params"]).round().clamp(0, 255).to(torch.uint8)
+
+
 def save_reconstructions(model, data, n_recon: int, folder: Path) -> None:
     """figures/reconstructions.png: the first ``n_recon`` validation images (odd rows; the split
     is in random order) over their reconstructions."""
@@ -200,7 +212,7 @@ def save_reconstructions(model, data, n_recon: int, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     x = torch.from_numpy(data.read_all("val", limit=n_recon)["image"])
     with torch.no_grad():
-        recon = model.likelihood.mean(model(x)["params"]) / 255.0
+        recon = reconstructions(model, x).float() / 255.0
     rows = []
     per_row = 8
     for i in range(0, len(x), per_row):  # originals over reconstructions, row by row

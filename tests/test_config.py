@@ -30,7 +30,7 @@ def test_defaults_and_overrides():
     ("data.dataset=svhn", "data.dataset: Input should be"),
     ("stage1.lr=-1", "stage1.lr: Input should be greater than 0"),
     ("vqvae2.codebook_size=[8, 8, 8]", "vqvae2: codebook_size lists 3 sizes for 2 levels"),
-    ("stage1.model=pixelrnn", "stage1.model: unknown model family 'pixelrnn' (families: nvae, vae, vqvae2)"),
+    ("stage1.model=pixelrnn", "stage1.model: unknown model family 'pixelrnn' (families: nvae, pixelvae, vae, vqvae2)"),
     ("nvae.scales=x", "nvae.scales: Input should be a valid integer"),
 ])
 def test_bad_keys_and_types_are_named(override, key):
@@ -200,7 +200,7 @@ def test_the_cli_knows_the_graphs_stages_and_the_families():
     assert [parse_args(["run", "--until", name]).until for name in graph.names()] == list(graph.names())
     with pytest.raises(SystemExit):
         parse_args(["run", "--until", "nope"])
-    assert families.names() == ["nvae", "vae", "vqvae2"]
+    assert families.names() == ["nvae", "pixelvae", "vae", "vqvae2"]
     for name in families.names():  # every family's stages are stages of the graph, in the graph's order
         order = [s for s in graph.names() if s in families.get(name).stages]
         assert list(families.get(name).stages) == order

@@ -15,7 +15,7 @@ from stages.train_loop import LoopSpec, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ["vqvae2_imagenet256.yaml", "nvae_cifar10.yaml"]
-CONFIGS = ["gpu.yaml", "nvae_gpu.yaml", "bmnist_vqvae2_gpu.yaml", "bmnist_nvae_gpu.yaml", "bmnist_vae_gpu.yaml", *PAPER]
+CONFIGS = ["gpu.yaml", "nvae_gpu.yaml", "bmnist_vqvae2_gpu.yaml", "bmnist_nvae_gpu.yaml", "bmnist_vae_gpu.yaml", "bmnist_pixelvae.yaml", *PAPER]
 
 
 @pytest.mark.parametrize("name", ["gpu.yaml", *PAPER])

@@ -161,7 +161,9 @@ def iw_summary(sums: dict, dims: int, k: int) -> dict[str, float]:
     n = float(sums["count"])
     recon, kl = float(sums["recon"]), float(sums["kl"])
     per_image = {"nll": -float(sums["iw"]) / n, "elbo": (recon + kl) / n, "recon": recon / n, "kl": kl / n}
-    metrics = {"test_iw_samples": float(k), **quality(float(sums["sq_err"]) / n), "test_images": n}
+    metrics = {"test_iw_samples": float(k), "test_images": n}
+    if "sq_err" in sums:  # (a decoder whose means see the pixels they predict has no reconstruction error)
+        metrics.update(quality(float(sums["sq_err"]) / n))
     for key, nats in per_image.items():
         metrics[f"test_{key}_nats"] = nats
         metrics[f"test_{key}_bpd"] = to_bits_per_dim(nats, dims)

@@ -1,0 +1,90 @@
+"""The PixelVAE family (Gulrajani et al. 2017): a VAE whose decoder is a gated PixelCNN over
+the pixels, conditioned on the latent map (``models/pixelvae.py``), and its hierarchical form
+(``pixelvae.levels: 2``: p(z2) p(z1 | z2) p(x | z1), both latent priors Gaussian).
+
+Stages: stage1 -> sample -> evaluate, as the NVAE family (whose task, figures and
+importance-weighted evaluation it shares): the loss per image is -log p(x | z) plus the KL
+of each latent level (the KL weight rising from ``kl_min`` to 1 over ``kl_warmup``); the test
+NLL is the importance-weighted estimate with K = ``evaluate.iw_samples``. Reconstructions and
+samples are drawn pixel by pixel through the PixelCNN (its teacher-forced means would copy
+the input).
+"""
+from __future__ import annotations
+
+from pydantic import Field
+
+from pipeline.schema import Section
+
+from .nvae import NVAEFamily
+
+
+class PixelVAEConfig(Section):
+    """The ``pixelvae:`` section (stage1.model: pixelvae); training keys stay in stage1."""
+
+    hidden: int = Field(32, ge=4)  # channels of the encoder and of the latents' conditioning network
+    latent_channels: int = Field(4, ge=1)  # channels of the latent map z1 (and z2)
+    downsample: int = Field(2, ge=0, le=4)  # stride-2 stages to z1: a map at image / 2^downsample
+    upsample: bool = True  # the latents reach the PixelCNN upsampled to a map (false: one linear bias per gate)
+    levels: int = Field(1, ge=1, le=2)  # 2: the hierarchical PixelVAE (z2 at half z1's size)
+    pixel_hidden: int = Field(32, ge=4)  # channels of the PixelCNN decoder
+    pixel_layers: int = Field(2, ge=1)  # gated layers of the PixelCNN decoder (few: the latents must carry the shape)
+    kernel: int = Field(5, ge=3)  # its convolution width (odd)
+    kl_warmup: float = Field(0.3, ge=0, le=1)  # fraction of training over which the KL weight rises to 1
+    kl_min: float = Field(0.1, ge=0, le=1)  # the KL weight at the start of warm-up
+
+
+class PixelVAEFamily(NVAEFamily):
+    name = "pixelvae"
+    title = "PixelVAE: a VAE with a gated PixelCNN decoder"
+    Config = PixelVAEConfig
+    epoch_metrics = r"recon_bpd|kl_bpd|kl_nats_group\d+"
+    figures_note = "reconstructions.png (drawn through the PixelCNN from the posterior mean), kl_per_group.png (KL per latent level)"
+
+    def upgrade(self, section):
+        return section, ""
+
+    def downsampling(self, cfg):
+        p = self.section(cfg)
+        return 2 ** (p.downsample + p.levels - 1), f"pixelvae.downsample={p.downsample}, pixelvae.levels={p.levels}"
+
+    def model_config(self, cfg, channels):
+        p = self.section(cfg)
+        return {"in_channels": channels, "image_size": cfg.data.image_size, "hidden": p.hidden,
+                "latent_channels": p.latent_channels, "downsample": p.downsample, "upsample": p.upsample,
+                "levels": p.levels, "pixel_hidden": p.pixel_hidden, "pixel_layers": p.pixel_layers,
+                "kernel": p.kernel, "likelihood": cfg.stage1.likelihood, "num_mixtures": cfg.stage1.num_mixtures,
+                "coeff_warmup_steps": cfg.stage1.coeff_warmup(channels)}
+
+    def build(self, model_config):
+        from models.pixelvae import PixelVAE
+
+        return PixelVAE(**model_config)
+
+    def describe(self, model):
+        name = "Hierarchical PixelVAE" if model.levels == 2 else "Gated PixelVAE"
+        name += "" if model.upsample else " without upsampling"
+        c, h, w = model.latent_shapes[0]
+        return name, f"{model.levels} latent level{'s' if model.levels > 1 else ''}, z1 {c}x{h}x{w}"
+
+    def scorer(self, model, upstream, ecfg):
+        from . import OnDevice
+
+        return OnDevice(_score, {"model": model}, k=ecfg.iw_samples, together=min(ecfg.iw_together, ecfg.iw_samples))
+
+    def loss_settings(self, cfg) -> dict:
+        p = self.section(cfg)
+        return {"kl_warmup": p.kl_warmup, "kl_min": p.kl_min, "kl_balance": False, "spectral_weight": 0.0,
+                "inject_nan_at_step": None}
+
+
+def _score(x, y, first_index, *, model, k, together) -> dict:
+    """The NVAE family's sums less the squared error: the PixelCNN's teacher-forced means are
+    one-pixel-ahead predictions, not reconstructions (``figures`` draws those)."""
+    from .nvae import iw_sums
+
+    sums = iw_sums(model, x, k, seed=first_index, together=together)
+    del sums["sq_err"]
+    return sums
+
+
+FAMILY = PixelVAEFamily()
