@@ -300,12 +300,7 @@ class NVAE(nn.Module):
                     together: int = 1) -> torch.Tensor:
         """[K, B] importance log weights log p(x | z_k) + log p(z_k) - log q(z_k | x), z_k ~ q(z | x);
         ``together`` samples are drawn in one forward pass (the batch repeated that many times)."""
-        rows, b = [], x_uint8.shape[0]
-        for first in range(0, k, together):
-            n = min(together, k - first)
-            out = self(x_uint8.repeat(n, *([1] * (x_uint8.dim() - 1))), generator=generator)
-            rows.append((-out["nll"] + out["log_p"] - out["log_q"]).view(n, b))
-        return torch.cat(rows)
+        return importance_log_weights(self, x_uint8, k, generator, together)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None,
@@ -317,6 +312,18 @@ class NVAE(nn.Module):
         if pixels == "mean":
             return self.likelihood.mean(params).round().clamp(0, 255).to(torch.uint8)
         return self.likelihood.sample(params, generator=generator).to(device)
+
+
+def importance_log_weights(model, x_uint8: torch.Tensor, k: int, generator: torch.Generator | None = None,
+                           together: int = 1) -> torch.Tensor:
+    """[K, B] log p(x, z_k) - log q(z_k | x) of a model whose forward gives one posterior draw's
+    ``nll``, ``log_p`` and ``log_q`` per image, ``together`` draws per forward pass."""
+    rows, b = [], x_uint8.shape[0]
+    for first in range(0, k, together):
+        n = min(together, k - first)
+        out = model(x_uint8.repeat(n, *([1] * (x_uint8.dim() - 1))), generator=generator)
+        rows.append((-out["nll"] + out["log_p"] - out["log_q"]).view(n, b))
+    return torch.cat(rows)
 
 
 def iw_bound(log_weights: torch.Tensor) -> torch.Tensor:

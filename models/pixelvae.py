@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from . import noise
 from .likelihoods import CoefficientWarmup, make_likelihood, real_pixels, to_model_range
-from .nvae import normal_log_prob, soft_clamp
+from .nvae import importance_log_weights, normal_log_prob, soft_clamp
 from .pixelcnn import GatedPixelCNN
 from .pixelcnn_cache import sample_values
 from .precision import fp32
@@ -170,12 +170,7 @@ class PixelVAE(nn.Module):
                     together: int = 1) -> torch.Tensor:
         """[K, B] importance log weights log p(x, z) - log q(z | x), z ~ q(z | x), ``together``
         draws per forward pass."""
-        rows, b = [], x_uint8.shape[0]
-        for first in range(0, k, together):
-            n = min(together, k - first)
-            out = self(x_uint8.repeat(n, *([1] * (x_uint8.dim() - 1))), generator=generator)
-            rows.append((-out["nll"] + out["log_p"] - out["log_q"]).view(n, b))
-        return torch.cat(rows)
+        return importance_log_weights(self, x_uint8, k, generator, together)
 
     @torch.no_grad()
     def draw_pixels(self, cond: torch.Tensor, n: int, generator=None, pixels: str = "sample",
