@@ -1,6 +1,6 @@
 # make run            - set up .venv if needed, then run the pipeline on the embedded default
 # make test           - set up .venv if needed, then run the whole test suite (what CI runs; prints the 25 slowest)
-# make test-fast      - the tests to run while working: every unit test and one smoke pipeline (about 3 min)
+# make test-fast      - the tests to run while working: every unit test and one smoke pipeline (8 to 13 min on 2 cores)
 # make test-shuffled  - the fast tier with files and tests in a shuffled order (SEED=<n>, default 1; ARGS= for more)
 # make chaos          - the smoke pipeline SIGKILLed at 5 random moments and started again: the same NLL (several minutes)
 # make ui             - MLflow UI for ./mlruns.db on http://127.0.0.1:5000
