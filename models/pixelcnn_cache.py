@@ -67,9 +67,9 @@ def sample_cached(net, shape: tuple[int, int, int], cond_codes=None, labels=None
 @torch.no_grad()
 def sample_values(net, shape: tuple[int, int, int], cond: torch.Tensor | None, draw) -> torch.Tensor:
     """``net``: a ``GatedPixelCNN`` over real values (``inputs`` > 0), ``cond`` its conditioning
-    map as ``forward_values`` takes it. Raster order: ``draw(outputs [B, outputs])`` -> the
-    values [B, inputs] placed at each position -> [B, H, W, inputs]."""
-    return _raster(net, shape, None, None, lambda i, j, out: draw(out), cond=cond)
+    map as ``forward_values`` takes it. Raster order: ``draw(i, j, outputs [B, outputs])`` -> the
+    values [B, inputs] placed at position (i, j) -> [B, H, W, inputs]."""
+    return _raster(net, shape, None, None, draw, cond=cond)
 
 
 @torch.no_grad()

@@ -181,20 +181,23 @@ class PixelVAE(nn.Module):
         ``cached``: each layer's state kept, one position computed at a time
         (``pixelcnn_cache``); else a forward pass over the whole image per pixel (the reference)."""
         c, size = self.in_channels, self.image_size
+        r = self.likelihood_region  # (padding, outside it, is no data: it is placed, 0, not drawn)
 
-        def draw(params: torch.Tensor) -> torch.Tensor:  # [B, P, 1, 1] -> uint8 [B, C, 1, 1]
+        def draw(i: int, j: int, params: torch.Tensor) -> torch.Tensor:  # [B, P, 1, 1] -> uint8 [B, C, 1, 1]
+            if r and not (r[0] <= i < r[0] + r[2] and r[1] <= j < r[1] + r[3]):
+                return torch.zeros(len(params), c, 1, 1, dtype=torch.uint8, device=params.device)
             if pixels == "mean":
                 return self.likelihood.mean(params).round().clamp(0, 255).to(torch.uint8)
             return self.likelihood.sample(params, generator).to(params.device)
 
         if cached:
             values = sample_values(self.pixelcnn, (n, size, size), cond,
-                                   lambda out: to_model_range(draw(out[:, :, None, None]))[:, :, 0, 0])
+                                   lambda i, j, out: to_model_range(draw(i, j, out[:, :, None, None]))[:, :, 0, 0])
             return ((values.permute(0, 3, 1, 2) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
         x = torch.zeros(n, c, size, size, dtype=torch.uint8, device=cond.device)
         for i in range(size):
             for j in range(size):
-                x[:, :, i:i + 1, j:j + 1] = draw(self._pixels(x, cond)[:, :, i:i + 1, j:j + 1])
+                x[:, :, i:i + 1, j:j + 1] = draw(i, j, self._pixels(x, cond)[:, :, i:i + 1, j:j + 1])
         return x
 
     @torch.no_grad()

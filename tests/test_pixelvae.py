@@ -128,3 +128,17 @@ def test_sizes_that_do_not_divide_are_refused_by_name():
     with pytest.raises(ValueError, match="image_size 28 must be a multiple of 8"):
         PixelVAE(image_size=28, downsample=2, levels=2)
     assert to_model_range(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
+
+
+def test_padding_is_placed_not_drawn():
+    """Padded images (a 28x28 digit in a 32x32 frame): the likelihood counts the real pixels
+    only, so the PixelCNN never learns the border; a sample's border is the padding (0)."""
+    model = _small(image_size=32, likelihood_region=[2, 2, 28, 28]).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    images = model.sample(4, 1.0, torch.Generator().manual_seed(1))
+    inner = images[:, :, 2:30, 2:30]
+    assert images.sum() == inner.sum() and inner.float().mean() > 0
+    cond = model.condition(torch.randn(2, *model.latent_shapes[0]))
+    assert torch.equal(model.draw_pixels(cond, 2, torch.Generator().manual_seed(3), cached=True),
+                       model.draw_pixels(cond, 2, torch.Generator().manual_seed(3), cached=False))
