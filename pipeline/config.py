@@ -157,6 +157,13 @@ class PriorsConfig(Section):
     attention_heads: int = Field(4, ge=1)  # must divide hidden
     dropout: float = Field(0.0, ge=0, lt=1)  # on the attention weights and every gated layer's output
 
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, kernel: int) -> int:
+        if kernel % 2 == 0:
+            raise ValueError(f"must be odd (a gated PixelCNN's causal window), got {kernel}")
+        return kernel
+
     @model_validator(mode="after")
     def _attention(self):
         every = self.attention_every if isinstance(self.attention_every, list) else [self.attention_every]

@@ -20,6 +20,13 @@ def test_defaults_and_overrides():
     assert cfg.tracking.uri == "sqlite:///mlruns.db" and cfg.cluster.address == "auto"
 
 
+def test_an_even_pixelcnn_kernel_is_named_before_any_work():
+    for overrides, key in ((["priors.kernel=4"], "priors.kernel"),
+                           (["stage1.model=pixelvae", "pixelvae.kernel=6"], "pixelvae.kernel")):
+        with pytest.raises(ConfigError, match=rf"{key}: .*must be odd"):
+            load_config(None, overrides)
+
+
 @pytest.mark.parametrize("override,key", [
     ("stage1.epochz=3", "stage1.epochz: unknown key (did you mean epochs?)"),
     ("bogus.x=1", "bogus: unknown key"),

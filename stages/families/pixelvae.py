@@ -11,7 +11,7 @@ the input).
 """
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.schema import Section
 
@@ -31,6 +31,14 @@ class PixelVAEConfig(Section):
     kernel: int = Field(5, ge=3)  # its convolution width (odd)
     kl_warmup: float = Field(0.3, ge=0, le=1)  # fraction of training over which the KL weight rises to 1
     kl_min: float = Field(0.1, ge=0, le=1)  # the KL weight at the start of warm-up
+
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, kernel: int) -> int:
+        if kernel % 2 == 0:
+            raise ValueError(f"must be odd (a gated PixelCNN's causal window), got {kernel}")
+        return kernel
 
 
 class PixelVAEFamily(NVAEFamily):
