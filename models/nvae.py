@@ -332,6 +332,15 @@ def iw_bound(log_weights: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_weights, dim=0) - math.log(k)
 
 
+def free_nats(kl: torch.Tensor, floor: float) -> torch.Tensor:
+    """Free bits (Kingma et al. 2016), in nats, per latent group: the KL [G, B] unchanged in
+    value, but a group whose batch-mean KL is below ``floor`` gets no gradient from it, so the
+    encoder may put up to ``floor`` nats into it for free (against a decoder strong enough to
+    ignore the latents: posterior collapse). The loss's value stays the true KL."""
+    below = (kl.detach().mean(1) < floor)[:, None]
+    return torch.where(below, kl.detach(), kl)
+
+
 def kl_balance(kl: torch.Tensor, sizes: list[int], beta: float) -> torch.Tensor:
     """NVAE's KL balancing during warm-up: weight each group's KL [G, B] by a coefficient
     proportional to its batch-mean KL *per latent dimension* (group KL / group size),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.likelihoods import to_model_range
-from models.nvae import iw_bound, normal_log_prob
+from models.nvae import free_nats, iw_bound, normal_log_prob
 from models.pixelvae import PixelVAE, gaussian_kl
 
 VARIANTS = {
@@ -142,3 +142,19 @@ def test_padding_is_placed_not_drawn():
     cond = model.condition(torch.randn(2, *model.latent_shapes[0]))
     assert torch.equal(model.draw_pixels(cond, 2, torch.Generator().manual_seed(3), cached=True),
                        model.draw_pixels(cond, 2, torch.Generator().manual_seed(3), cached=False))
+
+
+def test_free_nats_keep_the_kl_but_take_the_gradient_off_a_level_below_the_floor():
+    kl = torch.tensor([[1.0, 3.0], [10.0, 12.0]], requires_grad=True)  # [levels, B]: means 2 and 11 nats
+    out = free_nats(kl, 5.0)
+    assert torch.equal(out, kl.detach())  # the loss's value is still the true KL
+    out.sum().backward()
+    assert kl.grad.tolist() == [[0.0, 0.0], [1.0, 1.0]]
+
+
+def test_the_pixelvae_section_passes_free_nats_to_the_training_loss():
+    from pipeline.config import load_config
+    from stages.families import of
+
+    cfg = load_config("configs/pixelvae.yaml", ["pixelvae.free_nats=8"])
+    assert of(cfg).loss_settings(cfg)["free_nats"] == 8.0

@@ -79,7 +79,7 @@ class NVAETask(ImageTask):
     def train_step(self, model, batch, device):
         import torch
 
-        from models.nvae import kl_balance
+        from models.nvae import free_nats, kl_balance
 
         x = batch.to(device, non_blocking=True)  # (pinned when bound for a GPU)
         core = getattr(model, "module", model)
@@ -88,6 +88,8 @@ class NVAETask(ImageTask):
         kl = out["kl"]
         if self.loss.get("inject_nan_at_step") == self.step:
             kl = kl * float("nan")
+        if self.loss.get("free_nats"):
+            kl = free_nats(kl, self.loss["free_nats"])
         kl_term = kl_balance(kl, core.group_sizes(), beta) if self.loss["kl_balance"] else beta * kl.sum(0)
         spectral = core.spectral_loss() if self.loss["spectral_weight"] > 0 else x.new_zeros((), dtype=torch.float32)
         terms = {"recon": out["nll"].mean(), "kl": kl_term.mean(), "spectral": spectral}

@@ -4,7 +4,8 @@ the pixels, conditioned on the latent map (``models/pixelvae.py``), and its hier
 
 Stages: stage1 -> sample -> evaluate, as the NVAE family (whose task, figures and
 importance-weighted evaluation it shares): the loss per image is -log p(x | z) plus the KL
-of each latent level (the KL weight rising from ``kl_min`` to 1 over ``kl_warmup``); the test
+of each latent level (the KL weight rising from ``kl_min`` to 1 over ``kl_warmup``; with
+``free_nats``, a level whose batch-mean KL is below it gets no KL gradient); the test
 NLL is the importance-weighted estimate with K = ``evaluate.iw_samples``. Reconstructions and
 samples are drawn pixel by pixel through the PixelCNN (its teacher-forced means would copy
 the input).
@@ -31,7 +32,7 @@ class PixelVAEConfig(Section):
     kernel: int = Field(5, ge=3)  # its convolution width (odd)
     kl_warmup: float = Field(0.3, ge=0, le=1)  # fraction of training over which the KL weight rises to 1
     kl_min: float = Field(0.1, ge=0, le=1)  # the KL weight at the start of warm-up
-
+    free_nats: float = Field(0.0, ge=0)  # per latent level: below this batch-mean KL (nats/image) no KL gradient
 
     @field_validator("kernel")
     @classmethod
@@ -82,6 +83,7 @@ class PixelVAEFamily(NVAEFamily):
     def loss_settings(self, cfg) -> dict:
         p = self.section(cfg)
         return {"kl_warmup": p.kl_warmup, "kl_min": p.kl_min, "kl_balance": False, "spectral_weight": 0.0,
+                "free_nats": p.free_nats,
                 "inject_nan_at_step": None}
 
 
