@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 from stages import families
 
 from . import graph
-from .schema import ConfigError, Section
+from .schema import ConfigError, PixelCNNKernel, Section
 
 __all__ = ["ConfigError", "PipelineConfig", "load_config", "to_yaml", "set_key"]
 
@@ -149,20 +149,13 @@ class ExtractConfig(Section):
 class PriorsConfig(Section):
     hidden: int = Field(64, ge=4)
     layers: int = Field(6, ge=1)
-    kernel: int = Field(5, ge=3)
+    kernel: PixelCNNKernel = 5
     class_conditional: bool = False
     # a causal self-attention block after every this many gated layers (0: none); one value
     # for every level or one per level, top first (the VQ-VAE-2 paper: the top prior only)
     attention_every: Union[int, list[int]] = 0
     attention_heads: int = Field(4, ge=1)  # must divide hidden
     dropout: float = Field(0.0, ge=0, lt=1)  # on the attention weights and every gated layer's output
-
-    @field_validator("kernel")
-    @classmethod
-    def _odd(cls, kernel: int) -> int:
-        if kernel % 2 == 0:
-            raise ValueError(f"must be odd (a gated PixelCNN's causal window), got {kernel}")
-        return kernel
 
     @model_validator(mode="after")
     def _attention(self):

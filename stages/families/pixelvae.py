@@ -12,9 +12,9 @@ the input).
 """
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from pipeline.schema import Section
+from pipeline.schema import PixelCNNKernel, Section
 
 from .nvae import NVAEFamily
 
@@ -29,17 +29,10 @@ class PixelVAEConfig(Section):
     levels: int = Field(1, ge=1, le=2)  # 2: the hierarchical PixelVAE (z2 at half z1's size)
     pixel_hidden: int = Field(32, ge=4)  # channels of the PixelCNN decoder
     pixel_layers: int = Field(2, ge=1)  # gated layers of the PixelCNN decoder (few: the latents must carry the shape)
-    kernel: int = Field(5, ge=3)  # its convolution width (odd)
+    kernel: PixelCNNKernel = 5  # its convolution width (odd)
     kl_warmup: float = Field(0.3, ge=0, le=1)  # fraction of training over which the KL weight rises to 1
     kl_min: float = Field(0.1, ge=0, le=1)  # the KL weight at the start of warm-up
     free_nats: float = Field(0.0, ge=0)  # per latent level: below this batch-mean KL (nats/image) no KL gradient
-
-    @field_validator("kernel")
-    @classmethod
-    def _odd(cls, kernel: int) -> int:
-        if kernel % 2 == 0:
-            raise ValueError(f"must be odd (a gated PixelCNN's causal window), got {kernel}")
-        return kernel
 
 
 class PixelVAEFamily(NVAEFamily):
