@@ -141,9 +141,14 @@ class Stage1Config(Section):
         return v
 
 
+# Ray Data actors of one CPU (or one GPU with cluster.use_gpu) holding a model; auto: one per CPU
+# (GPU) of the Ray cluster, at most one per batch (stages.data.actor_count)
+ActorCount = Union[Annotated[int, Field(ge=1)], Literal["auto"]]
+
+
 class ExtractConfig(Section):
     batch_size: int = Field(256, ge=1)
-    num_actors: int = Field(1, ge=1)  # Ray Data actors holding the encoder
+    num_actors: ActorCount = "auto"  # Ray Data actors holding the encoder
 
 
 class PriorsConfig(Section):
@@ -197,7 +202,7 @@ class EvaluateConfig(Section):
     # VAE families: importance samples drawn in one forward pass (the test batch repeated this many
     # times): K = 1000 costs K / iw_together passes of batch_size x iw_together images
     iw_together: int = Field(8, ge=1)
-    num_actors: int = Field(1, ge=1)  # Ray Data actors holding the model, scoring test batches
+    num_actors: ActorCount = "auto"  # Ray Data actors holding the model, scoring test batches
     # the split scored: val gives val_* metrics (a check while tuning; hvae report lists test runs only)
     split: Literal["test", "val"] = "test"
 

@@ -9,7 +9,7 @@ VAE families the importance-weighted estimate with K = ``evaluate.iw_samples``
     -log p(x) ≈ -log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k | x),  z_k ~ q(z | x)
 (an upper bound in expectation, tighter as K grows; K = 1 is the negative ELBO, shown as ≤).
 
-The test split streams through ``map_batches`` with a pool of ``evaluate.num_actors`` actors,
+The test split streams through ``map_batches`` with a pool of ``evaluate.num_actors`` actors (auto: one per CPU, or GPU),
 each holding the model (``Family.scorer``) on its device (one GPU each when
 ``cluster.use_gpu``); every batch comes back as its sums, which the driver adds up
 (``Family.summary``); every image's own value comes back too, for the standard error over the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import StageContext, StageResult
+from .data import actor_pool
 from pipeline.config import setup_key
 
 from .families import IMAGE_NATS, add_up, load_model
@@ -58,16 +59,16 @@ class Scorer:
 def score(ctx: StageContext, family, model) -> tuple[dict, np.ndarray]:
     """The test split's sums, added up over every batch the actors scored, and every image's
     (source index, nats) in index order."""
-    import ray.data
 
     ecfg = ctx.config.evaluate
     # the scorer is built here, with what it needs from the upstream folders, and shipped to the
     # actors whole: an actor on another node cannot see the driver's files
     scorer = family.scorer(model.eval(), dict(ctx.upstream), ecfg)
     use_gpu = ctx.config.cluster.use_gpu
+    pool = actor_pool(ecfg.num_actors, use_gpu, ctx.data.rows[ecfg.split], ecfg.batch_size)
     rows = ctx.data.stream(ecfg.split).map_batches(
         Scorer, fn_constructor_kwargs={"score": scorer, "use_gpu": use_gpu, "batch_size": ecfg.batch_size},
-        batch_size=ecfg.batch_size, compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors), num_cpus=1,
+        batch_size=ecfg.batch_size, compute=pool, num_cpus=1,
         num_gpus=1 if use_gpu else 0)
     total: dict = {}
     for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
@@ -76,6 +77,7 @@ def score(ctx: StageContext, family, model) -> tuple[dict, np.ndarray]:
         add_up(total, {k: v.sum(0) for k, v in batch.items()})
         add_up(total, {IMAGE_NATS: np.stack([index, nats], 1)[index >= 0]})
     images = total.pop(IMAGE_NATS)
+    total["actors"] = pool.max_size  # (how many scored: evaluate.num_actors=auto resolved)
     return total, images[np.argsort(images[:, 0], kind="stable")]
 
 
@@ -94,6 +96,7 @@ def run(ctx: StageContext) -> StageResult:
     # nats per image and bits per dimension over the real pixels (DataSpec.content): the
     # padding added for the model's strides is no data and not counted
     sums, images = score(ctx, family, model)
+    actors = sums.pop("actors")
     dims = ctx.data.likelihood_dims
     metrics = {**family.summary(sums, dims, ctx.config.evaluate), **standard_errors(images[:, 1], dims)}
     metrics["test_dims"] = float(dims)
@@ -114,6 +117,7 @@ def run(ctx: StageContext) -> StageResult:
     tags = {"hvae.model": family.name, "hvae.model_name": name, "hvae.dataset": ctx.config.data.dataset,
             "hvae.dataset_desc": dataset, "hvae.structure": structure, "hvae.bound": row["bound"],
             # runs with the same setup differ in their training seeds alone (hvae report: mean ± s.d.)
+            "hvae.actors": str(actors),
             "hvae.setup": setup_key(ctx.config, ctx.data.fingerprint), "hvae.seed": f"{ctx.config.stage1.seed}/{ctx.config.priors.seed}"}
     if bench:  # its test set and unit are a published benchmark's: hvae report shows those rows beside it
         tags["hvae.benchmark"] = bench

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .base import StageContext, StageError, StageResult
-from .data import on_this_node, rows_per_file
+from .data import actor_pool, on_this_node, rows_per_file
 from .families import load_model
 
 SCHEMA_FILE = "schema.json"
@@ -59,7 +59,6 @@ def read_codes(folder: Path, split: str) -> dict[str, np.ndarray]:
 
 
 def run(ctx: StageContext) -> StageResult:
-    import ray.data
 
     model_dir = ctx.upstream["stage1"] / "model"
     _, model = load_model(model_dir)
@@ -75,14 +74,15 @@ def run(ctx: StageContext) -> StageResult:
             # the model itself, not its folder: an actor on another node cannot see the driver's files
             fn_constructor_kwargs={"model": model, "use_gpu": cluster.use_gpu},
             batch_size=ecfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors),
+            compute=actor_pool(ecfg.num_actors, cluster.use_gpu, rows[split], ecfg.batch_size),
             num_gpus=1 if cluster.use_gpu else 0,
             num_cpus=1,
         )
         # written into the driver's output folder by write tasks on the driver's node (the encoders
         # may run anywhere), rows in the split's (seeded random) order
         encoded.write_parquet(str(codes_dir / split), max_rows_per_file=rows_per_file(rows[split], data.dims),
-                              ray_remote_args=on_this_node())
+                              # (reserving no CPU: actors may hold every CPU until the split is encoded)
+                              ray_remote_args=on_this_node(0))
     with torch.no_grad():
         shapes = [list(c.shape[1:]) for c in model.encode(torch.from_numpy(data.read_all("train", limit=1)["image"]))]
     schema = {

@@ -1,5 +1,6 @@
 """End to end through the CLI on configs/smoke.yaml: Ray Train, Ray Data, MLflow on SQLite, real artifacts."""
 import math
+import os
 import re
 from pathlib import Path
 
@@ -265,18 +266,24 @@ def test_a_prior_batch_from_a_class_sorted_source_holds_many_classes(smoke_run):
 
 
 @pytest.mark.slow
-def test_evaluate_over_two_actors_sums_to_the_same_nll_as_one(smoke_run, tmp_path):
-    """evaluate.num_actors shards the test split over actors; the driver adds their exact sums."""
+def test_evaluate_over_one_actor_sums_to_the_same_nll_as_auto(smoke_run, tmp_path):
+    """evaluate.num_actors shards the test split over actors; the driver adds their exact sums.
+    The default (auto) gives this 2-CPU machine's two test batches one actor each."""
     import shutil
 
     cwd, _, parent_id = smoke_run
     for name in ("mlruns.db", "ray_results"):  # a copy of the store: the shared one stays as it is
         (shutil.copytree if (cwd / name).is_dir() else shutil.copy)(cwd / name, tmp_path / name)
-    one = plain(pipeline_runs(cwd, parent_id)["evaluate"].data.metrics)
-    proc = hvae(tmp_path, "run", SMOKE, "--force", "evaluate", "evaluate.num_actors=2", timeout=300)
+    auto = pipeline_runs(cwd, parent_id)["evaluate"]
+    expected = min(2, os.cpu_count())  # (smoke.yaml: 256 test images in batches of 128)
+    assert auto.data.tags["hvae.actors"] == str(expected)
+    two = plain(auto.data.metrics)
+    proc = hvae(tmp_path, "run", SMOKE, "--force", "evaluate", "evaluate.num_actors=1", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     parent = re.search(r"MLflow parent run ([0-9a-f]{32})", proc.stdout).group(1)
-    two = plain(pipeline_runs(tmp_path, parent)["evaluate"].data.metrics)
+    single = pipeline_runs(tmp_path, parent)["evaluate"]
+    assert single.data.tags["hvae.actors"] == "1"
+    one = plain(single.data.metrics)
     for key in ("test_nll_nats", "test_recon_nats", "test_prior_nats", "test_mse", "test_images"):
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
 
