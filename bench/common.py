@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+# the project's packages before bench/ (a script's own folder comes first on sys.path, and
+# bench/pipeline.py would stand in for the pipeline package)
+if sys.path[0] != str(ROOT):
+    sys.path.insert(0, str(ROOT))
 ORDER = ("sampling", "step", "layout", "reuse", "overhead", "overhead_smoke", "pipeline", "data_plane", "earlier")
 INTRO = """# Benchmarks
 

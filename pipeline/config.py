@@ -142,7 +142,7 @@ class Stage1Config(Section):
 
 
 # Ray Data actors of one CPU (or one GPU with cluster.use_gpu) holding a model; auto: one per CPU
-# (GPU) of the Ray cluster, at most one per batch (stages.data.actor_count)
+# (GPU) of the Ray cluster, each with at least 4 batches of the split (stages.data.actor_pool)
 ActorCount = Union[Annotated[int, Field(ge=1)], Literal["auto"]]
 
 
