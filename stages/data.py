@@ -135,14 +135,15 @@ class DataSpec:
     def paths(self, split: str) -> list[str]:
         return [join(self.location, f) for f in self.files[split]]
 
-    def stream(self, split: str):
+    def stream(self, *splits: str):
         """The split as a lazy Ray Data dataset of {"image": uint8 [B, C, H, W], "label", "index"},
-        rows in the split's order: one task per file reads and decodes it (``read_file``),
+        rows in the split's order (several splits: one after another, each row's split name in a
+        column "split"): one task per file reads and decodes it (``read_file``),
         reserving ``cpus`` CPUs. (Not ``read_parquet``: its file-listing task always takes a
         whole CPU, and a machine whose CPUs all train has none to give.)"""
         import ray.data
 
-        files = [{"file": p} for p in self.paths(split)]
+        files = [{"file": p, **({"split": s} if len(splits) > 1 else {})} for s in splits for p in self.paths(s)]
         ds = ray.data.from_items(files, override_num_blocks=len(files))
         return ds.map_batches(read_file, fn_kwargs={"spec": self}, batch_size=1, batch_format="numpy",
                               num_cpus=self.cpus, compute=ray.data.TaskPoolStrategy(size=self.read_tasks()))
@@ -188,13 +189,17 @@ class DataSpec:
 
 
 def read_file(batch: dict, spec: DataSpec) -> dict[str, np.ndarray]:
-    """{"file": [one prepared Parquet file]} -> its rows, decoded (``decode``)."""
+    """{"file": [one prepared Parquet file]} -> its rows, decoded (``decode``); with "split"
+    (the file's split) beside the file, a column of it beside the rows."""
     import pyarrow.parquet as pq
 
     (location,) = batch["file"]
     filesystem, path = open_location(str(location))
     table = pq.read_table(path, filesystem=filesystem)
-    return decode({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}, spec)
+    rows = decode({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}, spec)
+    if "split" in batch:
+        rows["split"] = np.full(len(rows["index"]), str(batch["split"][0]))
+    return rows
 
 
 def decode(batch: dict, spec: DataSpec) -> dict[str, np.ndarray]:
