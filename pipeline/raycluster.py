@@ -65,14 +65,14 @@ def connect(cluster_cfg) -> int:
     quiet = _ray_log_level() == "ERROR"
     if quiet:  # (the C++ cores' error lines: see KNOWN_NOISE; --verbose keeps them)
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    if quiet:
+        _drop_known_noise()
     with _stderr_without(KNOWN_NOISE) if quiet else contextlib.nullcontext():
         started = _init(cluster_cfg)
     signals.keep_ours(ours)
     if getattr(started, "dashboard_url", None):
         url = started.dashboard_url if "://" in started.dashboard_url else f"http://{started.dashboard_url}"
         print(f"[hvae] Ray dashboard: {url} (workers, their logs and resources while it runs)", flush=True)
-    if quiet:
-        _drop_known_noise()
     return len([n for n in ray.nodes() if n.get("Alive")])
 
 
@@ -141,24 +141,26 @@ def _stderr_without(noise: tuple[str, ...]):
 
 def _drop_known_noise() -> None:
     """Leave ``KNOWN_NOISE`` out of the worker lines Ray forwards to this driver (quiet mode:
-    not `--verbose`). Through Ray's private log dispatcher: if a Ray release moves it, the
-    lines are simply not filtered."""
-    import functools
-
+    not `--verbose`): every batch of lines passes through Ray's private log dispatcher, whose
+    ``emit`` this wraps, before ray.init (a handler swapped in after it left a moment in which
+    a raylet's line reached stdout: seen once in a test). If a Ray release moves the
+    dispatcher, the lines are simply not filtered."""
     try:
         from ray._private import worker as w
 
-        ignore_prefix = w._should_ignore_worker_log_prefix(w.global_worker)
         dispatcher = w.global_worker_stdstream_dispatcher
+        if getattr(dispatcher.emit, "drops_known_noise", False):
+            return
+        emit = dispatcher.emit
 
-        def forward(data):
+        def emit_without_noise(data):
             lines = [line for line in data.get("lines", []) if not any(n in line for n in KNOWN_NOISE)]
             if lines:
-                w.print_to_stdstream({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+                emit({**data, "lines": lines})
 
-        dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler("ray_print_logs", functools.partial(forward))
-    except (AttributeError, ImportError, KeyError, TypeError):
+        emit_without_noise.drops_known_noise = True
+        dispatcher.emit = emit_without_noise
+    except (AttributeError, ImportError):
         pass
 
 
