@@ -9,9 +9,9 @@ VAE families the importance-weighted estimate with K = ``evaluate.iw_samples``
     -log p(x) ≈ -log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k | x),  z_k ~ q(z | x)
 (an upper bound in expectation, tighter as K grows; K = 1 is the negative ELBO, shown as ≤).
 
-The test split streams through ``map_batches`` with a pool of ``evaluate.num_actors`` actors (auto: one per CPU, or GPU),
-each holding the model (``Family.scorer``) on its device (one GPU each when
-``cluster.use_gpu``); every batch comes back as its sums, which the driver adds up
+The test split streams through ``map_batches`` with a pool of ``evaluate.num_actors`` actors
+(auto: one per CPU, or GPU), each holding the model (``Family.scorer``) on its device (one GPU
+each when ``cluster.use_gpu``); every batch comes back as its sums, which the driver adds up
 (``Family.summary``); every image's own value comes back too, for the standard error over the
 test images (``test_nll_nats_se``) and for paired comparisons of two models on the same test
 set (``hvae report``). Output: report/nll_table.md and report/per_image_nll.csv (source index,
@@ -56,10 +56,9 @@ class Scorer:
         return {k: np.asarray(v, dtype=np.float64)[None] for k, v in sums.items()}
 
 
-def score(ctx: StageContext, family, model) -> tuple[dict, np.ndarray]:
-    """The test split's sums, added up over every batch the actors scored, and every image's
-    (source index, nats) in index order."""
-
+def score(ctx: StageContext, family, model) -> tuple[dict, np.ndarray, int]:
+    """The test split's sums, added up over every batch the actors scored, every image's
+    (source index, nats) in index order, and how many actors scored (auto resolved)."""
     ecfg = ctx.config.evaluate
     # the scorer is built here, with what it needs from the upstream folders, and shipped to the
     # actors whole: an actor on another node cannot see the driver's files
@@ -77,8 +76,7 @@ def score(ctx: StageContext, family, model) -> tuple[dict, np.ndarray]:
         add_up(total, {k: v.sum(0) for k, v in batch.items()})
         add_up(total, {IMAGE_NATS: np.stack([index, nats], 1)[index >= 0]})
     images = total.pop(IMAGE_NATS)
-    total["actors"] = pool.max_size  # (how many scored: evaluate.num_actors=auto resolved)
-    return total, images[np.argsort(images[:, 0], kind="stable")]
+    return total, images[np.argsort(images[:, 0], kind="stable")], pool.max_size
 
 
 def standard_errors(nats: np.ndarray, dims: int) -> dict[str, float]:
@@ -95,8 +93,7 @@ def run(ctx: StageContext) -> StageResult:
     family, model = load_model(model_dir)
     # nats per image and bits per dimension over the real pixels (DataSpec.content): the
     # padding added for the model's strides is no data and not counted
-    sums, images = score(ctx, family, model)
-    actors = sums.pop("actors")
+    sums, images, actors = score(ctx, family, model)
     dims = ctx.data.likelihood_dims
     metrics = {**family.summary(sums, dims, ctx.config.evaluate), **standard_errors(images[:, 1], dims)}
     metrics["test_dims"] = float(dims)
@@ -116,8 +113,8 @@ def run(ctx: StageContext) -> StageResult:
     # what `hvae report` lists, kept on the run
     tags = {"hvae.model": family.name, "hvae.model_name": name, "hvae.dataset": ctx.config.data.dataset,
             "hvae.dataset_desc": dataset, "hvae.structure": structure, "hvae.bound": row["bound"],
+            "hvae.actors": str(actors),  # (how many scored: evaluate.num_actors=auto resolved)
             # runs with the same setup differ in their training seeds alone (hvae report: mean ± s.d.)
-            "hvae.actors": str(actors),
             "hvae.setup": setup_key(ctx.config, ctx.data.fingerprint), "hvae.seed": f"{ctx.config.stage1.seed}/{ctx.config.priors.seed}"}
     if bench:  # its test set and unit are a published benchmark's: hvae report shows those rows beside it
         tags["hvae.benchmark"] = bench

@@ -285,6 +285,7 @@ def test_evaluate_over_two_actors_sums_to_the_same_nll_as_one(smoke_run, tmp_pat
     spread = pipeline_runs(tmp_path, parent)["evaluate"]
     assert spread.data.tags["hvae.actors"] == str(min(2, os.cpu_count()))
     two = plain(spread.data.metrics)
+    # (the same images in batches of 32, not 128: float32 batch sums, added in another order)
     for key in ("test_nll_nats", "test_recon_nats", "test_prior_nats", "test_mse", "test_images"):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), key
 
