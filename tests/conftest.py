@@ -37,11 +37,13 @@ def hvae(cwd, *args, timeout=600, env=None):
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def hvae_background(cwd, *args, log=None):
-    """Start ``python -m pipeline ARGS`` in its own process group (so a test can kill all of it)."""
+def hvae_background(cwd, *args, log=None, env: dict | None = None):
+    """Start ``python -m pipeline ARGS`` in its own process group (so a test can kill all of it),
+    with ``env`` added to this process's environment."""
     out = open(log or Path(cwd) / "driver.log", "w")
     return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, stdout=out,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
 
 
 def kill_group(proc) -> None:

@@ -17,7 +17,10 @@ def sweep_run(tmp_path_factory):
     """The smoke sweep, killed (SIGKILL, the driver and its local Ray) once Tune's saved state of
     the experiment names its first trial's first checkpoint, then resumed by the same command."""
     cwd = tmp_path_factory.mktemp("sweep")
-    proc = hvae_background(cwd, "sweep", SWEEP)
+    # the cut needs a trial slower than Tune's saving of its state: at Ray Train's default poll
+    # of its workers (2 s) a smoke epoch took about 2 s; at hvae's 0.25 s all three epochs of the
+    # first trial ended within a second, before the snapshot (CI failed so). The resumed run keeps hvae's pace.
+    proc = hvae_background(cwd, "sweep", SWEEP, env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"})
     try:
         wait_for(lambda: _snapshot_names(cwd, "checkpoint_000000") or proc.poll() is not None, 600,
                  "Tune's snapshot of the first trial's 1st epoch", every=0.05)  # (an epoch takes about 2 s)
