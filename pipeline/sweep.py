@@ -27,7 +27,7 @@ from pathlib import Path
 from stages import families
 from stages.data import join
 
-from . import datasets, graph
+from . import datasets, graph, whole_files
 from .config import PipelineConfig, to_yaml
 from .masking import mask
 from .liveness import TAG_DRIVER, Heartbeat, this_driver
@@ -129,7 +129,8 @@ def _open_sweep(tracker, cfg: PipelineConfig, config_path: str | None, key: str)
     from ray import tune
 
     for run in tracker.search([f"tags.`{TAG_KEY}` = '{key}'"])[:1]:
-        if run.info.status == "KILLED" and tune.Tuner.can_restore(_experiment(cfg, run.info.run_id)):
+        fs, path = whole_files.storage(_experiment(cfg, run.info.run_id))
+        if run.info.status == "KILLED" and tune.Tuner.can_restore(path, storage_filesystem=fs):
             tracker.reopen(run.info.run_id, {TAG_DRIVER: this_driver()})
             print(f"[hvae] resuming the interrupted sweep {run.info.run_id} in experiment "
                   f"'{tracker.experiment_name}' ({tracker.uri})")
@@ -177,8 +178,12 @@ def _tuner(cfg: PipelineConfig, ctx: TrialContext, resume: bool):
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     tune.PlacementGroupFactory([driver_bundle()]))
     path = _experiment(cfg, ctx.sweep_run)
+    # (a local storage path goes through whole_files: a driver killed while Tune copies its
+    # snapshot to the storage path must not leave empty state files behind)
+    fs, storage_path = whole_files.storage(cfg.cluster.storage_path)
     if resume:
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(whole_files.storage(path)[1], trainable, resume_unfinished=True,
+                                  resume_errored=True, storage_filesystem=fs)
     swept_epochs = [max(v) for k, s in sweep.space.items() if k == f"{sweep.stage}.epochs" for v in s.values()]
     max_t = max([_epochs(cfg, sweep.stage), *swept_epochs])
     # (max_t one past the last epoch: ASHA stops a trial that reaches max_t, and a finished trial
@@ -194,7 +199,8 @@ def _tuner(cfg: PipelineConfig, ctx: TrialContext, resume: bool):
         # (every Tune checkpoint is kept, each a few bytes naming a Train checkpoint: with
         # num_to_keep, Tune deletes the older one before its next experiment snapshot names the
         # newer, and a sweep killed in between cannot be restored)
-        run_config=tune.RunConfig(name=f"sweep-{ctx.sweep_run}", storage_path=cfg.cluster.storage_path, verbose=0),
+        run_config=tune.RunConfig(name=f"sweep-{ctx.sweep_run}", storage_path=storage_path, storage_filesystem=fs,
+                                  verbose=0),
     )
 
 
