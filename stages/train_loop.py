@@ -184,9 +184,10 @@ def _reduce_sums(sums: dict[str, torch.Tensor], device: torch.device) -> dict[st
 CLOCKS = ("first_batch_s", "data_wait_s")  # seconds a training epoch's sums carry beside the task's
 # how often Ray Train's controller polls its workers (Ray's default: 2 s). Every poll that finds
 # the worker group starting or the function returned moves the run on, so the default left
-# ~4 s a fit of nothing but waiting (a fit of an empty function on 2 workers: 14.0-14.9 s, one cold 21.4 s,
-# against 9.8-11.8 s at 0.5 s and 8.6-11.1 s at 0.2 s); a poll is one small actor call per worker. Set by `fit` where unset, in
-# the process that fits: Ray Train hands it on to its controller and workers.
+# ~4 s a fit of nothing but waiting (a fit of an empty function on 2 workers: 14.0-14.9 s, one
+# cold 21.4 s, against 9.8-11.8 s at 0.5 s and 8.6-11.1 s at 0.2 s); a poll is one small actor
+# call per worker. Set by `fit` where unset, in the process that fits: Ray Train hands it on to
+# its controller and workers.
 HEALTH_CHECK_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 PROGRESS_EVERY_S = 30.0  # rank 0 says where an epoch is at most this often (a line, not a bar: see Progress)
 
