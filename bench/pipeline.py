@@ -31,7 +31,8 @@ def main(argv: list[str]) -> int:
                         f"{statistics.mean(speed):.0f} | {shown} |" if speed else
                         f"| {stage} | {m.get(stage + '_seconds', float('nan')):.1f} | – | {shown} |")
     cmd = " ".join(["python bench/pipeline.py", os.path.relpath(config, ROOT), *overrides])
-    record("pipeline", cmd, "\n".join([
+    stem = Path(config).stem
+    record("pipeline" if stem == "default" else f"pipeline_{stem}", cmd, "\n".join([
         f"Whole `hvae run` (Ray start, data, MLflow, all stages): **{total:.0f} s**.", "",
         "| stage | wall s | train items/s (mean over epochs) | final metrics |", "|---|---|---|---|", *rows,
     ]))

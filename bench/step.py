@@ -168,7 +168,7 @@ def main() -> int:
         f"{prior_flops / 1e9:.1f} GFLOP a step, **{prior_flops / prior_s / 1e9:.1f} GFLOP/s, "
         f"{100 * prior_flops / prior_s / peak:.0f} % of the matmul peak**.",
     ])
-    record("step", "python bench/step.py" + (" --full" if args.full else ""), body)
+    record("step" if args.full else "step_quick", "python bench/step.py" + (" --full" if args.full else ""), body)
     return 0
 
 
