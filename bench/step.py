@@ -1,4 +1,4 @@
-"""Training-step speed and compute efficiency; writes bench/results/step.md.
+"""Training-step speed and compute efficiency; writes bench/results/step.md (--full) or step_quick.md.
 
     .venv/bin/python bench/step.py [--full]
 
