@@ -8,8 +8,11 @@ Torch-free; matplotlib draws the curves.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
+import json
+import os
 import re
 from pathlib import Path
 
@@ -54,11 +57,28 @@ def markdown_html(markdown: str) -> str:
     return "".join(out)
 
 
-def curves_png(curves: dict[str, list[tuple[int, float]]], title: str) -> bytes | None:
+def curves_png(curves: dict[str, list[tuple[int, float]]], title: str, cache: Path | None = None) -> bytes | None:
     """Per-epoch curves (name -> [(epoch, value)]) in one figure: the losses on one axis, the
-    bits (per dim or per code) on another, so that one unit shares a scale."""
+    bits (per dim or per code) on another, so that one unit shares a scale. ``cache``: a folder
+    where a figure drawn once is kept under a hash of its curves and title, so that a pipeline
+    whose training stages are all reused does not import matplotlib to draw the same figure."""
     if not any(curves.values()):
         return None
+    if cache is None:
+        return _draw(curves, title)
+    key = hashlib.sha256(json.dumps([sorted((k, sorted(v)) for k, v in curves.items()), title]).encode()).hexdigest()
+    kept = cache / f"{key[:32]}.png"
+    if kept.is_file():
+        return kept.read_bytes()
+    png = _draw(curves, title)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = kept.with_name(f".{kept.name}.{os.getpid()}")
+    partial.write_bytes(png)
+    os.replace(partial, kept)  # (whole or absent: two pipelines may draw it at once)
+    return png
+
+
+def _draw(curves: dict[str, list[tuple[int, float]]], title: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,11 +130,11 @@ def document(title: str, headline: str, table: str | None, sections: list[tuple[
 
 
 def pipeline_report(title: str, headline: str, table: str | None, curves: dict[str, dict], outputs: dict[str, Path],
-                    facts: list[str]) -> str:
-    """A pipeline's page: ``curves`` per training stage, the pictures from the stages' output
-    folders (``outputs``: stage -> folder)."""
+                    facts: list[str], cache: Path | None = None) -> str:
+    """A pipeline's page: ``curves`` per training stage (figures kept in ``cache``: see
+    :func:`curves_png`), the pictures from the stages' output folders (``outputs``: stage -> folder)."""
     trained = [figure(png, f"{stage}: per-epoch curves") for stage, c in curves.items()
-               if (png := curves_png(c, stage)) is not None]
+               if (png := curves_png(c, stage, cache)) is not None]
     drawn = outputs.get("sample")
     samples = _pictures(drawn, {"samples/grid.png": "samples from the model's prior at sample.temperature, decoded"},
                         zoom=2)

@@ -435,7 +435,8 @@ def _publish(tracker, cfg: PipelineConfig, data, done, parent_id: str) -> None:
     curves = {name: tracker.curves(run_id) for name, _, run_id, _, _ in done.rows if graph.get(name).trains}
     # (report.html's facts leave out the last line, which points at report.html itself)
     tracker.log_text(parent_id, html_report.pipeline_report(parent.info.run_name, line, table, curves, done.outputs,
-                                                            facts[:-1]), results_page.REPORT)
+                                                            facts[:-1], local_area(cfg.cluster.storage_path) / "curves"),
+                     results_page.REPORT)
 
 
 def local_area(storage_path: str) -> Path:
