@@ -57,6 +57,9 @@ def markdown_html(markdown: str) -> str:
     return "".join(out)
 
 
+DRAWING = 1  # how _draw draws: change it with _draw, and figures kept from before are drawn again
+
+
 def curves_png(curves: dict[str, list[tuple[int, float]]], title: str, cache: Path | None = None) -> bytes | None:
     """Per-epoch curves (name -> [(epoch, value)]) in one figure: the losses on one axis, the
     bits (per dim or per code) on another, so that one unit shares a scale. ``cache``: a folder
@@ -66,7 +69,7 @@ def curves_png(curves: dict[str, list[tuple[int, float]]], title: str, cache: Pa
         return None
     if cache is None:
         return _draw(curves, title)
-    key = hashlib.sha256(json.dumps([sorted((k, sorted(v)) for k, v in curves.items()), title]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([sorted((k, sorted(v)) for k, v in curves.items()), title, DRAWING]).encode()).hexdigest()
     kept = cache / f"{key[:32]}.png"
     if kept.is_file():
         return kept.read_bytes()
@@ -94,7 +97,9 @@ def _draw(curves: dict[str, list[tuple[int, float]]], title: str) -> bytes:
             points = sorted(curves[key])
             ax.plot([s + 1 for s, _ in points], [v for _, v in points], marker="o", markersize=3, label=key)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        last = max(s for key in keys for s, _ in curves[key]) + 1
+        ax.set_xlim(0.5, last + 0.5)  # (whole epochs only, one epoch included)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_ylabel(unit if unit == "loss" else "bits")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
