@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import json
 import os
+import posixpath
 import time
 from datetime import datetime
 from pathlib import Path
@@ -129,7 +130,7 @@ def _open_sweep(tracker, cfg: PipelineConfig, config_path: str | None, key: str)
     from ray import tune
 
     for run in tracker.search([f"tags.`{TAG_KEY}` = '{key}'"])[:1]:
-        fs, path = whole_files.storage(_experiment(cfg, run.info.run_id))
+        fs, path = _experiment(cfg, run.info.run_id)
         if run.info.status == "KILLED" and tune.Tuner.can_restore(path, storage_filesystem=fs):
             tracker.reopen(run.info.run_id, {TAG_DRIVER: this_driver()})
             print(f"[hvae] resuming the interrupted sweep {run.info.run_id} in experiment "
@@ -148,9 +149,13 @@ def _open_sweep(tracker, cfg: PipelineConfig, config_path: str | None, key: str)
     return sweep_run, False
 
 
-def _experiment(cfg: PipelineConfig, sweep_run: str) -> str:
-    """Where Tune keeps the sweep's experiment state (and each trial's checkpoints)."""
-    return join(cfg.cluster.storage_path, f"sweep-{sweep_run}")
+def _experiment(cfg: PipelineConfig, sweep_run: str):
+    """Where Tune keeps the sweep's experiment state (and each trial's checkpoints) -> (the
+    filesystem Tune writes it through, the folder). A local storage path goes through
+    ``whole_files``: a driver killed while Tune copies its snapshot there must not leave empty
+    state files behind."""
+    fs, root = whole_files.storage(cfg.cluster.storage_path)
+    return fs, join(root, f"sweep-{sweep_run}")
 
 
 def _fixed_stages(tracker, cfg: PipelineConfig, sweep_run: str, work: Path) -> tuple[int, dict]:
@@ -177,13 +182,9 @@ def _tuner(cfg: PipelineConfig, ctx: TrialContext, resume: bool):
     sweep = cfg.sweep
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     tune.PlacementGroupFactory([driver_bundle()]))
-    path = _experiment(cfg, ctx.sweep_run)
-    # (a local storage path goes through whole_files: a driver killed while Tune copies its
-    # snapshot to the storage path must not leave empty state files behind)
-    fs, storage_path = whole_files.storage(cfg.cluster.storage_path)
+    fs, path = _experiment(cfg, ctx.sweep_run)
     if resume:
-        return tune.Tuner.restore(whole_files.storage(path)[1], trainable, resume_unfinished=True,
-                                  resume_errored=True, storage_filesystem=fs)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     swept_epochs = [max(v) for k, s in sweep.space.items() if k == f"{sweep.stage}.epochs" for v in s.values()]
     max_t = max([_epochs(cfg, sweep.stage), *swept_epochs])
     # (max_t one past the last epoch: ASHA stops a trial that reaches max_t, and a finished trial
@@ -199,8 +200,8 @@ def _tuner(cfg: PipelineConfig, ctx: TrialContext, resume: bool):
         # (every Tune checkpoint is kept, each a few bytes naming a Train checkpoint: with
         # num_to_keep, Tune deletes the older one before its next experiment snapshot names the
         # newer, and a sweep killed in between cannot be restored)
-        run_config=tune.RunConfig(name=f"sweep-{ctx.sweep_run}", storage_path=storage_path, storage_filesystem=fs,
-                                  verbose=0),
+        run_config=tune.RunConfig(name=posixpath.basename(path), storage_path=posixpath.dirname(path),
+                                  storage_filesystem=fs, verbose=0),
     )
 
 
