@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -28,3 +30,18 @@ def test_a_curve_figure_drawn_once_is_taken_from_the_cache_without_matplotlib(tm
     other = draw.replace("(1, 2.9)", "(1, 2.8)")
     assert subprocess.run([sys.executable, "-c", other], cwd=ROOT, capture_output=True).stderr[-10:] == b"matplotlib"
     assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 12])
+def test_a_curve_figure_ticks_whole_epochs_only(epochs, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from pipeline.html_report import _draw
+
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)  # (keep the figure to read its axis)
+    _draw({"train_loss": [(e, 3.0 - 0.1 * e) for e in range(epochs)]}, "priors")
+    axis = drawn[0].axes[0]
+    low, high = axis.get_xlim()
+    shown = [t for t in axis.get_xticks() if low <= t <= high]
+    assert shown and all(t == int(t) and 1 <= t <= epochs for t in shown), (epochs, shown)
