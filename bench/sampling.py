@@ -98,7 +98,8 @@ def main() -> int:
         rows = [_row(net, cond_codes, s, s <= (32 if args.full else 16)) for s in sizes]
         sections.append(f"{what}; batch {BATCH}:\n\n{header}\n" + "\n".join(rows))
     cmd = "python bench/sampling.py" + (" --full" if args.full else "")
-    record("sampling" if args.full else "sampling_quick", cmd, f"{torch.get_num_threads()} torch threads. Cached PixelCNN sampling (the default) "
+    record("sampling" if args.full else "sampling_quick", cmd,
+           f"{torch.get_num_threads()} torch threads. Cached PixelCNN sampling (the default) "
            "against the naive reference, one after the other in this call.\n\n" + "\n\n".join(sections))
     return 0
 
