@@ -5,7 +5,9 @@
 In a fresh temporary folder: the pipeline once (every stage runs), then the same command
 three times (every stage reused), wall seconds each and their median. Then one more reused
 run under ``python -X importtime``: what its imports cost, by top-level package (the
-interpreter's own start-up, ``python -c pass``, measured apart).
+interpreter's own start-up, ``python -c pass``, measured apart); and, three times, what
+MLflow's client alone costs before it can answer: import it, open the run's SQLite store,
+list its experiments (a reused run cannot do less: it asks MLflow for each stage's run).
 """
 from __future__ import annotations
 
@@ -29,6 +31,14 @@ def _run(cwd: str, config: str, *flags: str) -> tuple[float, subprocess.Complete
     proc = subprocess.run([sys.executable, *flags, "-m", "pipeline", "run", config], cwd=cwd,
                           capture_output=True, text=True)
     return time.perf_counter() - t0, proc
+
+
+def _client_start(cwd: str) -> float:
+    """Seconds for a fresh interpreter to import MLflow's client and answer from the store in ``cwd``."""
+    code = ("import time; t0 = time.perf_counter(); from mlflow.tracking import MlflowClient; "
+            "MlflowClient('sqlite:///mlruns.db').search_experiments(); print(time.perf_counter() - t0)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _imports(stderr: str) -> dict[str, float]:
@@ -57,6 +67,7 @@ def main(argv: list[str]) -> int:
             again.append(secs)
         traced, proc = _run(tmp, config, "-X", "importtime")
         imports = _imports(proc.stderr)
+        client = statistics.median(_client_start(tmp) for _ in range(3))
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "pass"], check=True)
     bare = time.perf_counter() - t0
@@ -69,7 +80,9 @@ def main(argv: list[str]) -> int:
         f"**median {statistics.median(again):.2f} s**.", "",
         f"One more reused run under `-X importtime` ({traced:.2f} s, the tracing included): imports "
         f"{sum(imports.values()):.2f} s in all, by package: {shown}. The interpreter alone "
-        f"(`python -c pass`): {bare:.2f} s.",
+        f"(`python -c pass`): {bare:.2f} s.", "",
+        f"MLflow's client alone (import, open the SQLite store, list experiments; median of 3): "
+        f"**{client:.2f} s**, which every reused run pays.",
     ]))
     return 0
 

@@ -181,7 +181,13 @@ class CoefficientWarmup(nn.Module):
     looks fine, and ``mean()`` builds G and B from a predicted R that barely varies. Off, every
     channel's mean has to come from the codes; switched on once the codes carry the image, they
     take the remaining bits (``bench/rgb.py``). The count of training forwards is in the state
-    dict (a resumed run switches at the same step; a trained model samples with them on)."""
+    dict (a resumed run switches at the same step; a trained model samples with them on).
+
+    Called at the start of the owner's forward. Left out of torch.compile (``not_compiled``):
+    compiled, the count is a constant of the graph, so every step recompiled it until dynamo's
+    recompile limit (8) sent the whole forward back to eager."""
+
+    not_compiled = True
 
     def __init__(self, likelihood, steps: int = 0):
         super().__init__()
@@ -192,8 +198,8 @@ class CoefficientWarmup(nn.Module):
         if hasattr(self.likelihood, "coeff_gate"):
             self.likelihood.coeff_gate = 1.0 if self.done >= self.steps else 0.0
 
-    def tick(self) -> None:
-        """Before a forward: the gate for this step, then count it when training."""
+    def forward(self) -> None:
+        """Before the owner's forward: the gate for this step, then count it when training."""
         self._apply_gate()
         if self.training:
             self.done += 1

@@ -285,7 +285,7 @@ class NVAE(nn.Module):
     # ---- public API --------------------------------------------------------------------
     def forward(self, x_uint8: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """One posterior sample per image: nll [B] (nats), kl [G, B] per group, log weight terms."""
-        self.coeff_warmup.tick()
+        self.coeff_warmup()
         h, groups = self._top_down(x_uint8.shape[0], self._bottom_up(x_uint8), generator=generator)
         params = self.post(h)
         r = self.likelihood_region

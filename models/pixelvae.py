@@ -158,7 +158,7 @@ class PixelVAE(nn.Module):
     def forward(self, x_uint8: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """One posterior sample per image: nll [B] (nats), kl [levels, B] (top first), log_q and
         log_p of the drawn latents, the likelihood's parameters (teacher-forced)."""
-        self.coeff_warmup.tick()
+        self.coeff_warmup()
         lat = self._latents(x_uint8, generator)
         params = self._pixels(x_uint8, self.condition(lat["z1"]))
         r = self.likelihood_region

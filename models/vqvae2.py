@@ -199,7 +199,7 @@ class VQVAE2(nn.Module):
     # ---- training objective ------------------------------------------------------
     def forward(self, x_uint8: torch.Tensor):
         """Returns per-image NLL (nats), per-image commitment loss, decoder params, codes, stats."""
-        self.coeff_warmup.tick()
+        self.coeff_warmup()
         quants, codes, commit, stats = self.quantize(to_model_range(x_uint8))
         params = self.decode(quants)
         r = self.likelihood_region

@@ -260,16 +260,17 @@ class Resume:
     waited: float
 
 
-def compile_model(model) -> None:
+def compile_model(model, **options) -> None:
     """torch.compile in place (the state dict keeps its keys: checkpoints stay interchangeable);
-    a module that sets ``not_compiled`` runs eagerly. (torch.compiler is touched only here:
-    importing it costs every process that never compiles about a second.)"""
+    a module that sets ``not_compiled`` runs eagerly; ``options`` go to ``Module.compile`` (a
+    test's counting backend). (torch.compiler is touched only here: importing it costs every
+    process that never compiles about a second.)"""
     import torch
 
     for m in model.modules():
         if getattr(m, "not_compiled", False):
             m.forward = torch.compiler.disable(m.forward)
-    model.compile()
+    model.compile(**options)
 
 
 def _agreed(found, world: int):

@@ -149,6 +149,38 @@ def test_mixed_precision_and_compile_follow_fp32(precision, compiled, digits):
     assert _start  # the worker builds the same way (channels_last, compile, scaler): stages/train_loop.py
 
 
+def test_a_compiled_model_compiles_again_only_when_its_coefficients_switch_on():
+    """Stage 1 with train.compile: the steps reuse the compiled graphs; the one recompile is
+    the step where the channel coefficients switch on. (Fails with the warm-up's step count
+    inside the compiled forward: a new graph each step until dynamo gives up at 8.)"""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from models.vqvae2 import VQVAE2
+    from stages.train_loop import compile_model
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = VQVAE2(in_channels=3, hidden=16, res_hidden=8, res_blocks=1, embed_dim=8, codebook_size=16,
+                   coeff_warmup_steps=2)
+    counter = CompileCounter()
+    compile_model(model, backend=counter)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    graphs = []
+    try:
+        for _ in range(10):
+            out = model(x)
+            (out["nll"] + out["commit"]).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            graphs.append(counter.frame_count)
+    finally:
+        torch._dynamo.reset()
+    assert graphs[2] > graphs[1] == graphs[0] > 0, graphs  # (step 3: the coefficients on)
+    assert graphs[2:] == [graphs[2]] * 8, graphs
+
+
 # A step checkpoint inside an epoch, and a resume from it in a fresh model, optimizer and
 # schedule, against the same two epochs run straight: the weights agree exactly (the batches
 # come again in the same order and are passed over; the RNG state, the partial sums and the
