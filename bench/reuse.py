@@ -3,9 +3,13 @@
     .venv/bin/python bench/reuse.py [CONFIG]        (default: configs/smoke.yaml)
 
 In a fresh temporary folder: the pipeline once (every stage runs), then the same command
-three times (every stage reused), wall seconds each and their median. Then one more reused
-run under ``python -X importtime``: what its imports cost, by top-level package (the
-interpreter's own start-up, ``python -c pass``, measured apart); and, three times, what
+five times (every stage reused), wall seconds each and their median. Interleaved with these, the
+same run two other ways, five times each: ``pipeline.cli.main`` and a plain exit (the interpreter
+collects its garbage at exit, which ``cli.entry`` skips with ``gc.freeze()``); and that with the
+collector also left on while MLflow is imported (``tracking._collector_paused`` made a no-op):
+what ``hvae`` did before both. Then one more reused run under ``python -X importtime``: what
+its imports cost, by top-level package (the interpreter's own start-up, ``python -c pass``,
+measured apart); and, three times, what
 MLflow's client alone costs before it can answer: import it, open the run's SQLite store,
 list its experiments (a reused run cannot do less: it asks MLflow for each stage's run).
 """
@@ -26,9 +30,15 @@ sys.path.append(str(ROOT / "bench"))
 from common import record  # noqa: E402
 
 
-def _run(cwd: str, config: str, *flags: str) -> tuple[float, subprocess.CompletedProcess]:
+PLAIN_EXIT = ("-c", "import sys; from pipeline.cli import main; sys.exit(main())")
+COLLECTED = ("-c", "import contextlib, sys; import pipeline.tracking as t; "
+                   "t._collector_paused = contextlib.nullcontext; from pipeline.cli import main; sys.exit(main())")
+
+
+def _run(cwd: str, config: str, *flags: str, program: tuple[str, ...] = ("-m", "pipeline")
+         ) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *flags, "-m", "pipeline", "run", config], cwd=cwd,
+    proc = subprocess.run([sys.executable, *flags, *program, "run", config], cwd=cwd,
                           capture_output=True, text=True)
     return time.perf_counter() - t0, proc
 
@@ -58,13 +68,14 @@ def main(argv: list[str]) -> int:
         if proc.returncode:
             print(proc.stdout[-3000:], proc.stderr[-3000:])
             return proc.returncode
-        again = []
-        for _ in range(3):
-            secs, proc = _run(tmp, config)
-            if proc.returncode or "REUSED" not in proc.stdout or " FINISHED " in proc.stdout:
-                print(f"bench: the re-run did not reuse every stage:\n{proc.stdout[-3000:]}")
-                return 1
-            again.append(secs)
+        again, plain, old = [], [], []
+        for _ in range(5):
+            for times, program in ((again, ("-m", "pipeline")), (plain, PLAIN_EXIT), (old, COLLECTED)):
+                secs, proc = _run(tmp, config, program=program)
+                if proc.returncode or "REUSED" not in proc.stdout or " FINISHED " in proc.stdout:
+                    print(f"bench: the re-run did not reuse every stage:\n{proc.stdout[-3000:]}")
+                    return 1
+                times.append(secs)
         traced, proc = _run(tmp, config, "-X", "importtime")
         imports = _imports(proc.stderr)
         client = statistics.median(_client_start(tmp) for _ in range(3))
@@ -78,6 +89,13 @@ def main(argv: list[str]) -> int:
         f"`hvae run {os.path.relpath(config, ROOT)}` in a fresh folder: **{first:.1f} s** with every stage run; "
         f"again with every stage reused: {', '.join(f'{s:.2f}' for s in again)} s, "
         f"**median {statistics.median(again):.2f} s**.", "",
+        f"Interleaved with these: with a plain exit (`main()`, the interpreter's garbage collection at "
+        f"exit): {', '.join(f'{s:.2f}' for s in plain)} s, median {statistics.median(plain):.2f} s; and with "
+        f"the collector also on while MLflow is imported (the code before both): "
+        f"{', '.join(f'{s:.2f}' for s in old)} s, median {statistics.median(old):.2f} s. So the quick exit "
+        f"takes {statistics.median(plain) - statistics.median(again):.2f} s off and the paused collector "
+        f"{statistics.median(old) - statistics.median(plain):.2f} s; ratio of medians, before over now: "
+        f"**{statistics.median(old) / statistics.median(again):.2f}×**.", "",
         f"One more reused run under `-X importtime` ({traced:.2f} s, the tracing included): imports "
         f"{sum(imports.values()):.2f} s in all, by package: {shown}. The interpreter alone "
         f"(`python -c pass`): {bare:.2f} s.", "",

@@ -8,6 +8,7 @@ override experiment names in Ray's integrations).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -129,8 +130,30 @@ class MetricsReporter:
             client.log_image(self.run_id, array, key=name, step=int(step))
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off for the duration (restored after). Importing MLflow
+    and opening its store create about a million objects that live as long as the process; the
+    collector, triggered by their allocation, walks the growing heap again and again for no
+    garbage: about 0.3 s of a reused run's 3 on 2 cores (BENCHMARKS.md, reuse)."""
+    import gc
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 class Tracker:
     def __init__(self, tracking_cfg, create: bool = True):
+        with _collector_paused():  # (MLflow's import and its store's opening: no garbage to find)
+            self._open(tracking_cfg, create)
+        self._prefixes: dict[str, str] = {}  # run id -> its metrics' namespace ("<stage>/" for a stage run)
+
+    def _open(self, tracking_cfg, create: bool) -> None:
         from contextlib import nullcontext
 
         from filelock import FileLock
@@ -158,7 +181,6 @@ class Tracker:
                 )
                 exp = self.client.get_experiment_by_name(tracking_cfg.experiment)
         self.experiment_id = exp.experiment_id if exp is not None else None
-        self._prefixes: dict[str, str] = {}  # run id -> its metrics' namespace ("<stage>/" for a stage run)
 
     def reports(self) -> "Tracker":
         """The tracker of this experiment's reports (``<experiment>-reports``, created when

@@ -1,0 +1,34 @@
+"""pipeline/tracking.py's Tracker: opening a store pauses Python's garbage collector only while
+MLflow is imported and the store opened (a reused run's speed, BENCHMARKS.md), and always
+gives it back as it was, also when the store cannot be reached: a driver that trains for hours
+with the collector left off would keep every reference cycle it ever made."""
+import gc
+import socket
+
+import pytest
+
+from pipeline.config import TrackingConfig
+from pipeline.reach import Unreachable
+from pipeline.tracking import Tracker
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_opening_a_store_leaves_the_collector_as_it_was(tmp_path, enabled):
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlruns.db"))
+        assert tracker.experiment_id is not None
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+def test_a_store_that_does_not_answer_leaves_the_collector_on(tmp_path):
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert gc.isenabled()
+    with pytest.raises(Unreachable, match="tracking.uri"):
+        Tracker(TrackingConfig(uri=f"http://127.0.0.1:{port}", timeout_s=0.5))
+    assert gc.isenabled()
