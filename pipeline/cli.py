@@ -440,13 +440,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The ``hvae`` program (and ``python -m pipeline``): ``main``, then the exit made quick.
-    At exit the interpreter's cyclic garbage collector walks every object MLflow, SQLAlchemy,
-    pandas and torch left behind, about 0.5-0.9 s on 2 cores (most of what a reused run spends
-    after its work; BENCHMARKS.md, reuse). ``gc.freeze()`` leaves those objects to the end of the
-    process; everything else at exit happens as before (atexit handlers such as Ray's and
-    logging's, threads joined, streams flushed). Here only, never in ``main``: a process that
-    calls ``main`` and goes on (a test) needs its garbage collected."""
+    """The ``hvae`` program (and ``python -m pipeline``): ``main``, then a quick exit. At exit the
+    interpreter's cyclic garbage collector walks every object that MLflow, SQLAlchemy, pandas and
+    torch left behind: 0.5-0.9 s of a reused run on 2 cores (`python bench/reuse.py` times it).
+    ``gc.freeze()`` takes those objects out of its reach; everything else at exit happens as before
+    (atexit handlers such as Ray's and logging's, threads joined, streams flushed). Here only,
+    never in ``main``: a process that calls ``main`` and goes on (a test) needs its garbage collected."""
     import gc
 
     code = main()

@@ -132,10 +132,10 @@ class MetricsReporter:
 
 @contextlib.contextmanager
 def _collector_paused():
-    """Python's cyclic garbage collector off for the duration (restored after). Importing MLflow
-    and opening its store create about a million objects that live as long as the process; the
-    collector, triggered by their allocation, walks the growing heap again and again for no
-    garbage: about 0.3 s of a reused run's 3 on 2 cores (BENCHMARKS.md, reuse)."""
+    """Python's cyclic garbage collector off for the duration, then as it was. Importing MLflow
+    and opening its store allocate objects that live as long as the process, and the collector,
+    set off by those allocations, walks the growing heap again and again and finds no garbage:
+    about 0.3 s of a reused run on 2 cores (`python bench/reuse.py` times it)."""
     import gc
 
     was = gc.isenabled()
@@ -154,8 +154,6 @@ class Tracker:
         self._prefixes: dict[str, str] = {}  # run id -> its metrics' namespace ("<stage>/" for a stage run)
 
     def _open(self, tracking_cfg, create: bool) -> None:
-        from contextlib import nullcontext
-
         from filelock import FileLock
         from mlflow.tracking import MlflowClient
 
@@ -169,7 +167,7 @@ class Tracker:
         # Two pipelines starting at once on a new SQLite file would both create its tables
         # (and the experiment): the first to take the lock does it, the second finds it done.
         sqlite = self.uri.startswith("sqlite:///")
-        with FileLock(self.uri[len("sqlite:///"):] + ".lock") if sqlite else nullcontext():
+        with FileLock(self.uri[len("sqlite:///"):] + ".lock") if sqlite else contextlib.nullcontext():
             self.client = MlflowClient(self.uri)  # creates and migrates the database
             for line in relocate(self.uri):  # (a store copied or moved with its artifacts)
                 print(f"[hvae] the store moved: {line}")
