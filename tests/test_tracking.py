@@ -32,3 +32,25 @@ def test_a_store_that_does_not_answer_leaves_the_collector_on(tmp_path):
     with pytest.raises(Unreachable, match="tracking.uri"):
         Tracker(TrackingConfig(uri=f"http://127.0.0.1:{port}", timeout_s=0.5))
     assert gc.isenabled()
+
+
+def test_the_first_store_of_a_process_freezes_what_it_holds_once(tmp_path):
+    """What importing MLflow and opening its store made lives as long as the process: frozen
+    when the first store opens (no later collection walks it), and not again for the next."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import gc; from pipeline.config import TrackingConfig; import pipeline.tracking as t\n"
+        "assert gc.get_freeze_count() == 0\n"
+        "freezes = []; freeze = t._freeze_long_lived\n"
+        "t._freeze_long_lived = lambda: (freezes.append(1), freeze())\n"
+        f"t.Tracker(TrackingConfig(uri='sqlite:///{tmp_path}/mlruns.db')); frozen = gc.get_freeze_count()\n"
+        f"t.Tracker(TrackingConfig(uri='sqlite:///{tmp_path}/mlruns.db')); print(frozen, len(freezes))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    frozen, freezes = map(int, out.stdout.split())
+    assert frozen > 100_000  # (MLflow's modules, classes and functions: about half a million objects)
+    assert freezes == 1
