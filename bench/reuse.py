@@ -4,11 +4,13 @@
 
 In a fresh temporary folder: the pipeline once (every stage runs), then the same command
 five times (every stage reused), wall seconds each and their median. Interleaved with these, the
-same run two other ways, five times each: what is held once MLflow's store is open left unfrozen
-(``tracking._freeze_long_lived`` made a no-op: the code before it); and ``pipeline.cli.main``
-with a plain exit (the interpreter collects its garbage at exit, which ``cli.entry`` skips with
+same run three other ways, five times each, each with one more of the changes that made it fast
+undone: every file's imports parsed with ``ast`` (the import cache of ``pipeline/fingerprint.py``
+neither read nor written: the code before it); then also what is held once MLflow's store is open
+left unfrozen (``tracking._freeze_long_lived`` made a no-op); then also ``pipeline.cli.main`` with
+a plain exit (the interpreter collects its garbage at exit, which ``cli.entry`` skips with
 ``gc.freeze()``) and the collector left on while MLflow is imported (``tracking._collector_paused``
-made a no-op): what ``hvae`` did before all three. Then one more reused run under ``python -X importtime``: what
+made a no-op): what ``hvae`` did before all four. Then one more reused run under ``python -X importtime``: what
 its imports cost, by top-level package (the interpreter's own start-up, ``python -c pass``,
 measured apart); and, three times, what
 MLflow's client alone costs before it can answer: import it, open the run's SQLite store,
@@ -31,9 +33,12 @@ sys.path.append(str(ROOT / "bench"))
 from common import record  # noqa: E402
 
 
-UNFROZEN = ("-c", "import sys; import pipeline.tracking as t; t._freeze_long_lived = lambda: None; "
+PARSE = ("import pipeline.fingerprint as f; f._ImportCache._read = staticmethod(lambda path: {}); "
+         "f._ImportCache.save = lambda self: None; ")
+PARSED = ("-c", f"import sys; {PARSE}from pipeline.cli import entry; sys.exit(entry())")
+UNFROZEN = ("-c", f"import sys; {PARSE}import pipeline.tracking as t; t._freeze_long_lived = lambda: None; "
                   "from pipeline.cli import entry; sys.exit(entry())")
-COLLECTED = ("-c", "import contextlib, sys; import pipeline.tracking as t; "
+COLLECTED = ("-c", f"import contextlib, sys; {PARSE}import pipeline.tracking as t; "
                    "t._collector_paused = contextlib.nullcontext; from pipeline.cli import main; sys.exit(main())")
 
 
@@ -70,9 +75,10 @@ def main(argv: list[str]) -> int:
         if proc.returncode:
             print(proc.stdout[-3000:], proc.stderr[-3000:])
             return proc.returncode
-        again, unfrozen, old = [], [], []
+        again, parsed, unfrozen, old = [], [], [], []
         for _ in range(5):
-            for times, program in ((again, ("-m", "pipeline")), (unfrozen, UNFROZEN), (old, COLLECTED)):
+            for times, program in ((again, ("-m", "pipeline")), (parsed, PARSED), (unfrozen, UNFROZEN),
+                                   (old, COLLECTED)):
                 secs, proc = _run(tmp, config, program=program)
                 if proc.returncode or "REUSED" not in proc.stdout or " FINISHED " in proc.stdout:
                     print(f"bench: the re-run did not reuse every stage:\n{proc.stdout[-3000:]}")
@@ -91,11 +97,14 @@ def main(argv: list[str]) -> int:
         f"`hvae run {os.path.relpath(config, ROOT)}` in a fresh folder: **{first:.1f} s** with every stage run; "
         f"again with every stage reused: {', '.join(f'{s:.2f}' for s in again)} s, "
         f"**median {statistics.median(again):.2f} s**.", "",
-        f"Interleaved with these: with what is held once MLflow's store is open left unfrozen (the code "
-        f"before `_freeze_long_lived`): {', '.join(f'{s:.2f}' for s in unfrozen)} s, median "
-        f"{statistics.median(unfrozen):.2f} s, **{statistics.median(unfrozen) / statistics.median(again):.2f}×** "
-        f"the time now; and with a plain exit and the collector on while MLflow is imported (the code "
-        f"before the three): {', '.join(f'{s:.2f}' for s in old)} s, median {statistics.median(old):.2f} s, "
+        f"Interleaved with these, each with one more change undone: every file's imports parsed (the code "
+        f"before the import cache): {', '.join(f'{s:.2f}' for s in parsed)} s, median "
+        f"{statistics.median(parsed):.2f} s, **{statistics.median(parsed) / statistics.median(again):.2f}×** "
+        f"the time now; also what is held once MLflow's store is open left unfrozen: "
+        f"{', '.join(f'{s:.2f}' for s in unfrozen)} s, median {statistics.median(unfrozen):.2f} s, "
+        f"**{statistics.median(unfrozen) / statistics.median(again):.2f}×**; also a plain exit and the "
+        f"collector on while MLflow is imported (the code before the four): "
+        f"{', '.join(f'{s:.2f}' for s in old)} s, median {statistics.median(old):.2f} s, "
         f"**{statistics.median(old) / statistics.median(again):.2f}×**.", "",
         f"One more reused run under `-X importtime` ({traced:.2f} s, the tracing included): imports "
         f"{sum(imports.values()):.2f} s in all, by package: {shown}. The interpreter alone "

@@ -10,13 +10,17 @@ registry finds families by name at run time, so a stage never depends on another
 code: editing ``models/nvae.py`` changes the NVAE's fingerprints, not the VQ-VAE-2's.
 ``pipeline/`` is the product around the stages and is not followed: what it feeds a stage is
 already in the fingerprint as the config slice and the data fingerprint.
+
+What a file imports is kept on disk (``imports.json`` in the user's cache folder, keyed by the
+module and the sha256 of the file's bytes, so an edit is parsed again): a reused run's plan no
+longer parses the same files with ``ast`` every time (0.1 s of it on 2 cores).
 """
 from __future__ import annotations
 
 import ast
-import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # holds models/, stages/, pipeline/
@@ -31,18 +35,68 @@ def _module_file(module: str, root: Path) -> Path | None:
     return None
 
 
+CACHE_ENTRIES = 4096  # the import cache keeps this many (file version, module) entries, the newest
+
+
+def cache_file() -> Path:
+    """Where what each file imports is kept between runs: ``$XDG_CACHE_HOME/hvae/imports.json``
+    (``~/.cache`` when unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hvae" / "imports.json"
+
+
+class _ImportCache:
+    """{"<module>:<sha256 of its file>": the modules of FOLLOWED packages it imports}, read from
+    ``cache_file()`` once per process and written back (whole, by a rename) when it grew. A
+    cache that cannot be read or written is no error: the files are parsed."""
+
+    def __init__(self):
+        self.path, self.entries, self.grew = None, {}, False
+
+    def imports(self, text: bytes, path: Path, module: str) -> list[str]:
+        if self.path != cache_file():
+            self.path, self.entries, self.grew = cache_file(), self._read(cache_file()), False
+        key = f"{module}:{hashlib.sha256(text).hexdigest()}"
+        if key not in self.entries:
+            self.entries[key] = sorted(_parsed_imports(text, path, module))
+            self.grew = True
+        return self.entries[key]
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        try:
+            entries = json.loads(path.read_text())
+            return entries if isinstance(entries, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def save(self) -> None:
+        if not self.grew or self.path is None:
+            return
+        self.entries = dict(list(self.entries.items())[-CACHE_ENTRIES:])
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.entries))
+            os.replace(tmp, self.path)
+            self.grew = False
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+
+_CACHE = _ImportCache()
+
+
 def _imports(path: Path, module: str, root: Path) -> set[str]:
     """Project modules that the file imports (absolute and relative, top level and in functions)."""
-    st = path.stat()
-    return _parsed_imports(path, module, root, st.st_mtime_ns, st.st_size)
+    return {m for m in _CACHE.imports(path.read_bytes(), path, module) if _module_file(m, root) is not None}
 
 
-@functools.lru_cache(maxsize=1024)
-def _parsed_imports(path: Path, module: str, root: Path, mtime_ns: int, size: int) -> frozenset[str]:
-    """``_imports``, parsed once per version of the file (every stage's hash walks the same files)."""
+def _parsed_imports(text: bytes, path: Path, module: str) -> set[str]:
+    """The modules of FOLLOWED packages that the source ``text`` of ``module`` imports (``ast``)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(text, str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -54,7 +108,7 @@ def _parsed_imports(path: Path, module: str, root: Path, mtime_ns: int, size: in
                 target = node.module or ""
             found.add(target)
             found.update(f"{target}.{alias.name}" for alias in node.names)  # from pkg import submodule
-    return frozenset(m for m in found if m.split(".")[0] in FOLLOWED and _module_file(m, root) is not None)
+    return {m for m in found if m.split(".")[0] in FOLLOWED}
 
 
 def source_files(modules: list[str], root: Path = ROOT) -> list[str]:
@@ -72,6 +126,7 @@ def source_files(modules: list[str], root: Path = ROOT) -> list[str]:
         parent = module.rpartition(".")[0]
         todo += [parent] if parent and parent not in seen else []  # a package's __init__ runs first
         todo += sorted(_imports(path, module, root) - set(seen))
+    _CACHE.save()
     return sorted(p.relative_to(root).as_posix() for p in seen.values())
 
 

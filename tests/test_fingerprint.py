@@ -51,3 +51,39 @@ def test_the_pipeline_package_and_other_families_are_not_followed():
     assert not any(f.startswith("pipeline/") for f in files)
     assert "stages/families/nvae.py" not in files and "models/nvae.py" not in files
     assert {"models/vqvae2.py", "models/quantize.py", "stages/train_loop.py", "stages/checkpoints.py"} <= set(files)
+
+
+def test_what_files_import_is_kept_on_disk_and_an_edit_is_parsed_again(tmp_path, monkeypatch):
+    """A new process finds what each file imports in the cache file (nothing parsed); an edited
+    file (other bytes) is parsed again; a cache file that is no JSON is parsed over and rewritten."""
+    import ast
+    import json
+
+    import pipeline.fingerprint as fingerprint
+
+    root = _project(tmp_path / "code")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(fingerprint, "_CACHE", fingerprint._ImportCache())
+    files = source_files([STAGE1, "stages.families.vqvae2"], root)
+    entries = json.loads(fingerprint.cache_file().read_text())
+    assert any(key.startswith("stages.stage1:") for key in entries)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("parsed: the cache was not read")
+
+    monkeypatch.setattr(fingerprint, "_CACHE", fingerprint._ImportCache())  # (a new process)
+    monkeypatch.setattr(ast, "parse", refused)
+    assert source_files([STAGE1, "stages.families.vqvae2"], root) == files
+    monkeypatch.undo()
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(fingerprint, "_CACHE", fingerprint._ImportCache())
+    (root / "stages" / "helper.py").write_text("SCALE = 1.0\n")
+    _edit(root / "stages" / "stage1.py", "from __future__ import annotations\n",
+          "from __future__ import annotations\nfrom .helper import SCALE  # noqa\n")
+    assert "stages/helper.py" in source_files([STAGE1, "stages.families.vqvae2"], root)
+
+    fingerprint.cache_file().write_text("not json")
+    monkeypatch.setattr(fingerprint, "_CACHE", fingerprint._ImportCache())
+    assert "stages/helper.py" in source_files([STAGE1, "stages.families.vqvae2"], root)
+    assert isinstance(json.loads(fingerprint.cache_file().read_text()), dict)
