@@ -9,7 +9,9 @@ driver's fit call to a built model on every worker), the driver's (Ray start, th
 figures, artifact upload and download, each stage's wall time). The work of the stages
 that are not training loops (encoding, sampling, scoring) is measured again here, in this
 one process on the same artifacts and threads: what a script with no orchestration would
-spend on it. Orchestration is the run's wall time minus all of the work.
+spend on it. Orchestration is the run's wall time minus all of the work. Last, two fits of a
+function that does nothing, on the run's layout, measure how much of the Train start-ups is
+Ray Train's own fixed cost.
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ def main(argv: list[str]) -> int:
             cfg = resolve_paths(load_config(config, overrides))
             torch_threads(cfg)
             compute = _compute(cfg, artifacts)
+            floor = _train_floor(cfg, f"{tmp}/floor")
         finally:
             os.chdir(cwd)
 
@@ -106,6 +109,7 @@ def main(argv: list[str]) -> int:
     over += [("every stage: artifacts logged to MLflow and downloaded by the next", moved),
              ("CLI start, imports, data preparation, MLflow parent run, summary, shutdown", total - stage_walls)]
     worked = sum(s for _, s in work)
+    starts = [s for w, s in over if "Train start-up" in w]
     rows = [f"| work | {w} | {s:.1f} | {100 * s / total:.1f} % |" for w, s in work]
     rows += [f"| orchestration | {w} | {s:.1f} | {100 * s / total:.1f} % |" for w, s in over]
     cmd = " ".join(["python bench/overhead.py", os.path.relpath(config, ROOT), *overrides])
@@ -113,9 +117,52 @@ def main(argv: list[str]) -> int:
     record("overhead" if stem == "default" else f"overhead_{stem}", cmd, "\n".join([
         f"`hvae run` took **{total:.0f} s**: work {worked:.0f} s, orchestration **{total - worked:.0f} s = "
         f"{100 * (total - worked) / total:.0f} %** of the run.", "",
-        "| kind | what | s | of the run |", "|---|---|---|---|", *rows,
+        "| kind | what | s | of the run |", "|---|---|---|---|", *rows, "",
+        f"Ray Train's own part of the start-ups: after the run, in a new Ray started the same way, "
+        f"{len(floor)} fits of a function that does nothing, on the run's layout "
+        f"({floor[0][2]}), took {', '.join(f'{entry:.1f}' for entry, _, _ in floor)} s from the fit call to "
+        f"the function's first line ({', '.join(f'{whole:.1f}' for _, whole, _ in floor)} s the whole fit): "
+        f"**{sum(e for e, _, _ in floor):.1f} s** of the run's {sum(starts):.1f} s of Train start-ups. "
+        "Each fit starts new processes one after another (its controller, the worker group, its "
+        "helpers and, with datasets, their manager), each importing Ray and Ray Train.",
     ]))
     return 0
+
+
+def _train_floor(cfg, storage: str, fits: int = 2) -> list[tuple[float, float, str]]:
+    """Ray Train's fixed cost: ``fits`` TorchTrainer fits of a function that only writes down the
+    time it started (rank 0, in the local folder ``storage``), on ``cfg``'s layout in a Ray started as the pipeline starts it ->
+    [(seconds from the fit call to that first line, seconds of the whole fit, the layout)]."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline import raycluster
+
+    raycluster.connect(cfg.cluster)
+    try:
+        cluster = raycluster.resolve_layout(cfg.cluster)
+        layout = f"{cluster.num_workers} worker{'s' if cluster.num_workers != 1 else ''} × " \
+                 f"{cluster.cpus_per_worker:g} CPU"
+        out = []
+        for i in range(fits):
+            mark = Path(storage) / f"entered{i}"
+            t0 = time.time()
+            TorchTrainer(
+                _entered, train_loop_config={"mark": str(mark)}, torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+                scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+                                             resources_per_worker={"CPU": cluster.cpus_per_worker}),
+                run_config=RunConfig(name=f"floor{i}", storage_path=storage)).fit()
+            out.append((float(mark.read_text()) - t0, time.time() - t0, layout))
+        return out
+    finally:
+        raycluster.shutdown()
+
+
+def _entered(config: dict) -> None:
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        Path(config["mark"]).write_text(repr(time.time()))
 
 
 def torch_threads(cfg) -> None:
