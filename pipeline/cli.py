@@ -185,7 +185,7 @@ def _again(args, stage: str, overrides: list[str], artifact: str) -> int:
     client = MlflowClient(cfg.tracking.uri)
     ran = {s: parent.data.tags.get(f"hvae.run.{s}") or parent.data.tags.get(f"hvae.reused_from.{s}")
            for s in graph.names()[: graph.names().index(stage)]}
-    pinned = {s: client.get_run(r).data.tags[TAG_FINGERPRINT] for s, r in ran.items() if r}
+    pinned = {s: (client.get_run(r).data.tags[TAG_FINGERPRINT], r) for s, r in ran.items() if r}
     print(f"[hvae] {stage} from pipeline {args.run_id}'s models ({' '.join(overrides) or 'its recorded settings'})")
     outcome = run_pipeline(cfg, extra_tags={"hvae.again_from": args.run_id}, until=stage, pinned=pinned)
     if outcome.code or stage not in outcome.run_ids:

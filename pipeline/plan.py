@@ -59,16 +59,23 @@ def stages_from(name: str) -> list[str]:
     return names[names.index(name):]
 
 
-def action(cfg, planned: PlannedStage, forced: set[str], tracker) -> str:
-    """What the run will do with a stage: reuse <run>, resume from epoch N, or run."""
+def action(cfg, planned: PlannedStage, forced: set[str], tracker, chosen: dict[str, str | None]) -> str:
+    """What the run will do with a stage: reuse <run>, resume from epoch N, or run. ``chosen``:
+    the run this pipeline uses of each earlier stage (None: one it makes anew), the stage's own added here."""
+    renewed = [u for u in graph.names() if u in planned.stage.upstream and chosen.get(u) is None]
+    found = None
+    if planned.name not in forced and tracker is not None and not renewed:
+        found = tracker.find_finished(planned.name, planned.fingerprint, {u: chosen[u] for u in planned.stage.upstream})
+    chosen[planned.name] = found.info.run_id if found is not None else None
     if planned.name in forced:
         return "run (forced)"
-    found = None if tracker is None else tracker.find_finished(planned.name, planned.fingerprint)
     if found is not None:
         return f"reuse {found.info.run_id}"
     found = checkpoints.newest(cfg.cluster.storage_path, planned.checkpoint_name)
     if found is None:
         return "run"
+    if renewed:  # (its checkpoints were made from an earlier run of the stage before)
+        return f"run (its checkpoints moved aside: {' and '.join(renewed)} run{'s' if len(renewed) == 1 else ''} again)"
     if found.step is None:
         return f"resume after epoch {found.epoch + 1} (from {found.describe()})"
     return f"resume in epoch {found.epoch + 1} at batch {found.step} (from {found.describe()})"
@@ -81,5 +88,6 @@ def describe(cfg, stages: list[PlannedStage], forced: set[str], tracker) -> list
     lines += [f"    {line}" for line in graph.describe(family)]
     lines += [f"    {name:<9} not applicable to {family.name}" for name in graph.not_applicable(family)]
     lines.append("stages:")
-    lines += [f"  {p.name:<9} {action(cfg, p, forced, tracker)}  (fingerprint {p.fingerprint})" for p in stages]
+    chosen: dict[str, str | None] = {}
+    lines += [f"  {p.name:<9} {action(cfg, p, forced, tracker, chosen)}  (fingerprint {p.fingerprint})" for p in stages]
     return lines

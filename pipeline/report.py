@@ -26,7 +26,7 @@ from stages import literature
 from stages.nll_table import nll_table
 
 from . import graph, html_report
-from .tracking import TAG_STAGE, Tracker, plain
+from .tracking import TAG_STAGE, TAG_UPSTREAM, Tracker, plain
 
 
 def collect(tracker: Tracker, dataset: str | None = None, model: str | None = None,
@@ -44,8 +44,8 @@ def collect(tracker: Tracker, dataset: str | None = None, model: str | None = No
         if run.data.tags.get("hvae.split", "test") != "test":
             continue  # (an evaluation of the validation split: not a test NLL)
         t, m = run.data.tags, plain(run.data.metrics)
-        trained = [tracker.client.get_run(t[f"hvae.upstream.{s}"]) for s in trained_stages
-                   if f"hvae.upstream.{s}" in t]
+        trained = [tracker.client.get_run(t[f"{TAG_UPSTREAM}.{s}"]) for s in trained_stages
+                   if f"{TAG_UPSTREAM}.{s}" in t]
         rows.append({
             **m, "model": t.get("hvae.model_name", t.get("hvae.model", "?")), "dataset": t.get("hvae.dataset_desc", "?"),
             "structure": t.get("hvae.structure", ""), "bound": t.get("hvae.bound", "≤"),

@@ -168,24 +168,28 @@ class StageFailed(RuntimeError):
 
 def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent_id: str, data,
                   upstream: dict[str, tuple[str, Path]], out_dir: Path, tags: dict[str, str],
-                  forced: bool = False, callbacks: list | None = None,
+                  fresh: str | None = None, callbacks: list | None = None,
                   datasets: dict | None = None) -> tuple[str, object, float]:
     """Run (or resume from its checkpoints) one stage as a child run of ``parent_id``.
 
-    ``upstream`` maps each upstream stage to (its run id, its verified output folder). Returns
+    ``upstream`` maps each upstream stage to (its run id, its verified output folder). ``fresh``:
+    why the stage must not resume from the checkpoints its fingerprint has (they are moved
+    aside), e.g. "--force". Returns
     (run id, StageResult, seconds). ``callbacks``: extra Ray Train callbacks and ``datasets``:
     the stage's training datasets, built already (a sweep's trials share both). A failure marks the run FAILED and raises StageFailed; an
     interrupt marks it KILLED and propagates. Used by the pipeline and by every sweep trial.
     """
+    from .tracking import TAG_UPSTREAM
+
     st = planned.stage
-    if forced:
+    if fresh:
         cleared = checkpoints.clear(cfg.cluster.storage_path, planned.checkpoint_name)
         if cleared:
-            print(f"[hvae] {st.name}: --force: {cleared}")
+            print(f"[hvae] {st.name}: {fresh}: {cleared}")
     found = checkpoints.newest(cfg.cluster.storage_path, planned.checkpoint_name)
     resume_epoch = found.completed_epoch if found else None
     params = {s: getattr(cfg, s).model_dump(mode="json") for s in st.sections}
-    tags = {**tags, **{f"hvae.upstream.{u}": upstream[u][0] for u in st.upstream}}
+    tags = {**tags, **{f"{TAG_UPSTREAM}.{u}": upstream[u][0] for u in st.upstream}}
     run_id = tracker.start_child(parent_id, st.name, planned.fingerprint, params, tags)
     for split in st.reads:  # the data as the run's input (its fingerprint is the dataset's digest)
         if "." in split:  # (a config key naming the split)
@@ -350,11 +354,14 @@ def _open_parent(tracker, cfg: PipelineConfig, data_fp: str, config_path: str | 
     return parent_id
 
 
-def _reuse(tracker, planned: PlannedStage, fetch) -> tuple[str, Path, object] | None:
-    """A finished run of the same stage and fingerprint whose artifacts check out -> (run id, folder, run)."""
+def _reuse(tracker, planned: PlannedStage, fetch, upstream: dict[str, str],
+           run_id: str | None = None) -> tuple[str, Path, object] | None:
+    """A finished run of the same stage and fingerprint (the run ``run_id`` when given), made
+    from the runs ``upstream`` names (the ones this pipeline uses), whose artifacts check out
+    -> (run id, folder, run)."""
     from .tracking import TAG_CORRUPT
 
-    found = tracker.find_finished(planned.name, planned.fingerprint)
+    found = tracker.find_finished(planned.name, planned.fingerprint, upstream, run_id)
     if found is None:
         return None
     try:
@@ -369,10 +376,10 @@ def _reuse(tracker, planned: PlannedStage, fetch) -> tuple[str, Path, object] | 
 def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str | None = None,
                  force: list[str] = (), extra_tags: dict[str, str] | None = None,
                  until: str | None = None, parent_of: str | None = None,
-                 pinned: dict[str, str] | None = None) -> Outcome:
+                 pinned: dict[str, tuple[str, str]] | None = None) -> Outcome:
     """Run the DAG (up to and including ``until`` when given) under a new parent run
     (itself nested under ``parent_of`` when given, e.g. a sweep's parent run). ``pinned``:
-    {stage: fingerprint} of earlier runs that must be reused as they are (`hvae sample`)."""
+    {stage: (fingerprint, run id)} of earlier runs that must be reused as they are (`hvae sample`)."""
     from .tracking import Tracker
 
     from .reach import http, ray_address
@@ -393,7 +400,7 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
         print(f"error: {exc}")
         return Outcome(2)
     data_fp = data.fingerprint
-    stages = plan(cfg, data_fp, until, pinned)
+    stages = plan(cfg, data_fp, until, {name: fp for name, (fp, _) in (pinned or {}).items()})
     wrong = batches_beyond_data(cfg, data.rows["train"], [p.name for p in stages])
     wrong = wrong or missing_classifier(cfg, [p.name for p in stages])
     if wrong:
@@ -407,7 +414,8 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
         print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
     parent_id = _open_parent(tracker, cfg, data_fp, config_path, extra_tags or {}, parent_of)
     with Heartbeat(tracker.uri, parent_id):
-        outcome = _run_stages(tracker, cfg, stages, forced, parent_id, data, set(pinned or ()))
+        outcome = _run_stages(tracker, cfg, stages, forced, parent_id, data,
+                              {name: run for name, (_, run) in (pinned or {}).items()})
     if outcome.code == 0:
         tracker.log_metrics(parent_id, {"pipeline_seconds": time.perf_counter() - t0,
                                         **results_page.headline(outcome.rows)})
@@ -460,10 +468,11 @@ class _Progress:
     run_ids: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
     rows: list = field(default_factory=list)
+    made: set[str] = field(default_factory=set)  # the run ids of the stages this pipeline ran
 
 
 def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced: set[str], parent_id: str,
-                data, pinned: set[str] = frozenset()) -> _Progress:
+                data, pinned: dict[str, str] | None = None) -> _Progress:
     """Each planned stage in order: reused when a finished run has its fingerprint, else run or resumed."""
     from filelock import FileLock
 
@@ -479,7 +488,8 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
     for planned in stages:
         name = planned.name
         with FileLock(str(locks / f"{planned.checkpoint_name}.lock")):
-            reused = None if name in forced else _reuse(tracker, planned, fetch)
+            made_from = {u: done.run_ids[u] for u in planned.stage.upstream}
+            reused = None if name in forced else _reuse(tracker, planned, fetch, made_from, (pinned or {}).get(name))
             if reused is not None:
                 run_id, done.outputs[name], found = reused
                 done.run_ids[name] = run_id
@@ -487,7 +497,7 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
                 print(f"[hvae] {name}: reuse MLflow run {run_id} (fingerprint {planned.fingerprint})")
                 done.rows.append((name, "REUSED", run_id, None, plain(found.data.metrics)))
                 continue
-            if name in pinned:  # (its run is gone or broken: training it anew is not what was asked)
+            if name in (pinned or {}):  # (its run is gone or broken: training it anew is not what was asked)
                 tracker.finish(parent_id, "FAILED")
                 print(f"error: {name}: no finished run with fingerprint {planned.fingerprint} to reuse "
                       f"(deleted, or tagged {TAG_CORRUPT}): nothing was trained")
@@ -500,7 +510,7 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
                 fetched = time.perf_counter() - t0
                 run_id, result, secs = execute_stage(tracker, cfg, planned, parent_id=parent_id, data=data,
                                                      upstream=upstream, out_dir=work / name, tags=driver,
-                                                     forced=name in forced)
+                                                     fresh=_why_fresh(planned, forced, done))
                 tracker.log_final_metrics(run_id, {"download_seconds": fetched})
             except KeyboardInterrupt as exc:
                 done.code = signals.exit_code(exc)
@@ -522,8 +532,21 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
                 return done
         tracker.set_tags(parent_id, {f"hvae.run.{name}": run_id})
         done.outputs[name], done.run_ids[name] = work / name, run_id
+        done.made.add(run_id)
         done.rows.append((name, "FINISHED", run_id, secs, result.metrics))
     return done
+
+
+def _why_fresh(planned: PlannedStage, forced: set[str], done: _Progress) -> str | None:
+    """Why a stage that runs must not resume from its fingerprint's checkpoints, or None: it is
+    forced, or a stage it reads ran in this pipeline (its checkpoints were made from an earlier
+    run of that stage, which may have learned other weights or codes)."""
+    if planned.name in forced:
+        return "--force"
+    renewed = [u for u in graph.names() if u in planned.stage.upstream and done.run_ids[u] in done.made]
+    if not renewed:
+        return None
+    return f"made from a new run of {renewed[0]}" if len(renewed) == 1 else f"made from new runs of {' and '.join(renewed)}"
 
 
 def _tag_corrupt(tracker, fetch: _Fetcher, cause) -> str:

@@ -21,6 +21,7 @@ TAG_FINGERPRINT = "hvae.fingerprint"
 TAG_PIPELINE = "hvae.pipeline_run"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_CORRUPT = "hvae.corrupt"
+TAG_UPSTREAM = "hvae.upstream"  # hvae.upstream.<stage>: the run of that stage a stage run was made from
 TAG_JOB = "hvae.job_id"  # the Ray job that ran a pipeline or sweep (`hvae submit`)
 JOB_ENV = "HVAE_JOB_ID"  # set by `hvae submit` in the job's environment
 
@@ -243,10 +244,16 @@ class Tracker:
         """Every run of the experiment matching all ``filters`` (MLflow search syntax), newest first."""
         return self._search(filters, max_results=10000)
 
-    def find_finished(self, stage: str, fingerprint: str):
-        """The newest FINISHED, uncorrupted child run of ``stage`` with this fingerprint, or None."""
+    def find_finished(self, stage: str, fingerprint: str, upstream: dict[str, str] | None = None,
+                      run_id: str | None = None):
+        """The newest FINISHED, uncorrupted child run of ``stage`` with this fingerprint (the run
+        ``run_id`` alone when given), or None. ``upstream`` ({stage: run id}): only a run made
+        from those very runs, so that what it hands on agrees with them (a fingerprint says what
+        a run was made with, not from which run of the stage before: that may have run again since)."""
+        made_from = [f"tags.`{TAG_UPSTREAM}.{u}` = '{run}'" for u, run in (upstream or {}).items()]
+        which = [f"attributes.run_id = '{run_id}'"] if run_id else []
         for run in self._search([f"tags.`{TAG_STAGE}` = '{stage}'", f"tags.`{TAG_FINGERPRINT}` = '{fingerprint}'",
-                                 "attributes.status = 'FINISHED'"]):
+                                 "attributes.status = 'FINISHED'", *made_from, *which]):
             if TAG_CORRUPT not in run.data.tags:
                 return run
         return None

@@ -229,7 +229,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
     tracker = Tracker(cfg.tracking)
     locks = local_area(cfg.cluster.storage_path) / "locks"
     with FileLock(str(locks / f"{planned.checkpoint_name}.lock")):
-        found = tracker.find_finished(ctx.stage, planned.fingerprint)
+        found = tracker.find_finished(ctx.stage, planned.fingerprint, {u: run for u, (run, _) in ctx.upstream.items()})
         if found is not None:  # the same settings were trained before: replay its curve to Tune
             _replay(tracker, found)
             tracker.set_tags(found.info.run_id, {f"{TAG_TRIAL}.{ctx.sweep_run}": trial_id})

@@ -76,22 +76,44 @@ def test_force_reruns_a_stage_and_everything_after_it(finished):
 
 
 @pytest.mark.slow
-def test_a_corrupted_artifact_is_named_and_its_stage_runs_again(finished):
+def test_a_corrupted_artifact_is_named_and_its_stage_runs_again_and_every_stage_after_it(finished):
+    """Stage 1's weights with one byte flipped: that run is not reused but tagged corrupt, and
+    stage 1 is made again. So is every stage after it, from the new run: what they made before
+    came from the old one (a fingerprint names the settings, not the run), and the priors do not
+    resume from checkpoints trained on the old codes. (The shared store is put back afterwards:
+    the file, the tag, and the runs this test made deleted.)"""
+    from pipeline import graph
+
     cwd, _ = finished
     client, all_runs = runs(cwd)
     old = stage_runs(all_runs, "stage1")[0]
     weights = Path(client.get_run(old.info.run_id).info.artifact_uri.removeprefix("file://")) / "model" / "vqvae2.pt"
-    data = bytearray(weights.read_bytes())
+    kept, since = weights.read_bytes(), int(time.time() * 1000)
+    data = bytearray(kept)
     data[len(data) // 2] ^= 0xFF  # one byte
-    weights.write_bytes(bytes(data))
-    proc = hvae(cwd, "run", SMOKE)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert f"not reusing run {old.info.run_id}: artifact model/vqvae2.pt does not match" in proc.stdout
-    assert _actions(proc.stdout)["stage1"] in ("run", "resume")
-    client, all_runs = runs(cwd)
-    assert client.get_run(old.info.run_id).data.tags["hvae.corrupt"].startswith("model/vqvae2.pt")
-    finished_stage1 = [r for r in stage_runs(all_runs, "stage1") if r.info.status == "FINISHED"]
-    assert len(finished_stage1) == 2
+    try:
+        weights.write_bytes(bytes(data))
+        proc = hvae(cwd, "run", SMOKE)
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        assert f"not reusing run {old.info.run_id}: artifact model/vqvae2.pt does not match" in proc.stdout
+        actions = _actions(proc.stdout)
+        assert actions["stage1"] in ("run", "resume") and [actions[s] for s in STAGES[1:]] == ["run"] * 4, actions
+        assert "[hvae] priors: made from new runs of stage1 and extract: moved its checkpoints aside" in proc.stdout, \
+            [line for line in proc.stdout.splitlines() if line.startswith("[hvae]")]
+        client, all_runs = runs(cwd)
+        assert client.get_run(old.info.run_id).data.tags["hvae.corrupt"].startswith("model/vqvae2.pt")
+        made = {s: max(stage_runs(all_runs, s), key=lambda r: r.info.start_time) for s in STAGES}
+        assert all(r.info.start_time >= since and r.info.status == "FINISHED" for r in made.values())
+        for s in STAGES:
+            for u in graph.get(s).upstream:
+                assert made[s].data.tags[f"hvae.upstream.{u}"] == made[u].info.run_id, (s, u)
+    finally:
+        weights.write_bytes(kept)
+        if "hvae.corrupt" in client.get_run(old.info.run_id).data.tags:
+            client.delete_tag(old.info.run_id, "hvae.corrupt")
+        for run in runs(cwd)[1]:
+            if run.info.start_time >= since:
+                client.delete_run(run.info.run_id)
 
 
 def _straight_then_cut(tmp_path: Path, args: list[str]):

@@ -54,3 +54,37 @@ def test_the_first_store_of_a_process_freezes_what_it_holds_once(tmp_path):
     frozen, freezes = map(int, out.stdout.split())
     assert frozen > 100_000  # (MLflow's modules, classes and functions: about half a million objects)
     assert freezes == 1
+
+
+def test_a_stage_is_reused_only_if_made_from_the_runs_the_pipeline_uses(tmp_path):
+    """A fingerprint says what a run was made with, not from which run of the stage before.
+    When stage 1 is trained again with the same settings (its run found corrupt, or forced and
+    cut before extract), the codes extracted with the old model must not be handed on with the
+    new one: extract is reused only from the stage-1 run the pipeline uses, and the plan says so."""
+    from pipeline import graph
+    from pipeline.config import load_config
+    from pipeline.plan import PlannedStage, action
+
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlruns.db"))
+    parent = tracker.start_run("pipeline", {})
+
+    def finished(stage: str, fingerprint: str, **upstream: str) -> str:
+        run = tracker.start_child(parent, stage, fingerprint, {}, {f"hvae.upstream.{u}": r for u, r in upstream.items()})
+        tracker.finish(run)
+        return run
+
+    old = finished("stage1", "fp1")
+    codes = finished("extract", "fp2", stage1=old)
+    new = finished("stage1", "fp1")  # trained again, the same settings
+    assert tracker.find_finished("stage1", "fp1").info.run_id == new
+    assert tracker.find_finished("extract", "fp2", {"stage1": new}) is None
+    assert tracker.find_finished("extract", "fp2", {"stage1": old}).info.run_id == codes
+    assert tracker.find_finished("stage1", "fp1", run_id=old).info.run_id == old  # (`hvae sample`'s own runs)
+    assert tracker.find_finished("stage1", "fp2", run_id=old) is None
+
+    cfg = load_config("configs/smoke.yaml", [f"cluster.storage_path={tmp_path}"])
+    chosen: dict = {}
+    plans = [action(cfg, PlannedStage(graph.get(stage), fp), set(), tracker, chosen)
+             for stage, fp in (("stage1", "fp1"), ("extract", "fp2"), ("priors", "fp3"))]
+    assert plans == [f"reuse {new}", "run", "run"]
+    assert chosen == {"stage1": new, "extract": None, "priors": None}
