@@ -497,6 +497,7 @@ def _show(spec: LoopSpec, task: TrainTask, core, device, epoch: int) -> None:
 
 def train_worker(spec: LoopSpec) -> None:
     """The function every Ray Train worker runs."""
+    entered = time.time()
     import ray.train
     import ray.train.torch
 
@@ -510,9 +511,11 @@ def train_worker(spec: LoopSpec) -> None:
     core = getattr(model, "module", model)
     nodes = _worker_nodes()
     # where the time outside the training steps goes (rank 0's clocks; reported with each epoch):
-    # the start-up (the driver's fit call to a built, restored, wrapped model on every worker)
-    # and the previous epoch's checkpoint and reports
-    timings = {"startup_seconds": time.time() - spec.launched_at} if spec.launched_at else {}
+    # the start-up (the driver's fit call to a built, restored, wrapped model on every worker;
+    # of it, Ray Train's part: the fit call to this function's first line) and the previous
+    # epoch's checkpoint and reports
+    timings = {"startup_seconds": time.time() - spec.launched_at,
+               "entered_seconds": entered - spec.launched_at} if spec.launched_at else {}
     steps = task.steps_per_epoch(world)
     progress = Progress(spec, steps, start_epoch, task.batch_size * world) if rank == 0 else None
     if rank == 0:
@@ -694,7 +697,7 @@ def fit(spec: LoopSpec, *, name: str, storage_path: str, cluster, datasets: dict
     if found is None:
         raise RuntimeError(f"training {name} ended without a checkpoint")
     state, meta = found.load()
-    metrics = {k: float(v) for k, v in meta["metrics"].items() if not k.endswith(("startup_seconds", "report_seconds"))}
+    metrics = {k: float(v) for k, v in meta["metrics"].items() if not k.endswith(("startup_seconds", "entered_seconds", "report_seconds"))}
     weights, kept_metrics, line = kept(state, meta, spec.keep, getattr(spec.make_task, "select_metric", "val_loss"))
     # the LR schedule moves once per optimizer step: its count is the steps trained, resumes included
     steps = {"optimizer_steps": float(state["scheduler"]["last_epoch"])} if "scheduler" in state else {}
