@@ -56,13 +56,14 @@ def kill_group(proc) -> None:
 
 
 def wait_for(predicate, timeout, what, every=0.5):
-    """Poll ``predicate`` every ``every`` s until it holds; fail naming ``what`` after ``timeout`` s."""
+    """Poll ``predicate`` every ``every`` s until it holds and return what it returned; fail
+    naming ``what`` after ``timeout`` s."""
     import time
 
     end = time.time() + timeout
     while time.time() < end:
-        if predicate():
-            return
+        if value := predicate():
+            return value
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 

@@ -252,6 +252,20 @@ def _train_worker_pids(proc):
     return [int(pid) for pid, sid, *args in rows if int(sid) == proc.pid and args and "RayTrainWorker" in args[0]]
 
 
+def _newest_checkpoint_epoch(root) -> int:
+    """The highest epoch among the stage-1 checkpoints on disk under ``root`` (-1 if none yet);
+    a meta.json still being copied in counts as absent."""
+    import json
+
+    epochs = [-1]
+    for meta in root.glob("ray_results/stage1-*/checkpoint_*/meta.json"):
+        try:
+            epochs.append(json.loads(meta.read_text())["epoch"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return max(epochs)
+
+
 @pytest.mark.slow
 def test_a_lost_worker_restarts_from_the_last_checkpoint(tmp_path):
     import os
@@ -261,12 +275,16 @@ def test_a_lost_worker_restarts_from_the_last_checkpoint(tmp_path):
     proc = hvae_background(tmp_path, *args)
     try:
         # Ray Train registers a reported checkpoint when its controller next polls the workers
-        # (every 2 s), and rank 0 cannot write checkpoint k+2 before report k was taken:
-        # with three on disk, the first is registered and a restart must restore from it.
-        wait_for(lambda: len(list(tmp_path.glob("ray_results/stage1-*/checkpoint_*/meta.json"))) >= 3
-                  or proc.poll() is not None, 300, "three stage-1 checkpoints")
-        pids = _train_worker_pids(proc)
-        assert pids, "no Ray Train worker process found"
+        # (every 2 s), and rank 0 cannot write checkpoint k+2 before report k was taken: once
+        # the checkpoint of epoch 2 is on disk, that of epoch 0 is registered and a restart must
+        # restore from one. (Count epochs, not folders: with num_to_keep=2 a third folder lives
+        # for a fraction of a second, and a poll can miss every such moment of a run.)
+        def ready():
+            assert proc.poll() is None, "the run ended before a worker was killed:\n" + (
+                tmp_path / "driver.log").read_text()[-3000:]
+            return _newest_checkpoint_epoch(tmp_path) >= 2 and _train_worker_pids(proc)
+
+        pids = wait_for(ready, 300, "the stage-1 checkpoint of epoch 2 and a live Ray Train worker", every=0.1)
         os.kill(pids[-1], signal.SIGKILL)
         proc.wait(timeout=600)
     finally:
