@@ -26,6 +26,11 @@ class PlannedStage:
     def checkpoint_name(self) -> str:
         return f"{self.stage.name}-{self.fingerprint}"
 
+    def renewed(self, made: set[str]) -> list[str]:
+        """The stages this one reads that the pipeline makes anew (``made``), in pipeline order:
+        its checkpoints were made from earlier runs of them, so it must not resume from those."""
+        return [u for u in graph.names() if u in self.stage.upstream and u in made]
+
 
 def plan(cfg, data_fp: str, until: str | None = None, pinned: dict[str, str] | None = None) -> list[PlannedStage]:
     """The stages that apply to the config's model family (up to ``until``), each with its fingerprint.
@@ -62,7 +67,7 @@ def stages_from(name: str) -> list[str]:
 def action(cfg, planned: PlannedStage, forced: set[str], tracker, chosen: dict[str, str | None]) -> str:
     """What the run will do with a stage: reuse <run>, resume from epoch N, or run. ``chosen``:
     the run this pipeline uses of each earlier stage (None: one it makes anew), the stage's own added here."""
-    renewed = [u for u in graph.names() if u in planned.stage.upstream and chosen.get(u) is None]
+    renewed = planned.renewed({u for u, run_id in chosen.items() if run_id is None})
     found = None
     if planned.name not in forced and tracker is not None and not renewed:
         found = tracker.find_finished(planned.name, planned.fingerprint, {u: chosen[u] for u in planned.stage.upstream})

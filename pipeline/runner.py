@@ -468,7 +468,7 @@ class _Progress:
     run_ids: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
     rows: list = field(default_factory=list)
-    made: set[str] = field(default_factory=set)  # the run ids of the stages this pipeline ran
+    made: set[str] = field(default_factory=set)  # the stages this pipeline ran (not reused)
 
 
 def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced: set[str], parent_id: str,
@@ -499,8 +499,8 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
                 continue
             if name in (pinned or {}):  # (its run is gone or broken: training it anew is not what was asked)
                 tracker.finish(parent_id, "FAILED")
-                print(f"error: {name}: no finished run with fingerprint {planned.fingerprint} to reuse "
-                      f"(deleted, or tagged {TAG_CORRUPT}): nothing was trained")
+                print(f"error: {name}: run {pinned[name]} of the pipeline asked for cannot be reused (deleted, "
+                      f"not FINISHED, tagged {TAG_CORRUPT}, or its artifacts gone): nothing was trained")
                 done.code = 1
                 return done
             try:
@@ -532,7 +532,7 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
                 return done
         tracker.set_tags(parent_id, {f"hvae.run.{name}": run_id})
         done.outputs[name], done.run_ids[name] = work / name, run_id
-        done.made.add(run_id)
+        done.made.add(name)
         done.rows.append((name, "FINISHED", run_id, secs, result.metrics))
     return done
 
@@ -543,7 +543,7 @@ def _why_fresh(planned: PlannedStage, forced: set[str], done: _Progress) -> str 
     run of that stage, which may have learned other weights or codes)."""
     if planned.name in forced:
         return "--force"
-    renewed = [u for u in graph.names() if u in planned.stage.upstream and done.run_ids[u] in done.made]
+    renewed = planned.renewed(done.made)
     if not renewed:
         return None
     return f"made from a new run of {renewed[0]}" if len(renewed) == 1 else f"made from new runs of {' and '.join(renewed)}"

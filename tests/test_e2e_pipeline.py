@@ -401,3 +401,32 @@ def test_hvae_sample_draws_anew_from_a_finished_pipeline_without_training(smoke_
     sample = pipeline_runs(tmp_path, again)["sample"]
     assert sample.data.params["sample.temperature"] == "0.5" and sample.data.params["sample.num_samples"] == "4"
     assert sample.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())  # in the store named here
+
+
+def test_hvae_sample_reuses_that_pipelines_own_runs_not_newer_ones_and_names_a_deleted_one(smoke_run, tmp_path):
+    """A newer finished run of a stage with the same fingerprint and upstream runs (another
+    pipeline's) is not what `hvae sample RUN` draws from: it reuses RUN's own runs by id. When
+    one of those is deleted, it says which and trains nothing."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    cwd, _, parent_id = smoke_run
+    shutil.copy(cwd / "mlruns.db", tmp_path / "mlruns.db")
+    shutil.copytree(cwd / "mlartifacts", tmp_path / "mlartifacts")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    own = pipeline_runs(cwd, parent_id)["priors"]
+    newer = client.create_run(own.info.experiment_id, tags={k: v for k, v in own.data.tags.items()
+                                                             if k.startswith("hvae.") and k != "hvae.pipeline_run"})
+    client.set_terminated(newer.info.run_id, "FINISHED")  # (no artifacts: reusing it would fail)
+    proc = hvae(tmp_path, "sample", parent_id, "--num", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert f"[hvae] priors: reuse MLflow run {own.info.run_id} " in proc.stdout, proc.stdout[-2000:]
+    assert newer.info.run_id not in proc.stdout
+
+    client.delete_run(own.info.run_id)
+    proc = hvae(tmp_path, "sample", parent_id, "--num", "2")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert f"error: priors: run {own.info.run_id} of the pipeline asked for cannot be reused" in proc.stdout
+    priors = client.search_runs([own.info.experiment_id], "tags.`hvae.stage` = 'priors'")
+    assert [r.info.run_id for r in priors] == [newer.info.run_id]  # no prior was trained in its place
