@@ -413,16 +413,27 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     for run_id in mark_dead_runs_killed(tracker):
         print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
     parent_id = _open_parent(tracker, cfg, data_fp, config_path, extra_tags or {}, parent_of)
-    with Heartbeat(tracker.uri, parent_id):
-        outcome = _run_stages(tracker, cfg, stages, forced, parent_id, data,
-                              {name: run for name, (_, run) in (pinned or {}).items()})
-    if outcome.code == 0:
-        tracker.log_metrics(parent_id, {"pipeline_seconds": time.perf_counter() - t0,
-                                        **results_page.headline(outcome.rows)})
-        _publish(tracker, cfg, data, outcome, parent_id)
-        tracker.finish(parent_id)
-        _print_summary(outcome.rows, tracker, parent_id, outcome.outputs)
+    try:
+        with Heartbeat(tracker.uri, parent_id):
+            outcome = _run_stages(tracker, cfg, stages, forced, parent_id, data,
+                                  {name: run for name, (_, run) in (pinned or {}).items()})
+        if outcome.code == 0:
+            tracker.log_metrics(parent_id, {"pipeline_seconds": time.perf_counter() - t0,
+                                            **results_page.headline(outcome.rows)})
+            _publish(tracker, cfg, data, outcome, parent_id)
+            tracker.finish(parent_id)
+            _print_summary(outcome.rows, tracker, parent_id, outcome.outputs)
+    finally:  # (copies of other runs' artifacts, in MLflow already: kept, every re-run would add one)
+        import shutil
+
+        shutil.rmtree(_inputs_area(cfg, parent_id), ignore_errors=True)
     return Outcome(outcome.code, parent_id, outcome.run_ids)
+
+
+def _inputs_area(cfg: PipelineConfig, parent_id: str) -> Path:
+    """Where a pipeline downloads the artifacts of the runs it reads (reused, or upstream of a
+    stage that runs), for as long as it runs."""
+    return local_area(cfg.cluster.storage_path) / "outputs" / parent_id / "inputs"
 
 
 def _publish(tracker, cfg: PipelineConfig, data, done, parent_id: str) -> None:
@@ -480,7 +491,7 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
     from .tracking import TAG_CORRUPT, plain
 
     work = local_area(cfg.cluster.storage_path) / "outputs" / parent_id
-    fetch = _Fetcher(tracker, work / "inputs")
+    fetch = _Fetcher(tracker, _inputs_area(cfg, parent_id))
     locks = local_area(cfg.cluster.storage_path) / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     done = _Progress()

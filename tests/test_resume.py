@@ -44,6 +44,11 @@ def test_a_second_run_reuses_every_stage_and_reports_the_same_nll(finished):
     parent = max((r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline"), key=lambda r: r.info.start_time)
     for s in STAGES:
         assert parent.data.tags[f"hvae.reused_from.{s}"] == stage_runs(all_runs, s)[0].info.run_id
+    # the artifacts it downloaded (and the first run's, for the stages it ran) are gone with it
+    first_parent = re.search(r"MLflow parent run ([0-9a-f]{32})", first.stdout).group(1)
+    for run_id in (first_parent, parent.info.run_id):
+        assert (cwd / "ray_results" / "outputs" / run_id).is_dir()
+        assert not (cwd / "ray_results" / "outputs" / run_id / "inputs").exists()
     print(f"re-run with every stage reused: {time.perf_counter() - t0:.1f} s")
 
 
