@@ -1,7 +1,8 @@
 """Artifact manifests: every stage output folder lists its files with size and sha256.
 
-A consumer verifies the manifest after download; a missing or altered file is reported
-by name, and the run is not used.
+A consumer verifies the files it downloads against the manifest (and the rest of a run it only
+reuses, by size against the store's listing); a missing or altered file is reported by name,
+and the run is not used.
 """
 from __future__ import annotations
 
@@ -35,20 +36,40 @@ def write_manifest(folder: Path) -> dict:
     return manifest
 
 
-def verify_manifest(folder: Path) -> None:
-    folder = Path(folder)
-    path = folder / MANIFEST
+def read_manifest(folder: Path) -> dict[str, dict]:
+    """The files a folder's manifest lists: {path: {"size", "sha256"}}."""
+    path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{MANIFEST} is missing")
     try:
-        files = json.loads(path.read_text())["files"]
+        return json.loads(path.read_text())["files"]
     except (ValueError, KeyError):
         raise ManifestError(f"{MANIFEST} is not a valid manifest") from None
-    for rel, want in files.items():
-        f = folder / rel
+
+
+def verify_manifest(folder: Path, only: list[str] | None = None) -> dict[str, dict]:
+    """Every file of the manifest (or those in ``only``) present in ``folder`` with its size and
+    sha256 -> the manifest's files; else ManifestError naming the first that is not."""
+    folder = Path(folder)
+    files = read_manifest(folder)
+    for rel in files if only is None else only:
+        want, f = files[rel], folder / rel
         if not f.is_file():
             raise ManifestError(f"{rel} is missing")
-        if f.stat().st_size != want["size"]:
-            raise ManifestError(f"{rel} has {f.stat().st_size} bytes, the manifest says {want['size']}")
+        check_size(rel, f.stat().st_size, want)
         if _sha256(f) != want["sha256"]:
             raise ManifestError(f"{rel} does not match its sha256 in the manifest")
+    return files
+
+
+def check_listing(files: dict[str, dict], listed: dict[str, int]) -> None:
+    """A store's listing ({path: size}) holds every file of the manifest at its size."""
+    for rel, want in files.items():
+        if rel not in listed:
+            raise ManifestError(f"{rel} is missing")
+        check_size(rel, listed[rel], want)
+
+
+def check_size(rel: str, size: int, want: dict) -> None:
+    if size != want["size"]:
+        raise ManifestError(f"{rel} has {size} bytes, the manifest says {want['size']}")

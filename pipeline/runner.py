@@ -25,7 +25,7 @@ from stages.base import StageContext, StageError
 from . import datasets, graph, results_page, signals
 from .config import PipelineConfig, to_yaml
 from .liveness import TAG_DRIVER, TAG_HEARTBEAT, Heartbeat, is_dead, this_driver
-from .manifest import ManifestError, verify_manifest, write_manifest
+from .manifest import MANIFEST, ManifestError, check_listing, read_manifest, verify_manifest, write_manifest
 from .masking import mask
 from .plan import PlannedStage, describe, plan, stages_from
 
@@ -144,7 +144,12 @@ def _log_result(tracker, run_id: str, result) -> None:
 
 
 class _Fetcher:
-    """Downloads a run's artifacts once (through MLflow, by run id) and checks their manifest."""
+    """A run's artifacts, checked against its manifest: all of them downloaded (once) for a stage
+    that reads the run (``fetch(run_id)``); of a run only reused (``fetch.glance(run_id)``), its
+    manifest checked against the store's listing by size, and only the small files the
+    pipeline's pages show downloaded (a fully reused pipeline moves no weights or codes)."""
+
+    SHOWN = (".png", ".md")  # the pictures and tables of the parent run's pages and summary
 
     def __init__(self, tracker, folder: Path):
         self.tracker, self.folder, self.cache = tracker, folder, {}
@@ -156,6 +161,20 @@ class _Fetcher:
             self.cache[run_id] = local
         return self.cache[run_id]
 
+    def glance(self, run_id: str) -> Path:
+        if run_id in self.cache:
+            return self.cache[run_id]
+        local = self.tracker.download_files(run_id, [MANIFEST], self.folder / run_id)
+        files = read_manifest(local)
+        check_listing(files, self.tracker.listing(run_id))
+        shown = [rel for rel in files if rel.endswith(self.SHOWN)]
+        verify_manifest(self.tracker.download_files(run_id, shown, local), only=shown)
+        return local
+
+
+class _Remake(Exception):
+    """A reused run turned out corrupt when a later stage downloaded it whole: it is tagged, and
+    the pipeline decides its stages again (that run's stage, and every stage after it, run)."""
 
 class StageFailed(RuntimeError):
     """A stage failed; its child run is already marked FAILED with the traceback attached."""
@@ -365,12 +384,18 @@ def _reuse(tracker, planned: PlannedStage, fetch, upstream: dict[str, str],
     if found is None:
         return None
     try:
-        return found.info.run_id, fetch(found.info.run_id), found
+        return found.info.run_id, fetch.glance(found.info.run_id), found
     except ManifestError as exc:
-        tracker.set_tags(found.info.run_id, {TAG_CORRUPT: str(exc)})
-        print(f"[hvae] {planned.name}: not reusing run {found.info.run_id}: artifact {exc}; "
-              f"running {planned.name} again")
+        not_reusing(tracker, planned.name, found.info.run_id, exc)
         return None
+
+
+def not_reusing(tracker, stage: str, run_id: str, exc: ManifestError) -> None:
+    """A run whose artifacts do not match their manifest: tagged corrupt (never reused again), said."""
+    from .tracking import TAG_CORRUPT
+
+    tracker.set_tags(run_id, {TAG_CORRUPT: str(exc)})
+    print(f"[hvae] {stage}: not reusing run {run_id}: artifact {exc}; running {stage} again")
 
 
 def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str | None = None,
@@ -415,8 +440,16 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
     parent_id = _open_parent(tracker, cfg, data_fp, config_path, extra_tags or {}, parent_of)
     try:
         with Heartbeat(tracker.uri, parent_id):
-            outcome = _run_stages(tracker, cfg, stages, forced, parent_id, data,
-                                  {name: run for name, (_, run) in (pinned or {}).items()})
+            for attempt in range(len(stages) + 1):  # (each _Remake tags one more run corrupt)
+                try:
+                    outcome = _run_stages(tracker, cfg, stages, forced, parent_id, data,
+                                          {name: run for name, (_, run) in (pinned or {}).items()})
+                    break
+                except _Remake as exc:
+                    if attempt == len(stages):
+                        tracker.finish(parent_id, "FAILED")
+                        print(f"error: the store keeps giving corrupt artifacts ({exc.__cause__}): nothing more was run")
+                        outcome = _Progress(code=1)
         if outcome.code == 0:
             tracker.log_metrics(parent_id, {"pipeline_seconds": time.perf_counter() - t0,
                                             **results_page.headline(outcome.rows)})
@@ -517,7 +550,8 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
             try:
                 t0 = time.perf_counter()
                 # inputs are the upstream runs' artifacts, downloaded by run id and verified
-                upstream = {u: (done.run_ids[u], fetch(done.run_ids[u])) for u in planned.stage.upstream}
+                upstream = {u: (done.run_ids[u], _whole(tracker, fetch, u, done, parent_id))
+                            for u in planned.stage.upstream}
                 fetched = time.perf_counter() - t0
                 run_id, result, secs = execute_stage(tracker, cfg, planned, parent_id=parent_id, data=data,
                                                      upstream=upstream, out_dir=work / name, tags=driver,
@@ -546,6 +580,19 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
         done.made.add(name)
         done.rows.append((name, "FINISHED", run_id, secs, result.metrics))
     return done
+
+
+def _whole(tracker, fetch: _Fetcher, stage: str, done: _Progress, parent_id: str) -> Path:
+    """All artifacts of the run this pipeline uses of ``stage``; a reused one found corrupt now
+    is tagged, and the pipeline's decisions start again (_Remake) without the tags they left."""
+    try:
+        return fetch(done.run_ids[stage])
+    except ManifestError as exc:
+        not_reusing(tracker, stage, done.run_ids[stage], exc)
+        for name, how, *_ in done.rows:
+            if how == "REUSED":
+                tracker.client.delete_tag(parent_id, f"hvae.reused_from.{name}")
+        raise _Remake from exc
 
 
 def _why_fresh(planned: PlannedStage, forced: set[str], done: _Progress) -> str | None:

@@ -32,7 +32,8 @@ from . import datasets, graph, whole_files
 from .config import PipelineConfig, to_yaml
 from .masking import mask
 from .liveness import TAG_DRIVER, Heartbeat, this_driver
-from .runner import _Fetcher, local_area, mark_dead_runs_killed, resolve_paths, run_pipeline
+from .manifest import ManifestError
+from .runner import _Fetcher, local_area, mark_dead_runs_killed, not_reusing, resolve_paths, run_pipeline
 from .tracking import JOB_ENV, TAG_JOB
 from .trials import (TAG_SWEEP, TAG_TRIAL, TIME_ATTR, ClusterPacedVariants, ResumableASHA, TrialContext, driver_bundle,
                      run_trial, trial_config, trials_that_fit, worker_bundle)
@@ -166,11 +167,18 @@ def _fixed_stages(tracker, cfg: PipelineConfig, sweep_run: str, work: Path) -> t
     if not stages:
         return 0, {}
     print(f"[hvae] sweep: the fixed stages before {cfg.sweep.stage} ({', '.join(stages)})")
-    fixed = run_pipeline(cfg, until=stages[-1], parent_of=sweep_run, extra_tags={TAG_SWEEP: sweep_run})
-    if fixed.code != 0:
-        return fixed.code, {}
     fetch = _Fetcher(tracker, work / "inputs")
-    return 0, {name: (fixed.run_ids[name], fetch(fixed.run_ids[name])) for name in stages}
+    for _ in range(len(stages) + 1):  # (a reused run found corrupt when downloaded whole: tagged, made again)
+        fixed = run_pipeline(cfg, until=stages[-1], parent_of=sweep_run, extra_tags={TAG_SWEEP: sweep_run})
+        if fixed.code != 0:
+            return fixed.code, {}
+        try:
+            return 0, {name: (fixed.run_ids[name], fetch(fixed.run_ids[name])) for name in stages}
+        except ManifestError as exc:
+            bad = next(name for name in stages if fixed.run_ids[name] not in fetch.cache)
+            not_reusing(tracker, bad, fixed.run_ids[bad], exc)
+    print("error: the store keeps giving corrupt artifacts: the sweep did not start")
+    return 1, {}
 
 
 def _tuner(cfg: PipelineConfig, ctx: TrialContext, resume: bool):

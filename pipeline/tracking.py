@@ -348,6 +348,26 @@ class Tracker:
         dst.mkdir(parents=True)
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(dst), tracking_uri=self.uri))
 
+    def download_files(self, run_id: str, rels: list[str], dst: Path) -> Path:
+        """Some artifacts of a run (paths relative to its root) into ``dst``, at those paths."""
+        import mlflow.artifacts
+
+        for rel in rels:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=rel, dst_path=str((dst / rel).parent),
+                                                tracking_uri=self.uri)
+        return dst
+
+    def listing(self, run_id: str, path: str | None = None) -> dict[str, int]:
+        """Every artifact file of a run as the store lists it: {path: size in bytes}."""
+        out: dict[str, int] = {}
+        for info in self.client.list_artifacts(run_id, path):
+            if info.is_dir:
+                out.update(self.listing(run_id, info.path))
+            else:
+                out[info.path] = info.file_size
+        return out
+
     def log_dataset(self, run_id: str, folder: Path, rel: str, context: str) -> None:
         """Register a dataset folder the run wrote (and logged as artifacts) as a run input. Its
         source is the artifact URI as the store gives it (file://, s3://, or mlflow-artifacts:

@@ -82,11 +82,13 @@ def test_force_reruns_a_stage_and_everything_after_it(finished):
 
 @pytest.mark.slow
 def test_a_corrupted_artifact_is_named_and_its_stage_runs_again_and_every_stage_after_it(finished):
-    """Stage 1's weights with one byte flipped: that run is not reused but tagged corrupt, and
-    stage 1 is made again. So is every stage after it, from the new run: what they made before
-    came from the old one (a fingerprint names the settings, not the run), and the priors do not
-    resume from checkpoints trained on the old codes. (The shared store is put back afterwards:
-    the file, the tag, and the runs this test made deleted.)"""
+    """Stage 1's weights with one byte flipped. A run that reuses every stage reads no weights
+    (it checks them by size) and goes on. One that reads them (evaluate forced) finds the flip
+    when it downloads them: that run is tagged corrupt, and stage 1 is made again. So is every
+    stage after it, from the new run: what they made before came from the old one (a
+    fingerprint names the settings, not the run), and the priors do not resume from
+    checkpoints trained on the old codes. (The shared store is put back afterwards: the file,
+    the tag, and the runs this test made deleted.)"""
     from pipeline import graph
 
     cwd, _ = finished
@@ -99,6 +101,8 @@ def test_a_corrupted_artifact_is_named_and_its_stage_runs_again_and_every_stage_
     try:
         weights.write_bytes(bytes(data))
         proc = hvae(cwd, "run", SMOKE)
+        assert proc.returncode == 0 and _actions(proc.stdout) == {s: "reuse" for s in STAGES}, proc.stdout[-3000:]
+        proc = hvae(cwd, "run", SMOKE, "--force", "evaluate")
         assert proc.returncode == 0, proc.stdout[-3000:]
         assert f"not reusing run {old.info.run_id}: artifact model/vqvae2.pt does not match" in proc.stdout
         actions = _actions(proc.stdout)
@@ -112,6 +116,9 @@ def test_a_corrupted_artifact_is_named_and_its_stage_runs_again_and_every_stage_
         for s in STAGES:
             for u in graph.get(s).upstream:
                 assert made[s].data.tags[f"hvae.upstream.{u}"] == made[u].info.run_id, (s, u)
+        parent = max((r for r in all_runs if r.data.tags.get("hvae.kind") == "pipeline"), key=lambda r: r.info.start_time)
+        assert {k: v for k, v in parent.data.tags.items() if k.startswith(("hvae.run.", "hvae.reused_from."))} == \
+            {f"hvae.run.{s}": made[s].info.run_id for s in STAGES}  # (the first decisions' reuse tags gone)
     finally:
         weights.write_bytes(kept)
         if "hvae.corrupt" in client.get_run(old.info.run_id).data.tags:

@@ -4,6 +4,7 @@ gives it back as it was, also when the store cannot be reached: a driver that tr
 with the collector left off would keep every reference cycle it ever made."""
 import gc
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,46 @@ def test_a_stage_is_reused_only_if_made_from_the_runs_the_pipeline_uses(tmp_path
              for stage, fp in (("stage1", "fp1"), ("extract", "fp2"), ("priors", "fp3"))]
     assert plans == [f"reuse {new}", "run", "run"]
     assert chosen == {"stage1": new, "extract": None, "priors": None}
+
+
+def test_a_run_only_reused_is_checked_without_downloading_its_weights(tmp_path):
+    """`fetch.glance` (a run the pipeline reuses and no stage of it reads): its manifest against
+    the store's listing by size, and only its pictures and tables downloaded and hashed; a file
+    gone or cut short is named. A stage that reads the run gets it whole and every byte checked."""
+    from pipeline.manifest import ManifestError, write_manifest
+    from pipeline.runner import _Fetcher
+
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlruns.db"))
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    (out / "figures").mkdir()
+    (out / "model" / "weights.pt").write_bytes(bytes(range(256)) * 64)
+    (out / "figures" / "grid.png").write_bytes(b"a picture")
+    (out / "table.md").write_text("| a | b |\n")
+    write_manifest(out)
+    run = tracker.start_run("stage", {})
+    tracker.log_artifacts(run, out)
+    stored = Path(tracker.artifact_uri(run).removeprefix("file://"))
+    assert (stored / "model" / "weights.pt").is_file()
+
+    local = _Fetcher(tracker, tmp_path / "glanced").glance(run)
+    got = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert got == ["figures/grid.png", "manifest.json", "table.md"]  # no weights moved
+
+    weights = bytearray((stored / "model" / "weights.pt").read_bytes())
+    weights[100] ^= 0xFF  # a flipped byte: the same size, so only a whole download finds it
+    (stored / "model" / "weights.pt").write_bytes(bytes(weights))
+    _Fetcher(tracker, tmp_path / "glanced2").glance(run)
+    with pytest.raises(ManifestError, match="model/weights.pt does not match its sha256"):
+        _Fetcher(tracker, tmp_path / "whole")(run)
+
+    (stored / "model" / "weights.pt").write_bytes(bytes(weights[:1000]))  # cut short
+    with pytest.raises(ManifestError, match=r"model/weights.pt has 1000 bytes, the manifest says 16384"):
+        _Fetcher(tracker, tmp_path / "glanced3").glance(run)
+    (stored / "model" / "weights.pt").unlink()
+    with pytest.raises(ManifestError, match="model/weights.pt is missing"):
+        _Fetcher(tracker, tmp_path / "glanced4").glance(run)
+    (stored / "model" / "weights.pt").write_bytes(bytes(weights))
+    (stored / "figures" / "grid.png").write_bytes(b"A picture")  # the pictures are hashed
+    with pytest.raises(ManifestError, match="figures/grid.png does not match its sha256"):
+        _Fetcher(tracker, tmp_path / "glanced5").glance(run)
