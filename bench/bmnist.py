@@ -32,10 +32,9 @@ def main(argv: list[str]) -> int:
         argv = argv[:at] + argv[at + 2:]
     config, overrides = config_and_overrides(argv)
     overrides = [f"data.root={ROOT / 'data'}", f"sample.classifier={ROOT / 'data' / 'mnist_classifier.pt'}", *overrides]
-    if given:  # (the project's `pipeline` package, not bench/pipeline.py beside this script)
-        sys.path.insert(0, str(ROOT))
-        from pipeline.config import load_config
-        from stages.families import of
+    if given:
+        from hvae.settings.config import load_config
+        from hvae.stages.families import of
 
         family = of(load_config(config, overrides)).name
     with (finished_run(given, family) if given else fresh_run(config, overrides)) as (folder, total, client, children):
@@ -72,7 +71,7 @@ def main(argv: list[str]) -> int:
     if given:  # every family's row of the store, beside the published ones: `hvae report`
         import subprocess
 
-        shown = subprocess.run([sys.executable, "-m", "pipeline", "report", "--dataset", "mnist", "--out",
+        shown = subprocess.run([sys.executable, "-m", "hvae", "report", "--dataset", "mnist", "--out",
                                 str(Path(given) / "report.md")], cwd=given, capture_output=True, text=True, timeout=600)
         record("bmnist_report", "hvae report --dataset mnist", "\n".join([
             "In the folder where the binarized-MNIST runs above ran (`bench/bmnist.py --from FOLDER`): "

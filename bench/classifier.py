@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path.append(str(ROOT / "bench"))
 from common import record  # noqa: E402
 
-from models.digits import DigitClassifier, digit_scores  # noqa: E402
+from hvae.models.digits import DigitClassifier, digit_scores  # noqa: E402
 
 OUT = ROOT / "data" / "mnist_classifier.pt"
 

@@ -16,10 +16,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-# the project's packages before bench/ (a script's own folder comes first on sys.path, and
-# bench/pipeline.py would stand in for the pipeline package)
-if sys.path[0] != str(ROOT):
-    sys.path.insert(0, str(ROOT))
 # (a quick-mode result has a file of its own, "<name>_quick" or "<name>_smoke", beside the full one)
 ORDER = ("sampling", "sampling_quick", "step", "step_quick", "layout", "reuse", "overhead", "overhead_smoke", "pipeline",
          "pipeline_smoke", "data_plane", "earlier")
@@ -67,7 +63,7 @@ def fresh_run(config: str, overrides: list[str]):
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pipeline", "run", config, *overrides], cwd=tmp)
+        proc = subprocess.run([sys.executable, "-m", "hvae", "run", config, *overrides], cwd=tmp)
         total = time.perf_counter() - t0
         if proc.returncode:
             print(f"bench: hvae run failed ({proc.returncode})")
@@ -106,7 +102,7 @@ def curve(client, run, key: str) -> list[float]:
 
 def metrics(run) -> dict:
     """A run's metrics as the stage named them (without the ``<stage>/`` namespace)."""
-    from pipeline.tracking import plain
+    from hvae.pipeline.tracking import plain
 
     return plain(run.data.metrics)
 

@@ -119,7 +119,7 @@ def run(cwd: Path, args: list[str], pythonpath: str | None = None) -> dict:
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", *args], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "hvae", "run", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks, stop = {}, threading.Event()
     sampler = threading.Thread(target=_rss_peaks, args=(proc.pid, stop, peaks), daemon=True)

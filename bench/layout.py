@@ -34,7 +34,7 @@ def _stage1(overrides: list[str]) -> dict:
     from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "configs" / "default.yaml"),
+        proc = subprocess.run([sys.executable, "-m", "hvae", "run", str(ROOT / "configs" / "default.yaml"),
                                "stage1.epochs=3", *overrides, "--until", "stage1"], cwd=tmp, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"bench: stage 1 failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -53,7 +53,7 @@ def _scoring() -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, actors in (("1 actor × 1 CPU (the old default)", "1"), ("auto: one actor per CPU", "auto")):
-            proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "configs" / "pixelvae.yaml"),
+            proc = subprocess.run([sys.executable, "-m", "hvae", "run", str(ROOT / "configs" / "pixelvae.yaml"),
                                    "stage1.epochs=1", "evaluate.iw_samples=4", "evaluate.batch_size=50",
                                    f"evaluate.num_actors={actors}",
                                    "--force", "evaluate"], cwd=tmp, capture_output=True, text=True)

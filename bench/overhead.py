@@ -30,8 +30,8 @@ def _compute(cfg, artifacts: dict[str, Path]) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from pipeline import datasets
-    from stages.families import load_model
+    from hvae.pipeline import datasets
+    from hvae.stages.families import load_model
 
     data = datasets.prepare(cfg.data, cfg.cluster.storage_path)
     family, model = load_model(artifacts["stage1"] / "model")
@@ -61,8 +61,8 @@ def _compute(cfg, artifacts: dict[str, Path]) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
-    from pipeline.config import load_config
-    from pipeline.runner import resolve_paths
+    from hvae.settings.config import load_config
+    from hvae.pipeline.runner import resolve_paths
 
     config, overrides = config_and_overrides(argv)
     with fresh_run(config, overrides) as (tmp, total, client, runs):
@@ -141,7 +141,7 @@ def _train_floor(cfg, storage: str, fits: int = 2) -> list[tuple[float, float, s
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline import raycluster
+    from hvae.pipeline import raycluster
 
     raycluster.connect(cfg.cluster)
     try:
@@ -174,7 +174,7 @@ def torch_threads(cfg) -> None:
     """This process computes with as many threads as one worker of the run had."""
     import torch
 
-    from pipeline.raycluster import layout_for
+    from hvae.pipeline.raycluster import layout_for
 
     cluster = layout_for(cfg.cluster, [{"CPU": float(os.cpu_count())}]) if cfg.cluster.num_workers == "auto" \
         else cfg.cluster

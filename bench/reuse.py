@@ -38,18 +38,18 @@ sys.path.append(str(ROOT / "bench"))
 from common import record  # noqa: E402
 
 
-PARSE = ("import pipeline.fingerprint as f; f._ImportCache._read = staticmethod(lambda path: {}); "
+PARSE = ("import hvae.pipeline.fingerprint as f; f._ImportCache._read = staticmethod(lambda path: {}); "
          "f._ImportCache.save = lambda self: None; ")
-PARSED = ("-c", f"import sys; {PARSE}from pipeline.cli import entry; sys.exit(entry())")
-UNFROZEN = ("-c", f"import sys; {PARSE}import pipeline.tracking as t; t._freeze_long_lived = lambda: None; "
-                  "from pipeline.cli import entry; sys.exit(entry())")
-WHOLE = ("-c", "import sys; import pipeline.runner as r; r._Fetcher.glance = r._Fetcher.__call__; "
-                "from pipeline.cli import entry; sys.exit(entry())")
-COLLECTED = ("-c", f"import contextlib, sys; {PARSE}import pipeline.tracking as t; "
-                   "t._collector_paused = contextlib.nullcontext; from pipeline.cli import main; sys.exit(main())")
+PARSED = ("-c", f"import sys; {PARSE}from hvae.pipeline.cli import entry; sys.exit(entry())")
+UNFROZEN = ("-c", f"import sys; {PARSE}import hvae.pipeline.tracking as t; t._freeze_long_lived = lambda: None; "
+                  "from hvae.pipeline.cli import entry; sys.exit(entry())")
+WHOLE = ("-c", "import sys; import hvae.pipeline.runner as r; r._Fetcher.glance = r._Fetcher.__call__; "
+                "from hvae.pipeline.cli import entry; sys.exit(entry())")
+COLLECTED = ("-c", f"import contextlib, sys; {PARSE}import hvae.pipeline.tracking as t; "
+                   "t._collector_paused = contextlib.nullcontext; from hvae.pipeline.cli import main; sys.exit(main())")
 
 
-def _run(cwd: str, config: str, *flags: str, program: tuple[str, ...] = ("-m", "pipeline")
+def _run(cwd: str, config: str, *flags: str, program: tuple[str, ...] = ("-m", "hvae")
          ) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, *flags, *program, "run", config], cwd=cwd,
@@ -109,7 +109,7 @@ def main(argv: list[str]) -> int:
             return proc.returncode
         again, parsed, unfrozen, old = [], [], [], []
         for _ in range(5):
-            for times, program in ((again, ("-m", "pipeline")), (parsed, PARSED), (unfrozen, UNFROZEN),
+            for times, program in ((again, ("-m", "hvae")), (parsed, PARSED), (unfrozen, UNFROZEN),
                                    (old, COLLECTED)):
                 secs, proc = _run(tmp, config, program=program)
                 if proc.returncode or "REUSED" not in proc.stdout or " FINISHED " in proc.stdout:
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
         _grow(tmp, gib)
         glanced, whole = [], []
         for _ in range(3):
-            for times, program in ((glanced, ("-m", "pipeline")), (whole, WHOLE)):
+            for times, program in ((glanced, ("-m", "hvae")), (whole, WHOLE)):
                 secs, proc = _run(tmp, config, program=program)
                 if proc.returncode or " FINISHED " in proc.stdout:
                     print(f"bench: the re-run did not reuse every stage:\n{proc.stdout[-3000:]}")

@@ -29,15 +29,15 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path.append(str(ROOT / "bench"))
 from common import record  # noqa: E402
 
-from models.likelihoods import to_bits_per_dim  # noqa: E402
-from models.quantize import perplexity  # noqa: E402
-from models.vqvae2 import VQVAE2  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from stages.families import get  # noqa: E402
-from stages.train_loop import Schedule  # noqa: E402
+from hvae.models.likelihoods import to_bits_per_dim  # noqa: E402
+from hvae.models.quantize import perplexity  # noqa: E402
+from hvae.models.vqvae2 import VQVAE2  # noqa: E402
+from hvae.settings.config import load_config  # noqa: E402
+from hvae.stages.families import get  # noqa: E402
+from hvae.stages.train_loop import Schedule  # noqa: E402
 
 VARIANTS = {
     "before": {"coeff_warmup_steps": 0, "kmeans_at_step": 0, "dead_code_fraction": 0.0},

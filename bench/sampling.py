@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))
 from common import record  # noqa: E402
 
@@ -29,8 +28,8 @@ BATCH = 16
 
 
 def _prior(config: str, conditional: bool, attention: int = 0) -> tuple[torch.nn.Module, int | None, str]:
-    from pipeline.config import load_config
-    from models.pixelcnn import GatedPixelCNN
+    from hvae.settings.config import load_config
+    from hvae.models.pixelcnn import GatedPixelCNN
 
     cfg = load_config(str(ROOT / "configs" / config), [])
     p, sizes = cfg.priors, cfg.vqvae2.codebook_size

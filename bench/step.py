@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))
 from common import record  # noqa: E402
 from reference_vqvae2 import ReferenceVQVAE2, train_step as reference_step  # noqa: E402
@@ -35,7 +34,7 @@ THREADS, BATCH, SIZE = 2, 128, 32
 
 
 def _ours(**kw):
-    from models.vqvae2 import VQVAE2
+    from hvae.models.vqvae2 import VQVAE2
 
     torch.manual_seed(0)
     model = VQVAE2(in_channels=3, levels=2, hidden=128, res_hidden=32, res_blocks=2, embed_dim=64,
@@ -44,7 +43,7 @@ def _ours(**kw):
 
 
 def _compiled():
-    from stages.train_loop import compile_model
+    from hvae.stages.train_loop import compile_model
 
     model = _ours()
     compile_model(model)  # (as stage 1 does with train.compile=true)
@@ -97,8 +96,8 @@ def _matmul_flops_per_s() -> float:
 
 
 def _prior_step():
-    from pipeline.config import load_config
-    from models.pixelcnn import GatedPixelCNN
+    from hvae.settings.config import load_config
+    from hvae.models.pixelcnn import GatedPixelCNN
 
     cfg = load_config(str(ROOT / "configs" / "default.yaml"), [])
     p, sizes = cfg.priors, cfg.vqvae2.codebook_size

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .downsampling import default_downsample
+from hvae.settings.families import default_downsample
 from .likelihoods import CoefficientWarmup, make_likelihood, real_pixels, to_model_range
 from .quantize import VectorQuantizerEMA
 
@@ -205,3 +205,22 @@ class VQVAE2(nn.Module):
         r = self.likelihood_region
         nll = -self.likelihood.log_prob(real_pixels(params, r), real_pixels(x_uint8, r))
         return {"nll": nll, "commit": commit, "params": params, "codes": codes, "stats": stats}
+
+
+def draw(vq, priors, num_samples: int, temperature: float, seed: int, pixels: str = "mean", first: int = 0,
+         cached: bool = True):
+    """Ancestral sampling through ``priors`` (a HierarchicalPrior), top level first, then the
+    decoder of ``vq`` -> (images uint8, codes per level, labels: class ``i % num_classes`` for
+    sample ``i``, counting from ``first``). ``pixels``: the likelihood's mean, or a draw ("sample")."""
+    gen = torch.Generator().manual_seed(seed)
+    num_classes = priors.levels[0].num_classes
+    device = next(priors.parameters()).device
+    labels = (torch.arange(first, first + num_samples) % num_classes).to(device) if num_classes else None
+    with torch.no_grad():
+        codes = priors.sample(num_samples, labels, temperature, gen, cached)
+        params = vq.decode_codes(codes)
+        if pixels == "sample":
+            images = vq.likelihood.sample(params, gen)
+        else:
+            images = vq.likelihood.mean(params).round().clamp(0, 255).to(torch.uint8)
+    return images, codes, labels

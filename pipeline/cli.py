@@ -1,4 +1,4 @@
-"""The ``hvae`` command line (also ``python -m pipeline``).
+"""The ``hvae`` command line (also ``python -m hvae``).
 
     hvae run [CONFIG] [key=value ...] [--dry-run] [--force STAGE] [--until STAGE] [--seeds N]
     hvae config [CONFIG] [key=value ...]
@@ -19,10 +19,10 @@ import os
 import subprocess
 import sys
 
-from stages import families
+from hvae.stages import families
 
-from . import graph
-from .config import ConfigError, load_config
+from hvae.settings import graph
+from hvae.settings.config import ConfigError, load_config
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -53,7 +53,7 @@ def _run_seeds(args, config_path, overrides, cfg) -> int:
     their mean ± the s.d. over the seeds."""
     from pathlib import Path
 
-    from .config import TRAINING_SEEDS
+    from hvae.settings.config import TRAINING_SEEDS
     from .report import report
     from .runner import run_pipeline
     from .tracking import Tracker
@@ -75,7 +75,7 @@ def _run_seeds(args, config_path, overrides, cfg) -> int:
 
 def cmd_config(args) -> int:
     """The resolved config (defaults, file, overrides), as it applies to its model family."""
-    from .config import active_yaml
+    from hvae.settings.config import active_yaml
     from .masking import mask
 
     config_path, overrides = _split_args(args.items)
@@ -107,7 +107,7 @@ def _recorded(run_id: str, uri: str, items: list[str], command: str):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from .config import to_yaml
+    from hvae.settings.config import to_yaml
     from .masking import masked
     from .tracking import resolve_uri, store_exists
 
@@ -225,7 +225,7 @@ def cmd_stop(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from .config import TrackingConfig
+    from hvae.settings.config import TrackingConfig
     from .report import report
     from .tracking import Tracker, resolve_uri, store_exists
 
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The ``hvae`` program (and ``python -m pipeline``): ``main``, then a quick exit. At exit the
+    """The ``hvae`` program (and ``python -m hvae``): ``main``, then a quick exit. At exit the
     interpreter's cyclic garbage collector walks every object that MLflow, SQLAlchemy, pandas and
     torch left behind: 0.5-0.9 s of a reused run on 2 cores (`python bench/reuse.py` times it).
     ``gc.freeze()`` takes those objects out of its reach; everything else at exit happens as before

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import arrays_pickle
-from stages.data import SPLITS, DataSpec, join, open_location, rows_per_file
+from hvae.stages.data import SPLITS, DataSpec, join, open_location, rows_per_file
 
 FORMAT = 3  # the prepared layout and the split rule; a change makes every data fingerprint new
 MANIFEST = "manifest.json"
@@ -433,7 +433,7 @@ def _unreadable(root: str, listing: Listing, indices: np.ndarray, shape) -> dict
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    from stages.data import read_image
+    from hvae.stages.data import read_image
 
     filesystem, base = open_location(root)
     print(f"[hvae] data: reading {len(indices)} images once to leave out any that cannot be read "

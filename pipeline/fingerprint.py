@@ -4,12 +4,12 @@ fingerprint = hash(stage name, the stage's config slice, upstream fingerprints,
                    data fingerprint, hash of the source the stage runs)
 
 The source is computed, not listed: the stage's module and its model family's module, and
-every module of ``models/`` and ``stages/`` they import, transitively (imports inside
-functions included; read from the source with ``ast``, nothing is imported). The family
-registry finds families by name at run time, so a stage never depends on another family's
-code: editing ``models/nvae.py`` changes the NVAE's fingerprints, not the VQ-VAE-2's.
-``pipeline/`` is the product around the stages and is not followed: what it feeds a stage is
-already in the fingerprint as the config slice and the data fingerprint.
+every module of the package they import, transitively, in any layer (imports inside functions
+included; read from the source with ``ast``, nothing is imported). The family registry finds
+families by name at run time, so a stage never depends on another family's code: editing
+``models/nvae.py`` changes the NVAE's fingerprints, not the VQ-VAE-2's. Stages import nothing
+of ``hvae.pipeline`` (a test holds the layers), so the product around them is not hashed: what
+it feeds a stage is already in the fingerprint as the config slice and the data fingerprint.
 
 What a file imports is kept on disk (``imports.json`` in the user's cache folder, keyed by the
 module and the sha256 of the file's bytes, so an edit is parsed again): a reused run's plan no
@@ -23,12 +23,17 @@ import json
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent  # holds models/, stages/, pipeline/
-FOLLOWED = ("models", "stages")  # the packages whose code shapes a stage's output
+ROOT = Path(__file__).resolve().parent.parent  # the package hvae: holds models/, stages/, pipeline/
+PACKAGE = "hvae"
+FOLLOWED = (PACKAGE,)  # the code that can shape a stage's output: all of it that the stage imports
 
 
 def _module_file(module: str, root: Path) -> Path | None:
-    base = root.joinpath(*module.split("."))
+    """The file of ``hvae.<path>`` under ``root`` (the folder the package hvae stands in)."""
+    top, _, rest = module.partition(".")
+    if top != PACKAGE:
+        return None
+    base = root.joinpath(*rest.split(".")) if rest else root
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
             return path
@@ -46,7 +51,7 @@ def cache_file() -> Path:
 
 
 class _ImportCache:
-    """{"<module>:<sha256 of its file>": the modules of FOLLOWED packages it imports}, read from
+    """{"<module>:<sha256 of its file>:all": every name it imports}, read from
     ``cache_file()`` once per process and written back (whole, by a rename) when it grew. A
     cache that cannot be read or written is no error: the files are parsed."""
 
@@ -56,11 +61,13 @@ class _ImportCache:
     def imports(self, text: bytes, path: Path, module: str) -> list[str]:
         if self.path != cache_file():
             self.path, self.entries, self.grew = cache_file(), self._read(cache_file()), False
-        key = f"{module}:{hashlib.sha256(text).hexdigest()}"
+        # every name the file imports, whatever is followed ("all": entries of older versions
+        # kept only the followed packages' modules)
+        key = f"{module}:{hashlib.sha256(text).hexdigest()}:all"
         if key not in self.entries:
-            self.entries[key] = sorted(_parsed_imports(text, path, module))
+            self.entries[key] = sorted(named_imports(text, path, module))
             self.grew = True
-        return self.entries[key]
+        return [m for m in self.entries[key] if _followed(m)]
 
     @staticmethod
     def _read(path: Path) -> dict:
@@ -92,8 +99,13 @@ def _imports(path: Path, module: str, root: Path) -> set[str]:
     return {m for m in _CACHE.imports(path.read_bytes(), path, module) if _module_file(m, root) is not None}
 
 
-def _parsed_imports(text: bytes, path: Path, module: str) -> set[str]:
-    """The modules of FOLLOWED packages that the source ``text`` of ``module`` imports (``ast``)."""
+def _followed(name: str) -> bool:
+    return any(name == f or name.startswith(f"{f}.") for f in FOLLOWED)
+
+
+def named_imports(text: bytes, path: Path, module: str) -> set[str]:
+    """Every name the source ``text`` of ``module`` imports, made absolute (``from a import b``
+    gives ``a`` and ``a.b``, since ``b`` may be a module); top level and inside functions alike."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(text, str(path))):
@@ -108,7 +120,7 @@ def _parsed_imports(text: bytes, path: Path, module: str) -> set[str]:
                 target = node.module or ""
             found.add(target)
             found.update(f"{target}.{alias.name}" for alias in node.names)  # from pkg import submodule
-    return {m for m in found if m.split(".")[0] in FOLLOWED}
+    return found
 
 
 def source_files(modules: list[str], root: Path = ROOT) -> list[str]:

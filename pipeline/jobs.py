@@ -1,8 +1,8 @@
 """Cluster submission through the Ray Jobs API: `hvae submit`, `hvae status`, `hvae stop`.
 
-The job runs `python -m pipeline run CONFIG key=value ...` on the cluster with this
-checkout as its working directory (runtime_env working_dir), so the cluster runs exactly
-this code; the cluster's Python environment provides torch, ray and mlflow.
+The job runs `python -m hvae run CONFIG key=value ...` on the cluster in a working directory
+(runtime_env working_dir) that holds this checkout's package as ``hvae/`` and its configs, so
+the cluster runs exactly this code; the cluster's Python environment provides torch, ray and mlflow.
 
 The job's MLflow parent run is found by its tag ``hvae.job_id`` (the driver reads the job id
 from ``HVAE_JOB_ID`` in the job's environment), in the tracking store the job's config names,
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from hvae.settings.config import ConfigError, load_config
 from .masking import mask_override
 from .fingerprint import ROOT
 from .tracking import JOB_ENV, TAG_JOB
@@ -78,20 +78,22 @@ def job_overrides(config_path: str, overrides: list[str], sweep: bool = False,
     return list(overrides) + extra, {"uri": resolve_uri(uri), "experiment": cfg.tracking.experiment}
 
 
-# what a job ships: the project's packages and configs, nothing else of the folder (a .env, keys,
-# data or stores lying there stay here)
-SHIPPED_PACKAGES = ("pipeline", "stages", "models")
+# what a job ships: the package's Python files, its configs and pyproject.toml, nothing else of
+# the folder (a .env, keys, data or stores lying there stay here)
+SHIPPED_PACKAGES = ("settings", "models", "stages", "pipeline")
+SHIPPED_MODULES = ("__init__.py", "__main__.py")  # the package hvae's own files (the root's)
 SHIPPED_FILES = ("pyproject.toml",)
 
 
 def shipped_files(config_path: str) -> list[Path]:
-    """The files a job uploads, relative to the project: the packages' Python files, the YAML
+    """The files a job uploads, relative to the project: the package's Python files, the YAML
     files of configs/, pyproject.toml, and the config (with what it extends) wherever in the
     project it is."""
     import yaml
 
     files = {p.relative_to(ROOT) for pkg in SHIPPED_PACKAGES for p in (ROOT / pkg).rglob("*.py")
              if "__pycache__" not in p.parts}
+    files |= {Path(m) for m in SHIPPED_MODULES}
     files |= {p.relative_to(ROOT) for p in (ROOT / "configs").glob("*.yaml")}
     files |= {Path(f) for f in SHIPPED_FILES if (ROOT / f).is_file()}
     config = Path(config_path).resolve()
@@ -104,17 +106,27 @@ def shipped_files(config_path: str) -> list[Path]:
     return sorted(files)
 
 
+def staged_path(rel: Path) -> Path:
+    """Where a shipped file lands in the job's working directory: the package's files under
+    ``hvae/`` (laid out as installed, so ``python -m hvae`` there imports exactly them, before
+    any hvae the cluster's image holds), the configs and pyproject.toml where they are."""
+    if rel.parts[0] in SHIPPED_PACKAGES or rel.as_posix() in SHIPPED_MODULES:
+        return Path("hvae") / rel
+    return rel
+
+
 def stage(config_path: str, folder: Path) -> str:
     """Copy the shipped files into ``folder`` (the job's working directory) -> one line saying what ships."""
     import shutil
 
-    files = shipped_files(config_path)
-    for rel in files:
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, folder / rel)
-    size = sum((folder / rel).stat().st_size for rel in files)
-    tops = sorted({rel.parts[0] + ("/" if len(rel.parts) > 1 else "") for rel in files})
-    return f"{len(files)} files, {size / 1e6:.2f} MB: {', '.join(tops)}"
+    placed = [(ROOT / rel, folder / staged_path(rel)) for rel in shipped_files(config_path)]
+    for source, target in placed:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    size = sum(target.stat().st_size for _, target in placed)
+    tops = sorted({rel.parts[0] + ("/" if len(rel.parts) > 1 else "")
+                   for rel in (target.relative_to(folder) for _, target in placed)})
+    return f"{len(placed)} files, {size / 1e6:.2f} MB: {', '.join(tops)}"
 
 
 def runtime_env(job_id: str, working_dir: Path | str = ROOT) -> dict:
@@ -127,7 +139,7 @@ def runtime_env(job_id: str, working_dir: Path | str = ROOT) -> dict:
 
 def parent_run(tracking: dict, job_id: str) -> str | None:
     """The MLflow parent (pipeline or sweep) run the job opened, by its hvae.job_id tag; None until it exists."""
-    from .config import TrackingConfig
+    from hvae.settings.config import TrackingConfig
     from .tracking import Tracker, store_exists
 
     if not store_exists(tracking["uri"]):
@@ -157,7 +169,7 @@ def entrypoint(config_path: str, overrides: list[str], command: str = "run") -> 
     except ValueError:
         raise ConfigError(f"config {config_path} must be inside the project folder {ROOT} "
                           f"(the job uploads that folder)") from None
-    return " ".join(["python", "-m", "pipeline", command, shlex.quote(rel.as_posix()),
+    return " ".join(["python", "-m", "hvae", command, shlex.quote(staged_path(rel).as_posix()),
                      *(shlex.quote(o) for o in overrides)])
 
 

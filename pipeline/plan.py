@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages import checkpoints, families
+from hvae.stages import checkpoints, families
 
-from . import graph
+from hvae.settings import graph
 from .fingerprint import code_hash, stage_fingerprint
-from .schema import ConfigError
+from hvae.settings.base import ConfigError
 
 
 @dataclass

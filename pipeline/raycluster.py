@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from stages.base import StageError
+from hvae.stages.base import StageError
 
 
 def _configure_ray_data() -> None:

@@ -10,7 +10,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 from .masking import mask
-from .schema import ConfigError
+from hvae.settings.base import ConfigError
 
 
 class Unreachable(ConfigError):

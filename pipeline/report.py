@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import literature
-from stages.nll_table import nll_table
+from hvae.stages import literature
+from hvae.stages.nll_table import nll_table
 
-from . import graph, html_report
+from hvae.settings import graph
+
+from . import html_report
 from .tracking import TAG_STAGE, TAG_UPSTREAM, Tracker, plain
 
 

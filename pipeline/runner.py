@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from stages import checkpoints, families
-from stages.base import StageContext, StageError
+from hvae.stages import checkpoints, families
+from hvae.stages.base import StageContext, StageError
 
-from . import datasets, graph, results_page, signals
-from .config import PipelineConfig, to_yaml
+from hvae.settings import graph
+
+from . import datasets, results_page, signals
+from hvae.settings.config import PipelineConfig, to_yaml
 from .liveness import TAG_DRIVER, TAG_HEARTBEAT, Heartbeat, is_dead, this_driver
 from .manifest import MANIFEST, ManifestError, check_listing, read_manifest, verify_manifest, write_manifest
 from .masking import mask
@@ -610,7 +612,7 @@ def _why_fresh(planned: PlannedStage, forced: set[str], done: _Progress) -> str 
 def _tag_corrupt(tracker, fetch: _Fetcher, cause) -> str:
     """An upstream artifact that would not load: its run is tagged corrupt (never reused again,
     so the next run makes it anew) -> the words that say so, for the error line."""
-    from stages.base import ArtifactError
+    from hvae.stages.base import ArtifactError
 
     from .tracking import TAG_CORRUPT
 

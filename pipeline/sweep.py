@@ -25,11 +25,13 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from stages import families
-from stages.data import join
+from hvae.stages import families
+from hvae.stages.data import join
 
-from . import datasets, graph, whole_files
-from .config import PipelineConfig, to_yaml
+from hvae.settings import graph
+
+from . import datasets, whole_files
+from hvae.settings.config import PipelineConfig, to_yaml
 from .masking import mask
 from .liveness import TAG_DRIVER, Heartbeat, this_driver
 from .manifest import ManifestError

@@ -26,7 +26,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.train.v2.api.callback import UserCallback
 
-from .config import PipelineConfig, set_key
+from hvae.settings.config import PipelineConfig, set_key
 
 TAG_TRIAL = "hvae.trial_id"
 TAG_SWEEP = "hvae.sweep"

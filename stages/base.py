@@ -80,6 +80,18 @@ def load_weights(module, path) -> None:
         raise ArtifactError(path, first[:300]) from None
 
 
+def worker_batch(key: str, batch_size: int, workers: int) -> int:
+    """Each worker's batch: exactly ``batch_size / workers``, so the global batch is the
+    configured one on any worker count; a count that does not divide it is refused (a
+    ``cluster.num_workers: auto`` layout is known only once Ray is up)."""
+    from hvae.settings.base import ConfigError, uneven_batch
+
+    why = uneven_batch(key, batch_size, workers)
+    if why is not None:
+        raise ConfigError(f"config error: {why}")
+    return batch_size // workers
+
+
 class TrainTask:
     """What a training stage plugs into the shared loop (stages/train_loop.py); built inside
     each Ray Train worker from a picklable class and its arguments."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from .base import StageContext, StageResult
 from .data import actor_pool
-from pipeline.config import setup_key
+from hvae.settings.config import setup_key
 
 from .families import IMAGE_NATS, add_up, load_model
 from . import literature
@@ -82,7 +82,7 @@ def score(ctx: StageContext, family, model) -> tuple[dict, np.ndarray, int]:
 def standard_errors(nats: np.ndarray, dims: int) -> dict[str, float]:
     """The standard error of the mean NLL over the test images (their sample s.d. / sqrt(n)), in
     nats per image and bits per dimension."""
-    from models.likelihoods import to_bits_per_dim
+    from hvae.models.likelihoods import to_bits_per_dim
 
     se = float(np.std(nats, ddof=1) / np.sqrt(len(nats))) if len(nats) > 1 else float("nan")
     return {"test_nll_nats_se": se, "test_nll_bpd_se": to_bits_per_dim(se, dims)}

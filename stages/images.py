@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import StageContext, TrainTask
+from .base import StageContext, TrainTask, worker_batch
 
 
 def shuffle_window(batch_size: int) -> int:
@@ -43,7 +43,7 @@ class ImageTask(TrainTask):
                  seed: int, family: str, hold: bool = False, binarize_seed: int | None = None):
         self.model_config = model_config
         self.shape, self.train_rows = tuple(shape), train_rows
-        self.batch_size = max(1, math.ceil(batch_size / world_hint))  # global batch split over workers
+        self.batch_size = worker_batch("stage1.batch_size", batch_size, world_hint)
         self.seed = seed
         self.family = family
         self.hold = hold  # keep this worker's shards in memory after the first pass (DataSpec.held_by_workers)

@@ -8,17 +8,16 @@ Output folder:
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from models.pixelcnn import HierarchicalPrior
+from hvae.models.pixelcnn import HierarchicalPrior
 
-from models.likelihoods import to_bits_per_dim
+from hvae.models.likelihoods import to_bits_per_dim
 
 from . import shards
-from .base import StageContext, StageResult, TrainTask, load_weights
+from .base import StageContext, StageResult, TrainTask, load_weights, worker_batch
 from .data import read_here
 from .families import load_model
 from .extract import SCHEMA_FILE
@@ -55,7 +54,7 @@ class PriorTask(TrainTask):
         self.config, self.train_rows = config, train_rows
         self.decoder = decoder  # stage 1's model: decodes the codes drawn every epoch (epoch_images)
         self.levels = len(config["codebook_sizes"])
-        self.batch_size = max(1, math.ceil(batch_size / world_hint))
+        self.batch_size = worker_batch("priors.batch_size", batch_size, world_hint)
         self.seed = seed
         self.held: dict = {}  # split -> this worker's shard of the codes, after its first pass
 
@@ -104,7 +103,7 @@ class PriorTask(TrainTask):
         same seed every epoch: the step slider shows the samples improve)."""
         if self.decoder is None:
             return {}
-        from .families.vqvae2 import draw
+        from hvae.models.vqvae2 import draw
         from .images import SAMPLED, grid_array
 
         self.decoder.to(device).eval()

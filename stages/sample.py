@@ -70,7 +70,7 @@ def run(ctx: StageContext) -> StageResult:
 
 def classifier_scores(path: str, images) -> dict[str, float]:
     """The samples scored by the digit classifier whose weights are at ``path``."""
-    from models.digits import DigitClassifier, digit_scores
+    from hvae.models.digits import DigitClassifier, digit_scores
 
     from .base import load_weights
 

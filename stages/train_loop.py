@@ -182,6 +182,8 @@ def _reduce_sums(sums: dict[str, torch.Tensor], device: torch.device) -> dict[st
 
 
 CLOCKS = ("first_batch_s", "data_wait_s")  # seconds a training epoch's sums carry beside the task's
+# what every rank counts alike (the ranks step in lockstep): shown once, not summed over ranks
+PER_RANK = (*CLOCKS, "optimizer_updates")
 # how often Ray Train's controller polls its workers (Ray's default: 2 s). Every poll that finds
 # the worker group starting or the function returned moves the run on, so the default left
 # ~4 s a fit of nothing but waiting (a fit of an empty function on 2 workers: 14.0-14.9 s, one
@@ -410,6 +412,9 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
     if pending:
         apply_update(model, optimizer, spec, scaler, scheduler)
     train_sums["data_wait_s"] = torch.tensor(waited)  # blocked on the input pipeline
+    # the epoch's optimizer steps (batches done, those before a resume included), so that the
+    # images each step trained on over all workers are counted, not assumed
+    train_sums["optimizer_updates"] = torch.tensor(float(math.ceil(step / spec.accumulate_steps)))
     seconds = time.perf_counter() - t0
     model.eval()
     val_sums: dict[str, torch.Tensor] = {}
@@ -451,11 +456,13 @@ def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds
     train = split("train")
     if val_out is not None:
         val_out.update({k: v.tolist() for k, v in split("val").items()})
-    waits = {k: float(train.pop(k)) / world for k in CLOCKS if k in train}
+    waits = {k: float(train.pop(k)) / world for k in PER_RANK if k in train}
     metrics = {**task.summarize("train", train), **task.summarize("val", split("val")), **waits}
     mean_seconds = float(reduced["seconds"]) / world  # workers step in lockstep
     metrics.update(epoch=epoch, lr=lr, epoch_seconds=mean_seconds,
                    images_per_s=float(reduced["train/count"]) / max(mean_seconds, 1e-9), **(timings or {}))
+    if waits.get("optimizer_updates"):  # the global batch as trained: every worker's images of one step
+        metrics["images_per_update"] = float(reduced["train/count"]) / waits["optimizer_updates"]
     for k, v in metrics.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise FloatingPointError(f"{spec.stage}: metric {k} is not finite at epoch {epoch + 1}")

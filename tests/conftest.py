@@ -32,16 +32,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 def hvae(cwd, *args, timeout=600, env=None):
-    """Run ``python -m pipeline ARGS`` in ``cwd`` to completion (``env``: extra environment variables)."""
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True,
+    """Run ``python -m hvae ARGS`` in ``cwd`` to completion (``env``: extra environment variables)."""
+    return subprocess.run([sys.executable, "-m", "hvae", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def hvae_background(cwd, *args, log=None, env: dict | None = None):
-    """Start ``python -m pipeline ARGS`` in its own process group (so a test can kill all of it),
+    """Start ``python -m hvae ARGS`` in its own process group (so a test can kill all of it),
     with ``env`` added to this process's environment."""
     out = open(log or Path(cwd) / "driver.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, stdout=out,
+    return subprocess.Popen([sys.executable, "-m", "hvae", *args], cwd=cwd, stdout=out,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, **(env or {})})
 

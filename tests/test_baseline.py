@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from stages.baseline import histogram_bpd
+from hvae.stages.baseline import histogram_bpd
 
 
 def test_uniform_bytes_cost_eight_bits_and_bernoulli_pixels_their_entropy():

@@ -6,18 +6,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import parse_args
-from pipeline.config import load_config
-from pipeline.jobs import runtime_env
+from hvae.pipeline.cli import parse_args
+from hvae.settings.config import load_config
+from hvae.pipeline.jobs import runtime_env
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
 
 
 def check_command(command: str) -> None:
-    """A `hvae ...` / `python -m pipeline ...` command line: the CLI accepts it, its config validates."""
+    """A `hvae ...` / `python -m hvae ...` command line: the CLI accepts it, its config validates."""
     words = shlex.split(command)
-    if words[:3] == ["python", "-m", "pipeline"]:
+    if words[:3] == ["python", "-m", "hvae"]:
         words = words[3:]
     else:
         assert words[0] == "hvae", command
@@ -71,8 +71,8 @@ def test_runtime_env_keeps_the_venv_and_stores_out_of_the_upload(tmp_path):
 def test_a_job_ships_the_allow_list_only_and_secrets_are_masked_wherever_printed(tmp_path):
     """A .env, a key or a certificate lying in the project folder stays here; the staged folder
     holds the packages, configs/ and pyproject.toml; a credential in a value is never shown."""
-    from pipeline.jobs import stage
-    from pipeline.masking import mask, mask_override
+    from hvae.pipeline.jobs import stage
+    from hvae.pipeline.masking import mask, mask_override
 
     planted = [ROOT / ".env", ROOT / "id_rsa", ROOT / "configs" / "cert.pem", ROOT / "models" / "notes.txt"]
     try:
@@ -83,16 +83,18 @@ def test_a_job_ships_the_allow_list_only_and_secrets_are_masked_wherever_printed
         for p in planted:
             p.unlink()
     shipped = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
-    assert {"configs/smoke.yaml", "pipeline/cli.py", "stages/train_loop.py", "models/vqvae2.py", "pyproject.toml"} <= shipped
-    assert not {".env", "id_rsa", "configs/cert.pem", "models/notes.txt"} & shipped
-    assert {s.split("/")[0] for s in shipped} == {"configs", "models", "pipeline", "stages", "pyproject.toml"}
-    assert re.fullmatch(r"\d+ files, [0-9.]+ MB: configs/, models/, pipeline/, pyproject.toml, stages/", line)
+    assert {"configs/smoke.yaml", "hvae/__init__.py", "hvae/__main__.py", "hvae/pipeline/cli.py",
+            "hvae/stages/train_loop.py", "hvae/models/vqvae2.py", "pyproject.toml"} <= shipped
+    assert not {".env", "id_rsa", "configs/cert.pem", "hvae/models/notes.txt", "models/notes.txt"} & shipped
+    assert {s.split("/")[0] for s in shipped} == {"configs", "hvae", "pyproject.toml"}
+    assert {s.split("/")[1] for s in shipped if s.count("/") > 1 and s.startswith("hvae/")} == {"settings", "models", "pipeline", "stages"}
+    assert re.fullmatch(r"\d+ files, [0-9.]+ MB: configs/, hvae/, pyproject.toml", line)
     assert mask_override("aws_secret_access_key=abc") == "aws_secret_access_key=***"
     assert mask_override("data.root=s3://b/x?endpoint_override=h:9000&access_key=A&secret_key=s") == \
         "data.root=s3://b/x?endpoint_override=h:9000&access_key=***&secret_key=***"
     assert mask("tracking.uri=http://bob:hunter2@mlflow:5000") == "tracking.uri=http://bob:***@mlflow:5000"
     assert mask_override("stage1.lr=1e-3") == "stage1.lr=1e-3"
-    from pipeline.runner import resume_command
+    from hvae.pipeline.runner import resume_command
     assert resume_command("abc", "http://bob:hunter2@mlflow:5000") == "hvae resume abc --uri http://bob:***@mlflow:5000"
 
 
@@ -104,8 +106,9 @@ def test_each_manifest_starts_with_the_command_that_uses_it(name):
 
 def test_dockerfile_copies_what_the_pipeline_imports():
     text = (CLUSTER / "Dockerfile").read_text()
-    for folder in ("models", "stages", "pipeline", "configs"):
+    for folder in ("settings", "models", "stages", "pipeline", "configs"):
         assert f"COPY --chown=ray:users {folder} {folder}" in text
+    assert "__init__.py __main__.py ./" in text  # the package hvae's own files: the root is the package
     # torch pinned to the version the tests run with, from a CUDA build's index
     import torch
 
@@ -113,12 +116,12 @@ def test_dockerfile_copies_what_the_pipeline_imports():
 
 
 def test_a_sweep_is_submitted_as_hvae_sweep():
-    from pipeline.config import ConfigError
-    from pipeline.jobs import entrypoint, job_overrides
+    from hvae.settings.config import ConfigError
+    from hvae.pipeline.jobs import entrypoint, job_overrides
 
     overrides, _ = job_overrides(str(ROOT / "configs" / "sweep.yaml"), ["sweep.num_samples=4"], sweep=True)
     command = entrypoint(str(ROOT / "configs" / "sweep.yaml"), overrides, "sweep")
-    assert command.startswith("python -m pipeline sweep configs/sweep.yaml sweep.num_samples=4")
+    assert command.startswith("python -m hvae sweep configs/sweep.yaml sweep.num_samples=4")
     assert parse_args(shlex.split(command)[3:]).command == "sweep"
     with pytest.raises(ConfigError, match="has no sweep section"):
         job_overrides(str(ROOT / "configs" / "smoke.yaml"), [], sweep=True)
@@ -127,7 +130,7 @@ def test_a_sweep_is_submitted_as_hvae_sweep():
 
 
 def test_submit_leaves_relative_paths_to_the_cluster_unless_it_shares_this_filesystem(tmp_path, monkeypatch):
-    from pipeline.jobs import job_overrides
+    from hvae.pipeline.jobs import job_overrides
 
     monkeypatch.chdir(tmp_path)
     args = ["tracking.uri=http://mlflow:5000", "cluster.storage_path=results", "data.dataset=imagefolder",
@@ -139,7 +142,7 @@ def test_submit_leaves_relative_paths_to_the_cluster_unless_it_shares_this_files
 
 
 def test_artifacts_go_to_the_servers_store_or_beside_the_sqlite_file(tmp_path):
-    from pipeline.tracking import resolve_artifact_location
+    from hvae.pipeline.tracking import resolve_artifact_location
 
     assert resolve_artifact_location(None, "http://mlflow:5000") is None  # the server's mlflow-artifacts:
     assert resolve_artifact_location(None, "sqlite:///mlruns.db", base=tmp_path) == (tmp_path / "mlartifacts").as_uri()
@@ -153,10 +156,10 @@ def test_a_run_whose_driver_on_another_host_stopped_beating_is_marked_killed(tmp
     a run that never beat, from another host, is left alone)."""
     import time
 
-    from pipeline.config import TrackingConfig
-    from pipeline.liveness import STALE_S, TAG_DRIVER, TAG_HEARTBEAT, Heartbeat
-    from pipeline.runner import mark_dead_runs_killed
-    from pipeline.tracking import Tracker
+    from hvae.settings.config import TrackingConfig
+    from hvae.pipeline.liveness import STALE_S, TAG_DRIVER, TAG_HEARTBEAT, Heartbeat
+    from hvae.pipeline.runner import mark_dead_runs_killed
+    from hvae.pipeline.tracking import Tracker
 
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlruns.db"))
     elsewhere = {TAG_DRIVER: "head-pod-gone:12345:678"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from hvae.settings.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -66,7 +66,7 @@ def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path):
 
 def test_a_batch_larger_than_the_training_split_is_refused_before_any_work(tmp_path):
     """The smoke config's training split has a few hundred images: a batch of 5,000 cannot mean what it says."""
-    run = [sys.executable, "-m", "pipeline", "run", str(ROOT / "configs/smoke.yaml"), "data.dataset=mnist5k",
+    run = [sys.executable, "-m", "hvae", "run", str(ROOT / "configs/smoke.yaml"), "data.dataset=mnist5k",
            f"cluster.storage_path={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'db'}"]
     for extra in (["priors.batch_size=5000"], ["priors.batch_size=5000", "--dry-run"]):
         proc = subprocess.run(run + extra, capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -78,7 +78,7 @@ def test_a_batch_larger_than_the_training_split_is_refused_before_any_work(tmp_p
 
 
 def test_a_missing_sample_classifier_is_named_before_any_work(tmp_path):
-    run = [sys.executable, "-m", "pipeline", "run", str(ROOT / "configs/smoke.yaml"), "sample.classifier=no/digits.pt",
+    run = [sys.executable, "-m", "hvae", "run", str(ROOT / "configs/smoke.yaml"), "sample.classifier=no/digits.pt",
            f"cluster.storage_path={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'db'}"]
     proc = subprocess.run(run, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -90,7 +90,7 @@ def test_a_missing_sample_classifier_is_named_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("command", [["resume", "0123abcd"], ["report"]])
 def test_looking_at_a_store_that_is_not_there_creates_none(tmp_path, command):
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *command], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "hvae", *command], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: no MLflow store at sqlite:///{tmp_path.resolve()}/mlruns.db " \
@@ -119,7 +119,7 @@ def test_every_shipped_config_validates_and_names_its_command(path):
 
 
 def test_cli_fails_before_any_work_with_one_line():
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "configs/smoke.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "hvae", "run", str(ROOT / "configs/smoke.yaml"),
                            "stage1.epochz=1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "config error: stage1.epochz: unknown key (did you mean epochs?)"
@@ -127,7 +127,7 @@ def test_cli_fails_before_any_work_with_one_line():
 
 
 def test_cli_dry_run_prints_config_and_stages(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "configs/smoke.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "hvae", "run", str(ROOT / "configs/smoke.yaml"),
                            "--dry-run", "stage1.epochs=7"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "epochs: 7" in proc.stdout and "#   stage1" in proc.stdout
@@ -185,7 +185,7 @@ def test_old_stage1_model_keys_are_read_with_one_deprecation_line(tmp_path, capf
 
 
 def test_a_family_section_shapes_only_its_own_fingerprints():
-    from pipeline.plan import plan
+    from hvae.pipeline.plan import plan
 
     def fps(*overrides):
         return {p.name: p.fingerprint for p in plan(load_config(None, list(overrides)), "data")}
@@ -200,9 +200,9 @@ def test_a_family_section_shapes_only_its_own_fingerprints():
 
 
 def test_the_cli_knows_the_graphs_stages_and_the_families():
-    from pipeline import graph
-    from pipeline.cli import parse_args
-    from stages import families
+    from hvae.settings import graph
+    from hvae.pipeline.cli import parse_args
+    from hvae.stages import families
 
     assert [parse_args(["run", "--until", name]).until for name in graph.names()] == list(graph.names())
     with pytest.raises(SystemExit):
@@ -224,8 +224,8 @@ def test_sweep_cli_errors_name_the_key_and_start_nothing(tmp_path):
 
 
 def test_num_workers_auto_is_one_worker_per_node_with_its_cpus_or_one_per_gpu():
-    from pipeline.config import ClusterConfig
-    from pipeline.raycluster import layout_for, resolve_layout
+    from hvae.settings.config import ClusterConfig
+    from hvae.pipeline.raycluster import layout_for, resolve_layout
 
     auto = ClusterConfig(num_workers="auto", cpus_per_worker=3)
     one = layout_for(auto, [{"CPU": 2.0, "memory": 1e9}])  # this machine: one process, two threads
@@ -244,9 +244,9 @@ def test_num_workers_auto_is_one_worker_per_node_with_its_cpus_or_one_per_gpu():
 def test_top_help_has_examples_and_no_markup_and_the_version_is_shown():
     from importlib.metadata import version
 
-    shown = subprocess.run([sys.executable, "-m", "pipeline", "--version"], capture_output=True, text=True, timeout=120)
+    shown = subprocess.run([sys.executable, "-m", "hvae", "--version"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and shown.stdout.strip() == f"hvae {version('hvae')}"
-    helped = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, timeout=120)
+    helped = subprocess.run([sys.executable, "-m", "hvae", "--help"], capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "``" not in helped.stdout
     assert "examples:" in helped.stdout and "hvae run configs/default.yaml" in helped.stdout
 
@@ -254,7 +254,7 @@ def test_top_help_has_examples_and_no_markup_and_the_version_is_shown():
 def test_every_argument_of_every_command_says_what_it_is():
     import argparse
 
-    from pipeline.cli import build_parser
+    from hvae.pipeline.cli import build_parser
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     silent = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, p in commands.choices.items()
@@ -265,13 +265,13 @@ def test_every_argument_of_every_command_says_what_it_is():
 def test_hvae_config_prints_the_resolved_config_of_its_family_only():
     import yaml
 
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "config", str(ROOT / "configs/nvae.yaml"), "stage1.epochs=3"],
+    proc = subprocess.run([sys.executable, "-m", "hvae", "config", str(ROOT / "configs/nvae.yaml"), "stage1.epochs=3"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     shown = yaml.safe_load(proc.stdout)  # (the header line is a YAML comment)
     assert shown["stage1"]["epochs"] == 3 and shown["stage1"]["model"] == "nvae" and "nvae" in shown
     assert not {"vqvae2", "vae", "extract", "priors", "sweep"} & set(shown)  # not this family's, or not set
-    vq = yaml.safe_load(subprocess.run([sys.executable, "-m", "pipeline", "config"], capture_output=True, text=True,
+    vq = yaml.safe_load(subprocess.run([sys.executable, "-m", "hvae", "config"], capture_output=True, text=True,
                                        timeout=120).stdout)
     assert {"vqvae2", "extract", "priors"} <= set(vq) and not {"nvae", "vae"} & set(vq)
 

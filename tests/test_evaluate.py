@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.pixelcnn import HierarchicalPrior
-from models.vqvae2 import VQVAE2
-from stages.families.vqvae2 import draw, nll_bound
-from stages.nll_table import nll_table
+from hvae.models.pixelcnn import HierarchicalPrior
+from hvae.models.vqvae2 import VQVAE2, draw
+from hvae.stages.families.vqvae2 import nll_bound
+from hvae.stages.nll_table import nll_table
 
 
 def _known_models(likelihood="bernoulli"):
@@ -56,8 +56,8 @@ def test_same_seed_same_samples():
 def test_the_sampler_draws_the_same_images_however_its_chunks_are_shared_out():
     """Chunks of sample.batch_size images, each from its own generator seeded by (seed, first
     image): drawn in any order, by any worker, they make the same set; labels count on."""
-    from stages.families import OnDevice, chunk_seed
-    from stages.families.vqvae2 import _draw
+    from hvae.stages.families import OnDevice, chunk_seed
+    from hvae.stages.families.vqvae2 import _draw
 
     vq, priors = _known_models("dlogistic")
     sampler = OnDevice(_draw, {"vq": vq, "priors": priors}, temperature=1.0, seed=3, pixels="sample")
@@ -73,8 +73,8 @@ def test_the_sampler_draws_the_same_images_however_its_chunks_are_shared_out():
 
 
 def test_published_rows_stand_beside_ours_only_on_the_same_test_set_and_unit():
-    from pipeline.config import load_config
-    from stages import literature
+    from hvae.settings.config import load_config
+    from hvae.stages import literature
 
     bern = ["stage1.likelihood=bernoulli"]
     bench = lambda *o: literature.benchmark(load_config(None, list(o)).data)  # noqa: E731
@@ -97,9 +97,9 @@ def test_published_rows_stand_beside_ours_only_on_the_same_test_set_and_unit():
 
 
 def test_every_image_has_its_own_bound_and_the_table_shows_estimator_and_standard_error():
-    from stages.evaluate import standard_errors
-    from stages.families import IMAGE_NATS
-    from stages.families.vqvae2 import nll_sums, nll_summary
+    from hvae.stages.evaluate import standard_errors
+    from hvae.stages.families import IMAGE_NATS
+    from hvae.stages.families.vqvae2 import nll_sums, nll_summary
 
     vq, priors = _known_models()
     x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (5, 1, 32, 32)).astype(np.uint8))
@@ -118,8 +118,8 @@ def test_every_image_has_its_own_bound_and_the_table_shows_estimator_and_standar
 
 
 def test_runs_differing_only_in_seed_give_a_mean_and_sd_row():
-    from pipeline.config import load_config, setup_key
-    from pipeline.report import over_seeds
+    from hvae.settings.config import load_config, setup_key
+    from hvae.pipeline.report import over_seeds
 
     a, b = (load_config(None, [f"stage1.seed={s}", f"priors.seed={s}"]) for s in (0, 1))
     key = lambda cfg, data="fp": setup_key(cfg, data)  # noqa: E731
@@ -139,7 +139,7 @@ def test_runs_differing_only_in_seed_give_a_mean_and_sd_row():
 
 
 def test_digit_scores_are_confidence_and_the_entropy_of_the_mean_label_distribution():
-    from models.digits import DigitClassifier, digit_scores
+    from hvae.models.digits import DigitClassifier, digit_scores
 
     class Fixed(DigitClassifier):  # logits given by the image's first pixel: class (pixel % 10), sure of it
         def forward(self, x):
@@ -155,7 +155,7 @@ def test_digit_scores_are_confidence_and_the_entropy_of_the_mean_label_distribut
 
 
 def test_the_printed_report_is_aligned_and_fits_a_terminal_by_cutting_text_not_numbers():
-    from pipeline.report import aligned
+    from hvae.pipeline.report import aligned
 
     table = ("| Model | Dataset | NLL (nats/image) |\n|---|---|---|\n"
              "| VQ-VAE-2 (K=512) + gated PixelCNN priors | mnist (10000 test images, binarized) | ≤ 276.19 ± 0.28 |\n"

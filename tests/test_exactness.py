@@ -10,9 +10,9 @@ import math
 
 import torch
 
-from models.nvae import NVAE
-from models.pixelcnn import HierarchicalPrior
-from models.vqvae2 import VQVAE2
+from hvae.models.nvae import NVAE
+from hvae.models.pixelcnn import HierarchicalPrior
+from hvae.models.vqvae2 import VQVAE2
 
 
 def _vq_models():

@@ -13,7 +13,7 @@ def test_a_curve_figure_drawn_once_is_taken_from_the_cache_without_matplotlib(tm
     draw = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from pipeline.html_report import curves_png
+        from hvae.pipeline.html_report import curves_png
         curves = {{"train_loss": [(0, 2.5), (1, 1.75)], "val_bpd": [(0, 3.2), (1, 2.9)]}}
         png = curves_png(curves, "stage1", Path({str(tmp_path)!r}))
         assert png.startswith(b"\\x89PNG"), png[:8]
@@ -36,7 +36,7 @@ def test_a_curve_figure_drawn_once_is_taken_from_the_cache_without_matplotlib(tm
 def test_a_curve_figure_ticks_whole_epochs_only(epochs, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from pipeline.html_report import _draw
+    from hvae.pipeline.html_report import _draw
 
     drawn = []
     monkeypatch.setattr(plt, "close", drawn.append)  # (keep the figure to read its axis)

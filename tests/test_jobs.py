@@ -117,9 +117,9 @@ def test_stop_ends_a_long_job(head, tmp_path):
     assert stopped.returncode == 0 and f"job {job_id}: STOPPED" in stopped.stdout
     # the stopped driver left its runs RUNNING; the next pipeline start on this store sees that
     # their driver is gone and marks them KILLED
-    from pipeline.config import TrackingConfig
-    from pipeline.runner import mark_dead_runs_killed
-    from pipeline.tracking import Tracker
+    from hvae.settings.config import TrackingConfig
+    from hvae.pipeline.runner import mark_dead_runs_killed
+    from hvae.pipeline.tracking import Tracker
 
     client, _ = runs(tmp_path)
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlruns.db"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.likelihoods import Bernoulli, DiscretizedLogistic, to_bits_per_dim
+from hvae.models.likelihoods import Bernoulli, DiscretizedLogistic, to_bits_per_dim
 
 
 @pytest.mark.parametrize("mixtures,scale", [(1, 0.0), (3, 1.0), (5, 3.0)])
@@ -98,7 +98,7 @@ def test_bits_per_dim():
 
 
 def test_the_channel_coefficients_wait_for_the_warmup_steps_and_the_count_is_saved():
-    from models.vqvae2 import VQVAE2
+    from hvae.models.vqvae2 import VQVAE2
 
     torch.manual_seed(0)
     kw = dict(in_channels=3, levels=1, hidden=8, res_hidden=4, res_blocks=1, embed_dim=4, codebook_size=8,

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from models.nvae import NVAE, IAFCell, iw_bound, kl_balance, normal_log_prob, residual_normal_kl
+from hvae.models.nvae import NVAE, IAFCell, iw_bound, kl_balance, normal_log_prob, residual_normal_kl
 
 
 def test_residual_normal_kl_is_the_closed_form_and_matches_monte_carlo():

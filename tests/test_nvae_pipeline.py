@@ -9,8 +9,8 @@ import torch
 import pytest
 
 from conftest import SMOKE, hvae, pipeline_runs, runs
-from pipeline.tracking import plain
-from stages.families.nvae import INJECT_NAN_ENV
+from hvae.pipeline.tracking import plain
+from hvae.stages.families.nvae import INJECT_NAN_ENV
 
 pytestmark = pytest.mark.slow  # real clusters, sweeps or several pipelines: `make test` only
 
@@ -111,8 +111,8 @@ def test_a_non_finite_term_stops_stage1_naming_step_and_term_and_keeps_the_check
     assert "non-finite kl term" in child.data.tags["hvae.error"]
     assert "error.txt" in {f.path for f in client.list_artifacts(child.info.run_id)}
     # the checkpoint of epoch 0, from before the bad step, is on disk and loads
-    from models.nvae import NVAE
-    from stages import checkpoints
+    from hvae.models.nvae import NVAE
+    from hvae.stages import checkpoints
 
     found = checkpoints.newest(str(tmp_path / "ray_results"), f"stage1-{child.data.tags['hvae.fingerprint']}")
     assert found.epoch == 0

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.datasets import channels
-from stages import families
-from stages.train_loop import LoopSpec, train_step
+from hvae.settings.config import load_config
+from hvae.pipeline.datasets import channels
+from hvae.stages import families
+from hvae.stages.train_loop import LoopSpec, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ["vqvae2_imagenet256.yaml", "nvae_cifar10.yaml"]
@@ -21,7 +21,7 @@ CONFIGS = ["gpu.yaml", "nvae_gpu.yaml", "bmnist_vqvae2_gpu.yaml", "bmnist_nvae_g
 @pytest.mark.parametrize("name", ["gpu.yaml", *PAPER])
 def test_dry_run_counts_the_parameters_without_the_data(name, tmp_path):
     files = [f"data.root={tmp_path / 'absent'}", "data.download=true"] if name != "gpu.yaml" else []  # (mnist5k: none)
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(ROOT / "configs" / name), "--dry-run", *files],
+    proc = subprocess.run([sys.executable, "-m", "hvae", "run", str(ROOT / "configs" / name), "--dry-run", *files],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     counts = next(line for line in proc.stdout.splitlines() if line.startswith("# parameters: "))
@@ -69,7 +69,7 @@ def test_every_model_of_the_config_takes_one_training_step_at_batch_1(name):
     assert all(map(lambda v: v == v and abs(v) < float("inf"), sums.values())), sums
     if "priors" not in family.stages:
         return
-    from stages.priors import PriorTask, prior_config
+    from hvae.stages.priors import PriorTask, prior_config
 
     # the priors as configured, on code maps of a 4x smaller image when the top map is large
     # (convolutions and attention take any map size; a step on 32x32 and 64x64 maps of these

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from models.pixelcnn import GatedPixelCNN, HierarchicalPrior
-from models.pixelcnn_cache import cached_logits
+from hvae.models.pixelcnn import GatedPixelCNN, HierarchicalPrior
+from hvae.models.pixelcnn_cache import cached_logits
 
 H = W = 6
 

@@ -3,9 +3,9 @@ samples (the cached sampler equal to the reference), every parameter trained."""
 import pytest
 import torch
 
-from models.likelihoods import to_model_range
-from models.nvae import free_nats, iw_bound, normal_log_prob
-from models.pixelvae import PixelVAE, gaussian_kl
+from hvae.models.likelihoods import to_model_range
+from hvae.models.nvae import free_nats, iw_bound, normal_log_prob
+from hvae.models.pixelvae import PixelVAE, gaussian_kl
 
 VARIANTS = {
     "gated": dict(),
@@ -153,8 +153,8 @@ def test_free_nats_keep_the_kl_but_take_the_gradient_off_a_level_below_the_floor
 
 
 def test_the_pixelvae_section_passes_free_nats_to_the_training_loss():
-    from pipeline.config import load_config
-    from stages.families import of
+    from hvae.settings.config import load_config
+    from hvae.stages.families import of
 
     cfg = load_config("configs/pixelvae.yaml", ["pixelvae.free_nats=8"])
     assert of(cfg).loss_settings(cfg)["free_nats"] == 8.0

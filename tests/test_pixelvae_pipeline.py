@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from conftest import SMOKE, hvae, hvae_background, kill_group, pipeline_runs, runs, wait_for
-from pipeline.tracking import plain
+from hvae.pipeline.tracking import plain
 
 pytestmark = pytest.mark.slow  # several pipelines: `make test` only
 

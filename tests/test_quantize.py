@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from models.quantize import VectorQuantizerEMA
+from hvae.models.quantize import VectorQuantizerEMA
 
 
 def _vq(k=3, d=2, decay=0.5, eps=1e-5, **kw):

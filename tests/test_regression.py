@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.datasets import prepare
-from stages import families
-from stages.train_loop import LoopSpec, epoch_metrics, make_optimizer, run_epoch
+from hvae.settings.config import load_config
+from hvae.pipeline.datasets import prepare
+from hvae.stages import families
+from hvae.stages.train_loop import LoopSpec, epoch_metrics, make_optimizer, run_epoch
 
 RTOL = 1e-4
 
@@ -87,7 +87,7 @@ def test_stage1_of_each_family_after_one_epoch(name, digits):
 
 
 def test_priors_after_one_epoch():
-    from stages.priors import PriorTask, prior_config
+    from hvae.stages.priors import PriorTask, prior_config
 
     schema = {"codebook_sizes": [8, 16], "shapes": [[4, 4], [8, 8]], "num_classes": 10}
     cfg = load_config(None, ["priors.hidden=8", "priors.layers=2"])
@@ -117,7 +117,7 @@ PRECISION_TOLERANCE = {("bf16", False): 2e-2, ("fp16", False): 1e-2, ("fp32", Tr
 @pytest.mark.parametrize("precision,compiled", [("bf16", False), ("fp16", False),
                                                 pytest.param("fp32", True, marks=pytest.mark.slow)])
 def test_mixed_precision_and_compile_follow_fp32(precision, compiled, digits):
-    from stages.train_loop import _start, compile_model
+    from hvae.stages.train_loop import _start, compile_model
 
     cfg = load_config(None, ["stage1.batch_size=32", "stage1.lr=1e-3", *TINY["vqvae2"]])
     family = families.of(cfg)
@@ -156,8 +156,8 @@ def test_a_compiled_model_compiles_again_only_when_its_coefficients_switch_on():
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
-    from models.vqvae2 import VQVAE2
-    from stages.train_loop import compile_model
+    from hvae.models.vqvae2 import VQVAE2
+    from hvae.stages.train_loop import compile_model
 
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -191,7 +191,7 @@ def test_a_resume_from_a_step_checkpoint_equals_the_run_it_cut(name, extra, hold
     """(``hold``: batches from a shard the worker holds, or streamed in windows.)"""
     import copy
 
-    from stages.train_loop import Resume
+    from hvae.stages.train_loop import Resume
 
     cfg = load_config(None, ["stage1.batch_size=16", "stage1.lr=1e-3", *TINY[name], *extra])
     family = families.of(cfg)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, SMOKE, runs, stage_runs
-from pipeline.raycluster import fits
+from hvae.pipeline.raycluster import fits
 
 
 def test_how_many_workers_a_cluster_can_place():
@@ -29,7 +29,7 @@ def test_how_many_workers_a_cluster_can_place():
 ])
 def test_resources_the_cluster_cannot_hold_end_in_one_line_not_a_hang(tmp_path, override, line):
     """Ray would wait for them forever (a traceback every minute, Ctrl-C ignored)."""
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", SMOKE, override, "--until", "stage1"],
+    proc = subprocess.run([sys.executable, "-m", "hvae", "run", SMOKE, override, "--until", "stage1"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.rstrip().splitlines()[-1] == f"error: stage stage1 failed: ResourceError: {line}"
@@ -46,7 +46,7 @@ def _closed_port() -> int:
 
 def hvae_line(cwd, *args, timeout=60):
     """Run the CLI -> (exit code, its last line of output)."""
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "hvae", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
     return proc.returncode, (proc.stdout + proc.stderr).rstrip().splitlines()[-1]
 
@@ -76,8 +76,8 @@ def test_a_server_that_accepts_but_never_answers_is_given_up_on_after_its_time_o
 
 _LISTING = """
 import json, os, ray
-from pipeline.config import load_config
-from pipeline.raycluster import connect
+from hvae.settings.config import load_config
+from hvae.pipeline.raycluster import connect
 
 connect(load_config({smoke!r}).cluster)
 ray.get([ray.remote(lambda: os.getpid()).remote() for _ in range(4)])  # workers started too
@@ -144,7 +144,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(tmp_path, cap
 
     import torch
 
-    from stages import checkpoints
+    from hvae.stages import checkpoints
 
     for epoch in (0, 1):
         folder = tmp_path / "stage1-abc" / f"checkpoint_00000{epoch}"
@@ -173,7 +173,7 @@ def test_an_unreadable_image_is_named_or_with_on_bad_image_skip_left_out(tmp_pat
     root = tmp_path / "img"
     _image_folder(root, per_class=40)
     _plant_bad_images(root)
-    args = [sys.executable, "-m", "pipeline", "run", SMOKE, "data.dataset=imagefolder", f"data.root={root}",
+    args = [sys.executable, "-m", "hvae", "run", SMOKE, "data.dataset=imagefolder", f"data.root={root}",
             "stage1.epochs=1", "stage1.batch_size=16", "--until", "stage1"]
     failed = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     last = failed.stdout.rstrip().splitlines()[-1]

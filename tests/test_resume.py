@@ -89,7 +89,7 @@ def test_a_corrupted_artifact_is_named_and_its_stage_runs_again_and_every_stage_
     fingerprint names the settings, not the run), and the priors do not resume from
     checkpoints trained on the old codes. (The shared store is put back afterwards: the file,
     the tag, and the runs this test made deleted.)"""
-    from pipeline import graph
+    from hvae.settings import graph
 
     cwd, _ = finished
     client, all_runs = runs(cwd)

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow  # two pipelines: `make test` only
 
 
 def test_a_storage_uri_holds_data_checkpoints_and_outputs_and_force_clears_them_there(tmp_path):
-    from stages import checkpoints
+    from hvae.stages import checkpoints
 
     node, bucket = tmp_path / "node", tmp_path / "bucket"
     node.mkdir()
@@ -73,7 +73,7 @@ def test_images_and_storage_in_a_bucket_run_the_whole_pipeline(s3, tmp_path, mon
     from PIL import Image
     from pyarrow import fs
 
-    from stages import checkpoints
+    from hvae.stages import checkpoints
 
     images = tmp_path / "images"
     rng = np.random.default_rng(0)
@@ -124,6 +124,6 @@ def _the_key_is_masked(node, proc):
     assert parent.data.params["data.root"].startswith("s3://reader:***@hvae/images?")
     recorded = Path(client.download_artifacts(parent.info.run_id, "config.yaml", str(node.parent)))
     assert "s3cr3t" not in recorded.read_text() and "reader:***@" in recorded.read_text()
-    again = subprocess.run([sys.executable, "-m", "pipeline", "resume", parent.info.run_id], cwd=node,
+    again = subprocess.run([sys.executable, "-m", "hvae", "resume", parent.info.run_id], cwd=node,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "recorded its config with secrets masked (root)" in again.stderr

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from pipeline.liveness import is_dead
+from hvae.pipeline.liveness import is_dead
 from conftest import ROOT, hvae, hvae_background, kill_group, runs, stage_runs, wait_for
 
 pytestmark = pytest.mark.slow  # real clusters, sweeps or several pipelines: `make test` only

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import TrackingConfig
-from pipeline.reach import Unreachable
-from pipeline.tracking import Tracker
+from hvae.settings.config import TrackingConfig
+from hvae.pipeline.reach import Unreachable
+from hvae.pipeline.tracking import Tracker
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -43,7 +43,7 @@ def test_the_first_store_of_a_process_freezes_what_it_holds_once(tmp_path):
     from pathlib import Path
 
     code = (
-        "import gc; from pipeline.config import TrackingConfig; import pipeline.tracking as t\n"
+        "import gc; from hvae.settings.config import TrackingConfig; import hvae.pipeline.tracking as t\n"
         "assert gc.get_freeze_count() == 0\n"
         "freezes = []; freeze = t._freeze_long_lived\n"
         "t._freeze_long_lived = lambda: (freezes.append(1), freeze())\n"
@@ -62,9 +62,9 @@ def test_a_stage_is_reused_only_if_made_from_the_runs_the_pipeline_uses(tmp_path
     When stage 1 is trained again with the same settings (its run found corrupt, or forced and
     cut before extract), the codes extracted with the old model must not be handed on with the
     new one: extract is reused only from the stage-1 run the pipeline uses, and the plan says so."""
-    from pipeline import graph
-    from pipeline.config import load_config
-    from pipeline.plan import PlannedStage, action
+    from hvae.settings import graph
+    from hvae.settings.config import load_config
+    from hvae.pipeline.plan import PlannedStage, action
 
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlruns.db"))
     parent = tracker.start_run("pipeline", {})
@@ -95,8 +95,8 @@ def test_a_run_only_reused_is_checked_without_downloading_its_weights(tmp_path):
     """`fetch.glance` (a run the pipeline reuses and no stage of it reads): its manifest against
     the store's listing by size, and only its pictures and tables downloaded and hashed; a file
     gone or cut short is named. A stage that reads the run gets it whole and every byte checked."""
-    from pipeline.manifest import ManifestError, write_manifest
-    from pipeline.runner import _Fetcher
+    from hvae.pipeline.manifest import ManifestError, write_manifest
+    from hvae.pipeline.runner import _Fetcher
 
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlruns.db"))
     out = tmp_path / "out"

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from stages.train_loop import Guard, _agreed, LoopSpec, Schedule, _reduce_sums, _stop_if_not_finite, make_optimizer, run_epoch
+from hvae.stages.train_loop import Guard, _agreed, LoopSpec, Schedule, _reduce_sums, _stop_if_not_finite, make_optimizer, run_epoch
 
 
 def test_the_epoch_reduction_runs_on_the_training_device_as_nccl_requires(monkeypatch):
@@ -125,7 +125,7 @@ class CountingShard:
 
 @pytest.mark.parametrize("hold", [True, False])
 def test_a_held_shard_is_read_once_and_each_epoch_permutes_all_of_it(hold):
-    from stages.images import ImageTask
+    from hvae.stages.images import ImageTask
 
     images = torch.arange(200, dtype=torch.uint8).reshape(200, 1, 1, 1)
     task = ImageTask(model_config={}, shape=(1, 1, 1), train_rows=200, batch_size=16, world_hint=1, seed=0,
@@ -147,7 +147,7 @@ def test_a_held_shard_is_read_once_and_each_epoch_permutes_all_of_it(hold):
 
 def _agree(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    from stages.checkpoints import Checkpoint
+    from hvae.stages.checkpoints import Checkpoint
 
     # each rank listed the checkpoints at its own moment: rank 1 after a late one landed
     seen = Checkpoint(epoch=1, path="/s/checkpoint_a") if rank == 0 else Checkpoint(epoch=2, path="/s/checkpoint_b")
@@ -167,8 +167,8 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tmp_path):
 
 
 def test_the_best_validation_epoch_is_kept_across_checkpoints_and_handed_on(tmp_path):
-    from stages import checkpoints
-    from stages.keep import BestEpoch, kept
+    from hvae.stages import checkpoints
+    from hvae.stages.keep import BestEpoch, kept
 
     weights = lambda v: {"w": torch.full((2,), float(v))}  # noqa: E731
     best = BestEpoch("val_loss")
@@ -191,7 +191,7 @@ def test_the_best_validation_epoch_is_kept_across_checkpoints_and_handed_on(tmp_
 
 
 def test_the_model_summary_and_the_time_left_read_as_a_person_would_say_them():
-    from stages.train_loop import _duration, summary
+    from hvae.stages.train_loop import _duration, summary
 
     model = torch.nn.Sequential()
     model.add_module("encoder", torch.nn.Linear(3, 4))
@@ -206,7 +206,7 @@ def test_the_model_summary_and_the_time_left_read_as_a_person_would_say_them():
 def test_progress_inside_an_epoch_says_step_loss_speed_and_time_left(monkeypatch, capfd):
     import re
 
-    from stages import train_loop
+    from hvae.stages import train_loop
 
     class Task:
         def summarize(self, split, sums):

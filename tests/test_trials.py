@@ -3,8 +3,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.config import ClusterConfig
-from pipeline.trials import DRIVER_MEMORY, TIME_ATTR, ResumableASHA, driver_bundle, trials_that_fit, worker_bundle
+from hvae.settings.config import ClusterConfig
+from hvae.pipeline.trials import DRIVER_MEMORY, TIME_ATTR, ResumableASHA, driver_bundle, trials_that_fit, worker_bundle
 
 GiB = 1 << 30
 

@@ -23,7 +23,7 @@ BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def test_ui_serves_the_tracking_store(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port)], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "hvae", "ui", "--port", str(port)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5"
@@ -50,7 +50,7 @@ def ui(smoke_store, tmp_path):
     cwd = smoke_store[0]
     port = free_port()
     log = open(tmp_path / "ui.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port)], cwd=cwd, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "hvae", "ui", "--port", str(port)], cwd=cwd, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     root = f"http://127.0.0.1:{port}"
     try:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.vqvae2 import VQVAE2
+from hvae.models.vqvae2 import VQVAE2
 
 
 def _model(levels, likelihood="dlogistic", channels=1):
@@ -66,7 +66,7 @@ def test_per_level_downsampling_gives_the_configured_maps(downsample, size, shap
 
 
 def test_downsampling_factors_are_checked():
-    from pipeline.config import ConfigError, load_config
+    from hvae.settings.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="downsample lists 1 factors for 2 levels"):
         load_config(None, ["vqvae2.downsample=[4]"])
@@ -74,15 +74,18 @@ def test_downsampling_factors_are_checked():
         load_config(None, ["vqvae2.downsample=[3,4]"])
     with pytest.raises(ConfigError, match="data.image_size=32 must be a multiple of 64 for vqvae2.downsample"):
         load_config(None, ["vqvae2.downsample=[8,8]"])
-    assert load_config(None, ["vqvae2.downsample=[2,4]"]).family.model_config(load_config(None), 1)["downsample"] == [2, 4]
+    from hvae.stages import families
+
+    cfg = load_config(None, ["vqvae2.downsample=[4,2]"])
+    assert families.of(cfg).model_config(cfg, 1)["downsample"] == [4, 2]
 
 
 @pytest.mark.parametrize("family", ["vqvae2", "nvae"])
 def test_the_likelihood_counts_the_real_pixels_only(family):
     """A 28x28 digit in a 32x32 frame: the NLL is the likelihood of the 28x28 crop, the border's
     pixels left out."""
-    from models.likelihoods import real_pixels
-    from models.nvae import NVAE
+    from hvae.models.likelihoods import real_pixels
+    from hvae.models.nvae import NVAE
 
     torch.manual_seed(0)
     region = [2, 2, 28, 28]

@@ -10,7 +10,7 @@ import textwrap
 import pyarrow.fs as pafs
 
 from conftest import ROOT
-from pipeline.whole_files import storage
+from hvae.pipeline.whole_files import storage
 
 
 def test_a_driver_killed_while_writing_a_snapshot_file_leaves_the_previous_one_whole(tmp_path):
@@ -20,7 +20,7 @@ def test_a_driver_killed_while_writing_a_snapshot_file_leaves_the_previous_one_w
     # half of the new file written and flushed, then the process dies (as `kill -9` of a driver would)
     script = textwrap.dedent(f"""
         import os, signal
-        from pipeline.whole_files import storage
+        from hvae.pipeline.whole_files import storage
         fs, _ = storage({str(tmp_path)!r})
         stream = fs.open_output_stream({str(state)!r})
         stream.write(b"the new")

@@ -1,22 +1,26 @@
-"""Model families: every module in this package is one family, found by name.
+"""Model families: one module in this package per family of the registry
+(``hvae.settings.families.FAMILIES``), found by name.
 
-A family declares in one place everything the pipeline needs to know about a kind of
-model: its config section, how to build, save and load the model, which stages of the
-graph apply to it, the training task of stage 1, its figures, how it samples and how it
-evaluates. Stages and the pipeline ask the family; nothing else branches on the model name.
+A family's config section (``settings/families.py``) says what the config must know of it:
+its name, its keys, which stages of the graph apply to it, its image-size factor. Its module
+here says the rest: how to build, save and load the model, the training task of stage 1, its
+figures, how it samples and how it evaluates. Stages and the pipeline ask the family; nothing
+else branches on the model name.
 
-Adding a family = one model file in ``models/``, one module here, one config in
-``configs/``. Importing this package imports no torch (hooks import it when called).
+Adding a family = one model file in ``models/``, its section in ``settings/families.py``
+(with its registry entry), one module here, one config in ``configs/``. Importing this
+package imports no torch (hooks import it when called).
 """
 from __future__ import annotations
 
 import importlib
 import json
-import pkgutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-DEFAULT = "vqvae2"  # the family of a config that names none
+from hvae.settings.families import DEFAULT, FamilySection, names
+
+__all__ = ["DEFAULT", "names"]
 # a scorer's per-image -log p(x) (an array over the batch's images, in their order): kept per image
 # for standard errors and paired differences, where every other sum is added up over the batches
 IMAGE_NATS = "image_nats"
@@ -27,26 +31,22 @@ CONFIG_FILE = "config.json"
 class Family:
     """The interface a family module implements as ``FAMILY = SomeFamily()``."""
 
-    name: str = ""  # the value of stage1.model, and the name of its config section
     title: str = ""  # what the model is, for people
-    Config: Any = None  # the pydantic Section of its config section (pipeline.schema.Section)
-    stages: tuple[str, ...] = ()  # the stages of pipeline.graph that apply to it, in order
-    epoch_metrics: str = ""  # regex alternatives of the extra per-epoch stage-1 metrics it reports
+    Config: type[FamilySection] = FamilySection  # its config section (hvae.settings.families)
     figures_note: str = ""  # what its stage-1 figures show
+    # read from its section, where the config reads them too:
+    name: str = ""  # the value of stage1.model, and the name of its config section
+    stages: tuple[str, ...] = ()  # the stages of hvae.settings.graph that apply to it, in order
+    epoch_metrics: str = ""  # regex alternatives of the extra per-epoch stage-1 metrics it reports
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.name, cls.stages, cls.epoch_metrics = cls.Config.name, cls.Config.stages, cls.Config.epoch_metrics
 
     # ---- config ---------------------------------------------------------------------
     def section(self, cfg):
         """This family's config section of a PipelineConfig."""
         return getattr(cfg, self.name)
-
-    def downsampling(self, cfg) -> tuple[int, str]:
-        """(factor the image size must be a multiple of, the setting that asks for it)."""
-        raise NotImplementedError
-
-    def upgrade(self, section: dict) -> tuple[dict, str]:
-        """Keys of its section that older configs used -> (the section as it reads now, a
-        one-line deprecation note or ""); raise ValueError for a key that now means another family."""
-        return section, ""
 
     # ---- model ----------------------------------------------------------------------
     def model_config(self, cfg, channels: int) -> dict:
@@ -152,11 +152,6 @@ def worker_device(use_gpu: bool):
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def names() -> list[str]:
-    """Every family, by name (the modules of this package)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
 def get(name: str) -> Family:

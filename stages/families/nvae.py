@@ -16,29 +16,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
-
-from pipeline.schema import Section
-from stages.families import IMAGE_NATS, Family
-from stages.images import ImageTask, quality, save_bars, save_reconstructions, squared_error
+from hvae.settings.families import NVAEConfig
+from hvae.stages.families import IMAGE_NATS, Family
+from hvae.stages.images import ImageTask, quality, save_bars, save_reconstructions, squared_error
 
 # tests only: make the KL non-finite at this global step (read by the driver, passed to the task)
 INJECT_NAN_ENV = "HVAE_TEST_INJECT_NAN_AT_STEP"
-
-
-class NVAEConfig(Section):
-    """The ``nvae:`` section (stage1.model: nvae); training keys (epochs, lr, ...) stay in stage1."""
-
-    hidden: int = Field(32, ge=4)  # channels of both towers
-    latent_channels: int = Field(8, ge=1)  # channels of each latent group
-    scales: int = Field(2, ge=1, le=4)  # latent scales: image/2 (finest) down to image/2^scales
-    groups_per_scale: int = Field(2, ge=1)
-    cells_per_group: int = Field(1, ge=1)  # residual cells per group in each tower
-    flows: int = Field(0, ge=0)  # inverse autoregressive flow cells in each group's posterior (NVAE with flow)
-    kl_warmup: float = Field(0.3, ge=0, le=1)  # fraction of training over which the KL weight rises to 1
-    kl_min: float = Field(1e-2, ge=0, le=1)  # the KL weight at the start of warm-up
-    kl_balance: bool = True  # NVAE's per-group KL balancing during warm-up
-    spectral_weight: float = Field(1e-2, ge=0)  # spectral regularisation of the conv weights
 
 
 class NVAETask(ImageTask):
@@ -79,7 +62,7 @@ class NVAETask(ImageTask):
     def train_step(self, model, batch, device):
         import torch
 
-        from models.nvae import free_nats, kl_balance
+        from hvae.models.nvae import free_nats, kl_balance
 
         x = batch.to(device, non_blocking=True)  # (pinned when bound for a GPU)
         core = getattr(model, "module", model)
@@ -105,7 +88,7 @@ class NVAETask(ImageTask):
         epoch: the step slider shows the same latents decoded by the model as it learns)."""
         import torch
 
-        from stages.images import SAMPLED, grid_array
+        from hvae.stages.images import SAMPLED, grid_array
 
         pictures = super().epoch_images(model, device)
         with torch.no_grad():
@@ -113,7 +96,7 @@ class NVAETask(ImageTask):
         return {**pictures, "samples": grid_array(drawn)}
 
     def summarize(self, split, sums):
-        from models.likelihoods import to_bits_per_dim
+        from hvae.models.likelihoods import to_bits_per_dim
 
         n, dims = float(sums["count"]), self.image_dims()
         nll, kl = float(sums["nll"]) / n, float(sums["kl"]) / n
@@ -133,7 +116,7 @@ def iw_sums(model, x, k: int, seed: int, together: int = 1) -> dict:
     one from the batch's first source index: the same whoever scores it)."""
     import torch
 
-    from models.nvae import iw_bound
+    from hvae.models.nvae import iw_bound
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -158,7 +141,7 @@ def _sample(first, count, *, model, temperature, seed, pixels):
 
 
 def iw_summary(sums: dict, dims: int, k: int) -> dict[str, float]:
-    from models.likelihoods import to_bits_per_dim
+    from hvae.models.likelihoods import to_bits_per_dim
 
     n = float(sums["count"])
     recon, kl = float(sums["recon"]), float(sums["kl"])
@@ -173,23 +156,9 @@ def iw_summary(sums: dict, dims: int, k: int) -> dict[str, float]:
 
 
 class NVAEFamily(Family):
-    name = "nvae"
     title = "NVAE: hierarchical VAE with residual-normal posteriors"
     Config = NVAEConfig
-    stages = ("stage1", "sample", "evaluate")
-    epoch_metrics = r"recon_bpd|kl_bpd|kl_nats_group\d+"
     figures_note = "reconstructions.png, kl_per_group.png (validation KL per latent group)"
-
-    def upgrade(self, section):
-        if "residual_posterior" not in section:
-            return section, ""
-        if section.pop("residual_posterior") is False:
-            raise ValueError("nvae.residual_posterior=false is the plain VAE: use stage1.model=vae "
-                             "(its settings in the vae: section)")
-        return section, "deprecated: nvae.residual_posterior (an NVAE always has it; the plain VAE is stage1.model=vae)"
-
-    def downsampling(self, cfg):
-        return 2 ** cfg.nvae.scales, f"nvae.scales={cfg.nvae.scales}"
 
     def model_config(self, cfg, channels):
         n = self.section(cfg)
@@ -200,7 +169,7 @@ class NVAEFamily(Family):
                 "coeff_warmup_steps": cfg.stage1.coeff_warmup(channels)}
 
     def build(self, model_config):
-        from models.nvae import NVAE
+        from hvae.models.nvae import NVAE
 
         return NVAE(**model_config)
 

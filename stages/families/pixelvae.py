@@ -12,42 +12,15 @@ the input).
 """
 from __future__ import annotations
 
-from pydantic import Field
-
-from pipeline.schema import PixelCNNKernel, Section
+from hvae.settings.families import PixelVAEConfig
 
 from .nvae import NVAEFamily
 
 
-class PixelVAEConfig(Section):
-    """The ``pixelvae:`` section (stage1.model: pixelvae); training keys stay in stage1."""
-
-    hidden: int = Field(32, ge=4)  # channels of the encoder and of the latents' conditioning network
-    latent_channels: int = Field(4, ge=1)  # channels of the latent map z1 (and z2)
-    downsample: int = Field(2, ge=0, le=4)  # stride-2 stages to z1: a map at image / 2^downsample
-    upsample: bool = True  # the latents reach the PixelCNN upsampled to a map (false: one linear bias per gate)
-    levels: int = Field(1, ge=1, le=2)  # 2: the hierarchical PixelVAE (z2 at half z1's size)
-    pixel_hidden: int = Field(32, ge=4)  # channels of the PixelCNN decoder
-    pixel_layers: int = Field(2, ge=1)  # gated layers of the PixelCNN decoder (few: the latents must carry the shape)
-    kernel: PixelCNNKernel = 5  # its convolution width (odd)
-    kl_warmup: float = Field(0.3, ge=0, le=1)  # fraction of training over which the KL weight rises to 1
-    kl_min: float = Field(0.1, ge=0, le=1)  # the KL weight at the start of warm-up
-    free_nats: float = Field(0.0, ge=0)  # per latent level: below this batch-mean KL (nats/image) no KL gradient
-
-
 class PixelVAEFamily(NVAEFamily):
-    name = "pixelvae"
     title = "PixelVAE: a VAE with a gated PixelCNN decoder"
     Config = PixelVAEConfig
-    epoch_metrics = r"recon_bpd|kl_bpd|kl_nats_group\d+"
     figures_note = "reconstructions.png (drawn through the PixelCNN from the posterior mean), kl_per_group.png (KL per latent level)"
-
-    def upgrade(self, section):
-        return section, ""
-
-    def downsampling(self, cfg):
-        p = self.section(cfg)
-        return 2 ** (p.downsample + p.levels - 1), f"pixelvae.downsample={p.downsample}, pixelvae.levels={p.levels}"
 
     def model_config(self, cfg, channels):
         p = self.section(cfg)
@@ -58,7 +31,7 @@ class PixelVAEFamily(NVAEFamily):
                 "coeff_warmup_steps": cfg.stage1.coeff_warmup(channels)}
 
     def build(self, model_config):
-        from models.pixelvae import PixelVAE
+        from hvae.models.pixelvae import PixelVAE
 
         return PixelVAE(**model_config)
 

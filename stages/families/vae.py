@@ -5,32 +5,14 @@ hierarchy switched off, so it trains, samples and evaluates as the NVAE family d
 """
 from __future__ import annotations
 
-from pydantic import Field
-
-from pipeline.schema import Section
+from hvae.settings.families import VAEConfig
 
 from .nvae import NVAEFamily
 
 
-class VAEConfig(Section):
-    """The ``vae:`` section (stage1.model: vae); training keys (epochs, lr, ...) stay in stage1."""
-
-    hidden: int = Field(32, ge=4)  # channels of encoder and decoder
-    latent_channels: int = Field(8, ge=1)  # channels of the latent map (at image/2)
-    cells_per_group: int = Field(1, ge=1)  # residual cells in encoder and decoder
-    kl_warmup: float = Field(0.3, ge=0, le=1)  # fraction of training over which the KL weight rises to 1
-    kl_min: float = Field(1e-2, ge=0, le=1)  # the KL weight at the start of warm-up
-    spectral_weight: float = Field(1e-2, ge=0)  # spectral regularisation of the conv weights
-
-
 class VAEFamily(NVAEFamily):
-    name = "vae"
     title = "Gaussian VAE (one latent group, N(0, I) prior)"
     Config = VAEConfig
-    epoch_metrics = r"recon_bpd|kl_bpd|kl_nats_group0"
-
-    def downsampling(self, cfg):
-        return 2, "stage1.model=vae (one latent scale at image/2)"
 
     def model_config(self, cfg, channels):
         v = self.section(cfg)

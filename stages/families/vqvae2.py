@@ -7,57 +7,11 @@ Test NLL: the upper bound of a one-hot posterior,
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Optional, Union
 
-from pydantic import Field, model_validator
-
-from pipeline.schema import Section
-from stages.families import IMAGE_NATS, Family, add_up
-from stages.images import ImageTask, quality, save_bars, save_reconstructions, squared_error
-
-
-class VQVAE2Config(Section):
-    """The ``vqvae2:`` section (stage1.model: vqvae2); training keys (epochs, lr, ...) stay in stage1."""
-
-    levels: int = Field(2, ge=1, le=4)  # 1 = VQ-VAE, 2 = VQ-VAE-2, 3 = three maps (FFHQ-1024)
-    # per level, top first: the factor its encoder shrinks its input by (the bottom's input is
-    # the image); powers of two; unset: 4 for the bottom and 2 for each level above
-    downsample: Optional[list[int]] = None
-    hidden: int = Field(64, ge=4)
-    res_hidden: int = Field(32, ge=1)
-    res_blocks: int = Field(2, ge=0)
-    embed_dim: int = Field(64, ge=1)
-    codebook_size: Union[int, list[int]] = 512  # one per level (top first) or one for all
-    beta: float = Field(0.25, ge=0)  # commitment weight
-    decay: float = Field(0.99, gt=0, lt=1)  # EMA gamma of the codebook
-    kmeans_init: bool = True  # initialise each codebook by k-means on its first batch
-    # and again on the batch of this training step, once the encoder has left its initial scale
-    # (0: the first batch only)
-    kmeans_at_step: int = Field(50, ge=0)
-    dead_code_threshold: float = Field(0.0, ge=0)  # restart codes whose EMA count falls below this (0: off)
-    # restart codes whose EMA count falls below this fraction of the mean count (0: off)
-    dead_code_fraction: float = Field(0.03, ge=0, lt=1)
-
-    @model_validator(mode="after")
-    def _codebooks(self):
-        if isinstance(self.codebook_size, list) and len(self.codebook_size) != self.levels:
-            raise ValueError(f"codebook_size lists {len(self.codebook_size)} sizes for {self.levels} levels")
-        sizes = self.codebook_size if isinstance(self.codebook_size, list) else [self.codebook_size]
-        if any(k < 2 for k in sizes):
-            raise ValueError("codebook_size must be >= 2")
-        if self.downsample is not None:
-            if len(self.downsample) != self.levels:
-                raise ValueError(f"downsample lists {len(self.downsample)} factors for {self.levels} levels")
-            if any(f < 2 or f & (f - 1) for f in self.downsample):
-                raise ValueError(f"downsample factors must be powers of two >= 2, got {self.downsample}")
-        return self
-
-    def factors(self) -> list[int]:
-        from models.downsampling import default_downsample
-
-        return list(self.downsample) if self.downsample is not None else default_downsample(self.levels)
+from hvae.settings.families import VQVAE2Config
+from hvae.stages.families import IMAGE_NATS, Family, add_up
+from hvae.stages.images import ImageTask, quality, save_bars, save_reconstructions, squared_error
 
 
 class VQTask(ImageTask):
@@ -93,8 +47,8 @@ class VQTask(ImageTask):
         return sums
 
     def summarize(self, split, sums):
-        from models.likelihoods import to_bits_per_dim
-        from models.quantize import perplexity
+        from hvae.models.likelihoods import to_bits_per_dim
+        from hvae.models.quantize import perplexity
 
         n, dims = float(sums["count"]), self.image_dims()
         nll, commit = float(sums["nll"]) / n, float(sums["commit"]) / n
@@ -140,8 +94,8 @@ def nll_summary(sums: dict, dims: int) -> dict[str, float]:
     """The test metrics from the sums of every batch."""
     import torch
 
-    from models.likelihoods import to_bits_per_dim
-    from models.quantize import perplexity
+    from hvae.models.likelihoods import to_bits_per_dim
+    from hvae.models.quantize import perplexity
 
     n, recon = float(sums["count"]), float(sums["recon"])
     levels = sorted(int(k[len("prior"):]) for k in sums if k.startswith("prior"))
@@ -178,42 +132,16 @@ def _score(x, y, first_index, *, vq, priors) -> dict:
 def _draw(first, count, *, vq, priors, temperature, seed, pixels, cached=True):
     from . import chunk_seed
 
+    from hvae.models.vqvae2 import draw
+
     images, codes, labels = draw(vq, priors, count, temperature, chunk_seed(seed, first), pixels, first, cached)
     return images.cpu(), [c.cpu() for c in codes], None if labels is None else labels.cpu()
 
 
-def draw(vq, priors, num_samples: int, temperature: float, seed: int, pixels: str = "mean", first: int = 0,
-         cached: bool = True):
-    """Ancestral sampling, top level first, then the decoder -> (images uint8, codes per level,
-    labels: class ``i % num_classes`` for sample ``i``, counting from ``first``)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    num_classes = priors.levels[0].num_classes
-    device = next(priors.parameters()).device
-    labels = (torch.arange(first, first + num_samples) % num_classes).to(device) if num_classes else None
-    with torch.no_grad():
-        codes = priors.sample(num_samples, labels, temperature, gen, cached)
-        params = vq.decode_codes(codes)
-        if pixels == "sample":
-            images = vq.likelihood.sample(params, gen)
-        else:
-            images = vq.likelihood.mean(params).round().clamp(0, 255).to(torch.uint8)
-    return images, codes, labels
-
-
 class VQVAE2Family(Family):
-    name = "vqvae2"
     title = "VQ-VAE / VQ-VAE-2 with gated PixelCNN priors"
     Config = VQVAE2Config
-    stages = ("stage1", "extract", "priors", "sample", "evaluate")
-    epoch_metrics = r"commit|mse|perplexity_level\d|dead_codes_level\d|rel_quant_err_level\d"
     figures_note = "reconstructions.png (validation images over their reconstructions), codebook_usage.png"
-
-    def downsampling(self, cfg):
-        v = cfg.vqvae2
-        setting = f"vqvae2.downsample={v.downsample}" if v.downsample is not None else f"vqvae2.levels={v.levels}"
-        return math.prod(v.factors()), setting
 
     def model_config(self, cfg, channels):
         v = cfg.vqvae2
@@ -224,15 +152,15 @@ class VQVAE2Family(Family):
                 "coeff_warmup_steps": cfg.stage1.coeff_warmup(channels)}
 
     def build(self, model_config):
-        from models.vqvae2 import VQVAE2
+        from hvae.models.vqvae2 import VQVAE2
 
         return VQVAE2(**model_config)
 
     def param_counts(self, cfg, channels, num_classes):
         import torch
 
-        from models.pixelcnn import HierarchicalPrior
-        from stages.priors import prior_config
+        from hvae.models.pixelcnn import HierarchicalPrior
+        from hvae.stages.priors import prior_config
 
         from . import count_params
 
@@ -259,7 +187,7 @@ class VQVAE2Family(Family):
     def figures(self, model, data, cfg, folder: Path, val_sums: dict):
         import torch
 
-        from models.quantize import perplexity
+        from hvae.models.quantize import perplexity
 
         save_reconstructions(model, data, cfg.stage1.recon_images, folder)
         # the code counts of the last validation pass, summed over the training workers
@@ -275,7 +203,7 @@ class VQVAE2Family(Family):
         return stats
 
     def sampler(self, model, upstream, scfg):
-        from stages.priors import load_priors
+        from hvae.stages.priors import load_priors
 
         from . import OnDevice
 
@@ -284,7 +212,7 @@ class VQVAE2Family(Family):
                         pixels=scfg.pixels, cached=scfg.cached)
 
     def scorer(self, model, upstream, ecfg):
-        from stages.priors import load_priors
+        from hvae.stages.priors import load_priors
 
         from . import OnDevice
 

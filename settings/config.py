@@ -1,9 +1,9 @@
 """The one configuration schema of the pipeline (pydantic), YAML loading and overrides.
 
 Every section forbids unknown keys and checks types strictly, so a typo or a wrong type
-fails before any work starts, with one line naming the dotted key. Each model family
-(``stages/families``) brings its own section (``vqvae2:``, ``nvae:``, ``vae:``, ``pixelvae:``); the stages'
-and the product's sections are here.
+fails before any work starts, with one line naming the dotted key. Each model family has its
+own section (``vqvae2:``, ``nvae:``, ``vae:``, ``pixelvae:``: ``settings/families.py``); the
+stages' and the product's sections are here.
 """
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ from typing import Annotated, Literal, Optional, Union
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from stages import families
-
-from . import graph
-from .schema import ConfigError, PixelCNNKernel, Section
+from . import families, graph
+from .base import ConfigError, PixelCNNKernel, Section, uneven_batch
 
 __all__ = ["ConfigError", "PipelineConfig", "load_config", "to_yaml", "set_key"]
 
@@ -112,7 +110,7 @@ class Stage1Config(Section):
     """Training keys every model family shares; the model's own keys are in its section
     (``vqvae2:``, ``nvae:``, ``vae:``, ``pixelvae:``: the family named by ``model``)."""
 
-    model: str = families.DEFAULT  # the model family (stages/families/<model>.py) and its config section
+    model: str = families.DEFAULT  # the model family (settings/families.py: FAMILIES) and its config section
     likelihood: Literal["dlogistic", "bernoulli"] = "dlogistic"
     num_mixtures: int = Field(5, ge=1)  # discretized logistic mixture components
     # training steps before the discretized logistic's channel coefficients (G from R, B from R
@@ -276,7 +274,7 @@ class _Checks(Section):
         data = dict(data)
         for name in families.names():
             if isinstance(data.get(name), dict):
-                data[name], note = families.get(name).upgrade(dict(data[name]))
+                data[name], note = families.section_class(name).upgrade(dict(data[name]))
                 if note:
                     _deprecated(note)
         if not isinstance(data.get("stage1"), dict):
@@ -285,7 +283,7 @@ class _Checks(Section):
         name = stage1.get("model", families.DEFAULT)
         if name not in families.names():
             return data  # the field check names it
-        fields = families.get(name).Config.model_fields
+        fields = families.section_class(name).model_fields
         moved = [k for k in stage1 if k not in Stage1Config.model_fields and k in fields]
         if moved:
             section = dict(data.get(name) or {})
@@ -298,7 +296,8 @@ class _Checks(Section):
 
     @property
     def family(self):
-        return families.of(self)
+        """The model family's section (stage1.model names it): its name, stages, image-size factor."""
+        return getattr(self, self.stage1.model)
 
     @model_validator(mode="after")
     def _root(self):
@@ -322,12 +321,25 @@ class _Checks(Section):
 
     @model_validator(mode="after")
     def _sizes(self):
-        factor, why = self.family.downsampling(self)
+        factor, why = self.family.downsampling()
         if self.data.image_size % factor:
             raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of {factor} for {why}")
         every = self.priors.attention_every
         if isinstance(every, list) and "priors" in self.family.stages and len(every) != self.vqvae2.levels:
             raise ValueError(f"priors.attention_every lists {len(every)} values for vqvae2.levels={self.vqvae2.levels}")
+        return self
+
+    @model_validator(mode="after")
+    def _batches(self):
+        """A fixed worker count splits each training stage's global batch exactly (an ``auto``
+        count is known once Ray is up: the stage checks it then, ``stages.base.worker_batch``)."""
+        workers = self.cluster.num_workers
+        if workers == "auto":
+            return self
+        for stage in ("stage1", "priors"):
+            why = uneven_batch(f"{stage}.batch_size", getattr(self, stage).batch_size, workers)
+            if why is not None and stage in self.family.stages:
+                raise ValueError(why)
         return self
 
     @model_validator(mode="after")
@@ -372,7 +384,7 @@ PipelineConfig = create_model(
     "PipelineConfig", __base__=_Checks,
     data=_section(DataConfig), cluster=_section(ClusterConfig), train=_section(TrainConfig),
     tracking=_section(TrackingConfig),
-    stage1=_section(Stage1Config), **{name: _section(families.get(name).Config) for name in families.names()},
+    stage1=_section(Stage1Config), **{name: _section(families.section_class(name)) for name in families.names()},
     extract=_section(ExtractConfig), priors=_section(PriorsConfig), sample=_section(SampleConfig),
     evaluate=_section(EvaluateConfig), sweep=(Optional[SweepConfig], None),
 )
