@@ -1,6 +1,7 @@
 # make run            - set up .venv if needed, then run the pipeline on the embedded default
 # make test           - set up .venv if needed, then run the whole test suite (what CI runs; prints the 25 slowest)
-# make test-fast      - the tests to run while working: every unit test and one smoke pipeline (8 to 13 min on 2 cores)
+# make test-fast      - the lint gate, then the tests to run while working: every unit test and one smoke pipeline (8 to 13 min on 2 cores)
+# make lint           - ruff over the package, the tests and the benchmarks (its rules: pyproject.toml)
 # make test-shuffled  - the fast tier with files and tests in a shuffled order (SEED=<n>, default 1; ARGS= for more)
 # make chaos          - the smoke pipeline SIGKILLed at 5 random moments and started again: the same NLL (several minutes)
 # make ui             - MLflow UI for ./mlruns.db on http://127.0.0.1:5000
@@ -17,7 +18,7 @@ MNIST := data/mnist.npz
 CLASSIFIER := data/mnist_classifier.pt
 BROWSER := $(VENV)/.browser-stamp
 
-.PHONY: run test test-fast test-shuffled chaos ui bench bench-full clean classifier
+.PHONY: run test test-fast test-shuffled chaos ui bench bench-full clean classifier lint
 
 $(STAMP): pyproject.toml
 	@echo "[make] creating $(VENV) and installing hvae with torch, ray, mlflow (about 2-3 minutes, ~6.5 GB)"
@@ -47,10 +48,13 @@ classifier: $(CLASSIFIER)
 run: $(STAMP) $(MNIST)
 	$(BIN)/hvae run configs/default.yaml
 
-test: $(STAMP) $(MNIST) $(BROWSER)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint $(STAMP) $(MNIST) $(BROWSER)
 	$(BIN)/python -m pytest -q --durations=25 -m "not chaos"
 
-test-fast: $(STAMP) $(MNIST)
+test-fast: lint $(STAMP) $(MNIST)
 	$(BIN)/python -m pytest -q -m "not slow and not chaos"
 
 chaos: $(STAMP) $(MNIST)

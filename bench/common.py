@@ -55,7 +55,6 @@ def fresh_run(config: str, overrides: list[str]):
     (the folder, the run's wall seconds, an MlflowClient on its store, {stage: its child run});
     raises SystemExit with the run's exit code when it failed."""
     import subprocess
-    import sys
     import tempfile
     import time
 

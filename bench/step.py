@@ -35,11 +35,11 @@ THREADS, BATCH, SIZE = 2, 128, 32
 
 def _ours(**kw):
     from hvae.models.vqvae2 import VQVAE2
+    from hvae.stages.families import model_args
 
     torch.manual_seed(0)
-    model = VQVAE2(in_channels=3, levels=2, hidden=128, res_hidden=32, res_blocks=2, embed_dim=64,
-                   codebook_size=512, **kw)
-    return model
+    return VQVAE2(**model_args("vqvae2", in_channels=3, levels=2, hidden=128, res_hidden=32, res_blocks=2,
+                               embed_dim=64, codebook_size=512, **kw))
 
 
 def _compiled():

@@ -137,10 +137,12 @@ class IAFCell(nn.Module):
 
 
 class NVAE(nn.Module):
-    def __init__(self, in_channels: int = 1, image_size: int = 32, hidden: int = 32, latent_channels: int = 8,
-                 scales: int = 2, groups_per_scale: int = 2, cells_per_group: int = 1,
-                 residual_posterior: bool = True, likelihood: str = "dlogistic", num_mixtures: int = 5,
-                 flows: int = 0, likelihood_region: list[int] | None = None, coeff_warmup_steps: int = 0):
+    # every setting comes from the config (hvae.stages.families.nvae and .vae: model_config): no
+    # defaults here, so the schema's are the only ones
+    def __init__(self, *, in_channels: int, image_size: int, hidden: int, latent_channels: int,
+                 scales: int, groups_per_scale: int, cells_per_group: int,
+                 residual_posterior: bool, likelihood: str, num_mixtures: int,
+                 coeff_warmup_steps: int, flows: int, likelihood_region: list[int] | None = None):
         super().__init__()
         if image_size % (2 ** scales):
             raise ValueError(f"image_size {image_size} must be a multiple of {2 ** scales} for {scales} scales")

@@ -221,9 +221,11 @@ class HierarchicalPrior(nn.Module):
     first (the VQ-VAE-2 paper attends in the top prior only).
     """
 
-    def __init__(self, codebook_sizes: list[int], shapes: list[list[int]], hidden: int = 64,
-                 layers: int = 6, kernel: int = 5, num_classes: int = 0,
-                 attention_every: int | list[int] = 0, attention_heads: int = 4, dropout: float = 0.0):
+    # every setting comes from the priors: section (hvae.stages.priors: prior_config): no
+    # defaults here, so the schema's are the only ones
+    def __init__(self, *, codebook_sizes: list[int], shapes: list[list[int]], hidden: int, layers: int,
+                 kernel: int, num_classes: int, attention_every: int | list[int], attention_heads: int,
+                 dropout: float):
         super().__init__()
         self.shapes = [list(s) for s in shapes]
         self.levels = nn.ModuleList()

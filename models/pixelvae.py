@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import noise
 from .likelihoods import CoefficientWarmup, make_likelihood, real_pixels, to_model_range
@@ -79,10 +78,12 @@ def _draw(mu, log_sigma, generator, temperature: float = 1.0) -> torch.Tensor:
 
 
 class PixelVAE(nn.Module):
-    def __init__(self, in_channels: int = 1, image_size: int = 28, hidden: int = 32, latent_channels: int = 4,
-                 downsample: int = 2, upsample: bool = True, levels: int = 1, pixel_hidden: int = 32,
-                 pixel_layers: int = 4, kernel: int = 5, likelihood: str = "bernoulli", num_mixtures: int = 5,
-                 likelihood_region: list[int] | None = None, coeff_warmup_steps: int = 0):
+    # every setting comes from the config (hvae.stages.families.pixelvae: model_config): no
+    # defaults here, so the schema's are the only ones
+    def __init__(self, *, in_channels: int, image_size: int, hidden: int, latent_channels: int,
+                 downsample: int, upsample: bool, levels: int, pixel_hidden: int,
+                 pixel_layers: int, kernel: int, likelihood: str, num_mixtures: int,
+                 coeff_warmup_steps: int, likelihood_region: list[int] | None = None):
         super().__init__()
         factor = 2 ** (downsample + levels - 1)
         if image_size % factor:

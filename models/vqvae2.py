@@ -79,27 +79,30 @@ def _upsampler(in_ch: int, out_ch: int, factor: int, mid_ch: int | None = None) 
 
 
 class VQVAE2(nn.Module):
+    # every setting comes from the config (hvae.stages.families.vqvae2: model_config): no
+    # defaults here, so the schema's are the only ones
     def __init__(
         self,
-        in_channels: int = 1,
-        levels: int = 2,
-        hidden: int = 64,
-        res_hidden: int = 32,
-        res_blocks: int = 2,
-        embed_dim: int = 64,
-        codebook_size: int | list[int] = 512,
-        beta: float = 0.25,
-        decay: float = 0.99,
-        kmeans_init: bool = False,
-        dead_code_threshold: float = 0.0,
-        likelihood: str = "dlogistic",
-        num_mixtures: int = 5,
-        sync_codebooks: bool = True,
-        downsample: list[int] | None = None,
-        likelihood_region: list[int] | None = None,
-        coeff_warmup_steps: int = 0,
-        kmeans_at_step: int = 0,
-        dead_code_fraction: float = 0.0,
+        *,
+        in_channels: int,
+        levels: int,
+        hidden: int,
+        res_hidden: int,
+        res_blocks: int,
+        embed_dim: int,
+        codebook_size: int | list[int],
+        beta: float,
+        decay: float,
+        kmeans_init: bool,
+        dead_code_threshold: float,
+        likelihood: str,
+        num_mixtures: int,
+        downsample: list[int],
+        coeff_warmup_steps: int,
+        kmeans_at_step: int,
+        dead_code_fraction: float,
+        likelihood_region: list[int] | None = None,  # from the data (its real pixels), not a setting
+        sync_codebooks: bool = True,  # all-reduce the EMA statistics under DDP (off: a test's lone model)
     ):
         super().__init__()
         if levels < 1:

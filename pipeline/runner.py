@@ -380,7 +380,6 @@ def _reuse(tracker, planned: PlannedStage, fetch, upstream: dict[str, str],
     """A finished run of the same stage and fingerprint (the run ``run_id`` when given), made
     from the runs ``upstream`` names (the ones this pipeline uses), whose artifacts check out
     -> (run id, folder, run)."""
-    from .tracking import TAG_CORRUPT
 
     found = tracker.find_finished(planned.name, planned.fingerprint, upstream, run_id)
     if found is None:

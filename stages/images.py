@@ -165,7 +165,7 @@ def train_stage1(ctx: StageContext, family, model_config: dict):
                        family=family.name, hold=data.held_by_workers("train") and data.held_by_workers("val"),
                        binarize_seed=cfg.data.binarize_seed if cfg.data.binarize == "dynamic" else None, **extra),
         model_config=model_config, epochs=s1.epochs, lr=s1.lr, weight_decay=s1.weight_decay,
-        grad_clip=s1.grad_clip, seed=s1.seed, stage=ctx.name, report=ctx.report, **cfg.train.model_dump(),
+        grad_clip=s1.grad_clip, seed=s1.seed, stage=ctx.name, report=ctx.report, train=cfg.train,
     )
     return fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path, cluster=cfg.cluster,
                datasets=ctx.datasets or training_datasets(data, ctx.upstream), callbacks=ctx.train_callbacks)

@@ -33,6 +33,15 @@ def prior_config(schema: dict, pcfg) -> dict:
             "attention_every": pcfg.attention_every, "attention_heads": pcfg.attention_heads, "dropout": pcfg.dropout}
 
 
+def prior_args(codebook_sizes: list[int], shapes: list[list[int]], num_classes: int = 0, **changes) -> dict:
+    """HierarchicalPrior's arguments for code maps of these sizes and shapes at the ``priors:``
+    section's defaults, with ``changes`` (a notebook's, a test's or a benchmark's way to build one)."""
+    from hvae.settings.config import PriorsConfig
+
+    schema = {"codebook_sizes": codebook_sizes, "shapes": shapes, "num_classes": num_classes}
+    return {**prior_config(schema, PriorsConfig(class_conditional=num_classes > 0)), **changes}
+
+
 def save_priors(model: HierarchicalPrior, config: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for l, prior in enumerate(model.levels):
@@ -146,7 +155,7 @@ def run(ctx: StageContext) -> StageResult:
         task_args=dict(config=config, batch_size=pcfg.batch_size, world_hint=cluster.num_workers, seed=pcfg.seed,
                        train_rows=schema["rows"]["train"], decoder=load_model(ctx.upstream["stage1"] / "model")[1]),
         model_config=config, epochs=pcfg.epochs, lr=pcfg.lr, seed=pcfg.seed, stage=ctx.name, report=ctx.report,
-        **ctx.config.train.model_dump(),
+        train=ctx.config.train,
     )
     fitted = fit(spec, name=ctx.checkpoint_name, storage_path=ctx.storage_path, cluster=cluster, datasets=datasets,
                  callbacks=ctx.train_callbacks)

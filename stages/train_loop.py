@@ -30,6 +30,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from hvae.settings.config import TrainConfig
+
 from . import checkpoints
 from .keep import BestEpoch, kept
 from .base import TrainTask
@@ -51,19 +53,15 @@ class LoopSpec:
     report: Callable[[dict, int], None] | None = None  # called on rank 0 once per epoch
     storage_path: str = ""  # checkpoints live under storage_path/name (set by fit)
     sync_every: int = 50  # steps between the loop's host syncs (the non-finite check)
-    precision: str = "fp32"  # fp32 | bf16 | fp16: the forward pass under autocast (config train:)
-    compile: bool = False
-    channels_last: bool = False
-    accumulate_steps: int = 1  # batches whose gradients one optimizer step sums
-    warmup_steps: int = 0  # optimizer steps of linear LR warm-up before the cosine decay
-    checkpoint_every_steps: int = 0  # a step checkpoint every this many batches of an epoch (0: epoch ends only)
-    keep: str = "best"  # best | last: the weights the stage hands on (stages/keep.py)
+    # how every training stage runs (precision, compile, accumulation, schedule, checkpoints, which
+    # weights it hands on): the config's train: section itself
+    train: TrainConfig = field(default_factory=TrainConfig)
     launched_at: float = 0.0  # time.time() when the driver called fit (set by fit): the start-up's clock
 
     def autocast(self, device: torch.device):
         """The forward pass's autocast context (off for fp32). The models keep their float32
         islands (codebook, likelihoods, KL terms) themselves: ``models/precision.py``."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.train.precision)
         return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
     name: str = ""
 
@@ -74,11 +72,11 @@ def train_step(task: TrainTask, model, optimizer, batch, device, spec: LoopSpec,
                guard: "Guard | None" = None, step: int = 0, update: bool = True, scheduler=None) -> dict[str, torch.Tensor]:
     """Forward (under the spec's autocast) and backward on one batch, then, when ``update``,
     the optimizer step (``apply_update``); returns the batch's sums for the epoch (on the
-    device). With ``spec.accumulate_steps`` > 1 the gradients of that many batches add up
+    device). With ``spec.train.accumulate_steps`` > 1 the gradients of that many batches add up
     (each loss divided by their number) and DDP all-reduces only at the update.
     ``scaler``: fp16's GradScaler. ``guard`` watches the loss and the task's named terms
     without a host sync."""
-    accumulate = spec.accumulate_steps
+    accumulate = spec.train.accumulate_steps
     quiet = not update and accumulate > 1 and hasattr(model, "no_sync")
     with model.no_sync() if quiet else contextlib.nullcontext():
         with spec.autocast(device):
@@ -155,10 +153,10 @@ class Schedule:
 
 def make_optimizer(model, spec: LoopSpec, steps_per_epoch: int = 1):
     """AdamW and its per-step schedule over the run's optimizer steps (``steps_per_epoch``
-    batches an epoch, ``spec.accumulate_steps`` of them to a step)."""
+    batches an epoch, ``spec.train.accumulate_steps`` of them to a step)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    updates = math.ceil(steps_per_epoch / spec.accumulate_steps)
-    schedule = Schedule(spec.warmup_steps, spec.epochs * updates)
+    updates = math.ceil(steps_per_epoch / spec.train.accumulate_steps)
+    schedule = Schedule(spec.train.warmup_steps, spec.epochs * updates)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
@@ -343,15 +341,15 @@ def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int, reports: Star
         # one point per start of the worker group: more than one means Ray Train restarted it
         reports.add({"worker_group_start_epoch": float(start_epoch)}, start_epoch)
         reports.start()
-    if spec.channels_last:
+    if spec.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if spec.compile:
+    if spec.train.compile:
         compile_model(model)
     # The codebooks keep themselves in sync (all-reduced EMA statistics): DDP must not
     # overwrite every rank's buffers with rank 0's at each forward.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
     optimizer, scheduler = make_optimizer(model, spec, task.steps_per_epoch(world))
-    scaler = torch.amp.GradScaler(ray.train.torch.get_device().type) if spec.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(ray.train.torch.get_device().type) if spec.train.precision == "fp16" else None
     if restored is not None:
         optimizer.load_state_dict(restored["optimizer"])
         scheduler.load_state_dict(restored["scheduler"])
@@ -367,11 +365,11 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
               progress: "Progress | None" = None):
     """Train one epoch, then validate -> (train sums, val sums, seconds of training, seconds of
     validation). An
-    optimizer step every ``spec.accumulate_steps`` batches, and one for the epoch's last
+    optimizer step every ``spec.train.accumulate_steps`` batches, and one for the epoch's last
     batches (their gradients are then divided by ``accumulate_steps`` all the same).
     ``resume``: continue after the batches a step checkpoint had done (they come again, in the
     same order, and are passed over); ``checkpoint(batches done, sums, data wait)`` is called
-    every ``spec.checkpoint_every_steps`` batches, at an optimizer step, on every rank."""
+    every ``spec.train.checkpoint_every_steps`` batches, at an optimizer step, on every rank."""
     torch.manual_seed(spec.seed * 100003 + epoch * 7919 + rank)
     start = 0
     train_sums: dict[str, torch.Tensor] = {}
@@ -384,7 +382,7 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
         train_sums = {k: v.to(device) for k, v in resume.sums.items()}
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    every, last = spec.checkpoint_every_steps, task.steps_per_epoch(world)
+    every, last = spec.train.checkpoint_every_steps, task.steps_per_epoch(world)
     t0 = time.perf_counter()
     batches, guard, pending = iter(task.train_batches(epoch, rank, world)), Guard(), False
     for step in itertools.count():
@@ -397,7 +395,7 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
             break
         if step == 0:
             train_sums["first_batch_s"] = torch.tensor(time.perf_counter() - t0)
-        update = (step + 1) % spec.accumulate_steps == 0
+        update = (step + 1) % spec.train.accumulate_steps == 0
         _accumulate(train_sums, train_step(task, model, optimizer, batch, device, spec, scaler, guard, step,
                                            update=update, scheduler=scheduler))
         pending = not update
@@ -414,7 +412,7 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
     train_sums["data_wait_s"] = torch.tensor(waited)  # blocked on the input pipeline
     # the epoch's optimizer steps (batches done, those before a resume included), so that the
     # images each step trained on over all workers are counted, not assumed
-    train_sums["optimizer_updates"] = torch.tensor(float(math.ceil(step / spec.accumulate_steps)))
+    train_sums["optimizer_updates"] = torch.tensor(float(math.ceil(step / spec.train.accumulate_steps)))
     seconds = time.perf_counter() - t0
     model.eval()
     val_sums: dict[str, torch.Tensor] = {}
@@ -488,7 +486,7 @@ def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, e
                 "val_sums": val_sums or {}}
         checkpoints.save(Path(tmp), state, meta)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    if spec.checkpoint_every_steps:
+    if spec.train.checkpoint_every_steps:
         checkpoints.prune_steps(spec.storage_path, spec.name)  # the epoch's end supersedes its steps
 
 
@@ -659,8 +657,8 @@ def planned_steps(spec: LoopSpec, world: int) -> str:
     learns: epochs, batches per worker and optimizer steps."""
     task = spec.make_task(**spec.task_args)  # (a task's constructor only keeps its arguments)
     batches = task.steps_per_epoch(world)
-    steps = spec.epochs * math.ceil(batches / spec.accumulate_steps)
-    accumulate = f", {spec.accumulate_steps} batches a step" if spec.accumulate_steps > 1 else ""
+    steps = spec.epochs * math.ceil(batches / spec.train.accumulate_steps)
+    accumulate = f", {spec.train.accumulate_steps} batches a step" if spec.train.accumulate_steps > 1 else ""
     return (f"{spec.epochs} epoch{'s' if spec.epochs != 1 else ''} x {batches} batches of {task.batch_size} per "
             f"worker on {world} worker{'s' if world != 1 else ''}{accumulate} = {steps:,} optimizer steps")
 
@@ -705,7 +703,7 @@ def fit(spec: LoopSpec, *, name: str, storage_path: str, cluster, datasets: dict
         raise RuntimeError(f"training {name} ended without a checkpoint")
     state, meta = found.load()
     metrics = {k: float(v) for k, v in meta["metrics"].items() if not k.endswith(("startup_seconds", "entered_seconds", "report_seconds"))}
-    weights, kept_metrics, line = kept(state, meta, spec.keep, getattr(spec.make_task, "select_metric", "val_loss"))
+    weights, kept_metrics, line = kept(state, meta, spec.train.keep, getattr(spec.make_task, "select_metric", "val_loss"))
     # the LR schedule moves once per optimizer step: its count is the steps trained, resumes included
     steps = {"optimizer_steps": float(state["scheduler"]["last_epoch"])} if "scheduler" in state else {}
     return Fitted(state, meta, found.path, {**metrics, **kept_metrics, **steps, "fit_seconds": seconds}, weights, line)

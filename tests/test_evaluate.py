@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from hvae.stages.priors import prior_args
+from hvae.stages.families import model_args
 from hvae.models.pixelcnn import HierarchicalPrior
 from hvae.models.vqvae2 import VQVAE2, draw
 from hvae.stages.families.vqvae2 import nll_bound
@@ -13,9 +15,9 @@ from hvae.stages.nll_table import nll_table
 
 def _known_models(likelihood="bernoulli"):
     torch.manual_seed(0)
-    vq = VQVAE2(in_channels=1, levels=2, hidden=8, res_hidden=4, res_blocks=1, embed_dim=4,
-                codebook_size=[8, 16], likelihood=likelihood, num_mixtures=1).eval()
-    priors = HierarchicalPrior([8, 16], [[4, 4], [8, 8]], hidden=8, layers=2, kernel=3).eval()
+    vq = VQVAE2(**model_args("vqvae2", in_channels=1, levels=2, hidden=8, res_hidden=4, res_blocks=1, embed_dim=4,
+                codebook_size=[8, 16], likelihood=likelihood, num_mixtures=1)).eval()
+    priors = HierarchicalPrior(**prior_args([8, 16], [[4, 4], [8, 8]], hidden=8, layers=2, kernel=3)).eval()
     with torch.no_grad():
         last = vq.decoder[-1]  # decoder output 0 everywhere: Bernoulli(0.5) for every pixel
         last.weight.zero_()

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from hvae.stages.priors import prior_args
+from hvae.stages.families import model_args
 from hvae.models.nvae import NVAE
 from hvae.models.pixelcnn import HierarchicalPrior
 from hvae.models.vqvae2 import VQVAE2
@@ -19,9 +21,9 @@ def _vq_models():
     """Binary 4x4 images; a 1x1 top map of 3 codes over a 2x2 bottom map of 2 codes: 3 x 2^4 = 48
     code maps. Random weights: the bound holds for any model, trained or not."""
     torch.manual_seed(0)
-    vq = VQVAE2(in_channels=1, levels=2, hidden=8, res_hidden=4, res_blocks=1, embed_dim=4, codebook_size=[3, 2],
-                likelihood="bernoulli", downsample=[2, 2], sync_codebooks=False).eval()
-    priors = HierarchicalPrior([3, 2], [[1, 1], [2, 2]], hidden=8, layers=2, kernel=3).eval()
+    vq = VQVAE2(**model_args("vqvae2", in_channels=1, levels=2, hidden=8, res_hidden=4, res_blocks=1, embed_dim=4, codebook_size=[3, 2],
+                likelihood="bernoulli", downsample=[2, 2], sync_codebooks=False)).eval()
+    priors = HierarchicalPrior(**prior_args([3, 2], [[1, 1], [2, 2]], hidden=8, layers=2, kernel=3)).eval()
     with torch.no_grad():
         for p in list(vq.parameters()) + list(priors.parameters()):
             p.add_(0.5 * torch.randn_like(p))  # (away from the initialisation's near-uniform outputs)
@@ -64,8 +66,8 @@ def test_the_vq_bound_is_above_the_exact_nll_by_minus_log_the_posterior_of_its_c
 def _vae():
     """The plain Gaussian VAE on binary 2x2 images with one latent number: p(x) is a 1-D integral."""
     torch.manual_seed(0)
-    model = NVAE(in_channels=1, image_size=2, hidden=8, latent_channels=1, scales=1, groups_per_scale=1,
-                 residual_posterior=False, likelihood="bernoulli")
+    model = NVAE(**model_args("nvae", in_channels=1, image_size=2, hidden=8, latent_channels=1, scales=1, groups_per_scale=1,
+                 residual_posterior=False, likelihood="bernoulli"))
     images = torch.tensor(list(itertools.product((0, 255), repeat=4)), dtype=torch.uint8).reshape(16, 1, 2, 2)
     # trained on two images, all black and all white: the decoder must read z to tell them apart,
     # so the posterior is far narrower than the prior and one sample is a poor estimate

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hvae.stages.families import model_args
 from hvae.models.likelihoods import Bernoulli, DiscretizedLogistic, to_bits_per_dim
 
 
@@ -103,7 +104,7 @@ def test_the_channel_coefficients_wait_for_the_warmup_steps_and_the_count_is_sav
     torch.manual_seed(0)
     kw = dict(in_channels=3, levels=1, hidden=8, res_hidden=4, res_blocks=1, embed_dim=4, codebook_size=8,
               num_mixtures=2, coeff_warmup_steps=2)
-    model = VQVAE2(**kw).train()
+    model = VQVAE2(**model_args("vqvae2", **kw)).train()
     x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     gates = []
     for _ in range(3):
@@ -122,8 +123,8 @@ def test_the_channel_coefficients_wait_for_the_warmup_steps_and_the_count_is_sav
     torch.testing.assert_close(off, lik.log_prob(zeroed, x[:, :, :4, :4]))
     assert not torch.allclose(off, lik.log_prob(params, x[:, :, :4, :4]))
     # a model rebuilt from the state dict goes on where it was; a fresh one starts with them off
-    again = VQVAE2(**kw)
+    again = VQVAE2(**model_args("vqvae2", **kw))
     assert again.likelihood.coeff_gate == 0.0
     again.load_state_dict(model.state_dict())
     assert again.likelihood.coeff_gate == 1.0 and again.coeff_warmup.done == 3
-    assert VQVAE2(**{**kw, "coeff_warmup_steps": 0}).likelihood.coeff_gate == 1.0
+    assert VQVAE2(**model_args("vqvae2", **{**kw, "coeff_warmup_steps": 0})).likelihood.coeff_gate == 1.0

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from hvae.stages.families import model_args
 from hvae.models.nvae import NVAE, IAFCell, iw_bound, kl_balance, normal_log_prob, residual_normal_kl
 
 
@@ -25,7 +26,7 @@ def test_residual_normal_kl_is_the_closed_form_and_matches_monte_carlo():
 @pytest.fixture(scope="module")
 def trained_batch():
     torch.manual_seed(0)
-    model = NVAE(hidden=16, latent_channels=4, scales=2, groups_per_scale=2)
+    model = NVAE(**model_args("nvae", hidden=16, latent_channels=4, scales=2, groups_per_scale=2))
     x = torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(5):  # a few steps: posterior and prior no longer coincide
@@ -65,14 +66,14 @@ def test_temperature_zero_is_deterministic_given_the_top_latent(trained_batch):
 
 
 def test_plain_vae_is_one_group_with_a_standard_normal_prior():
-    model = NVAE(hidden=16, latent_channels=4, scales=1, groups_per_scale=1, residual_posterior=False)
+    model = NVAE(**model_args("nvae", hidden=16, latent_channels=4, scales=1, groups_per_scale=1, residual_posterior=False))
     x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
     out = model(x)
     assert out["kl"].shape == (1, 4) and model.group_sizes() == [4 * 16 * 16]
     z = torch.zeros(2, 4, 16, 16)
     assert model.sample(2, temperature=0.0, top=z).shape == (2, 1, 32, 32)
     with pytest.raises(ValueError, match="plain VAE"):
-        NVAE(scales=2, residual_posterior=False)
+        NVAE(**model_args("nvae", scales=2, residual_posterior=False))
 
 
 def test_kl_balancing_keeps_the_total_once_warm_and_reweights_groups_before():
@@ -99,7 +100,7 @@ def test_kl_balancing_weights_groups_by_kl_per_dimension_not_by_size():
 
 
 def test_spectral_loss_converges_to_the_largest_singular_value():
-    model = NVAE(hidden=8, latent_channels=2, scales=1, groups_per_scale=1).train()
+    model = NVAE(**model_args("nvae", hidden=8, latent_channels=2, scales=1, groups_per_scale=1)).train()
     conv = model.stem
     for _ in range(50):
         loss = model.spectral_loss()
@@ -114,7 +115,7 @@ def test_spectral_loss_converges_to_the_largest_singular_value():
                                     dict(scales=1, groups_per_scale=2, flows=2)])
 def test_every_parameter_gets_a_gradient(kwargs):
     """DDP (several Ray Train workers) fails on parameters the loss does not reach."""
-    model = NVAE(hidden=8, latent_channels=2, **kwargs)
+    model = NVAE(**model_args("nvae", hidden=8, latent_channels=2, **kwargs))
     out = model(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
     (out["nll"] + out["kl"].sum(0)).mean().add(model.spectral_loss()).backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
@@ -145,7 +146,7 @@ def test_a_flow_cell_is_autoregressive_over_channels_and_its_log_determinant_is_
 
 def test_with_flows_each_groups_kl_is_the_one_sample_estimate_log_q_minus_log_p():
     torch.manual_seed(0)
-    model = NVAE(hidden=8, latent_channels=3, scales=1, groups_per_scale=2, flows=2)
+    model = NVAE(**model_args("nvae", hidden=8, latent_channels=3, scales=1, groups_per_scale=2, flows=2))
     for cell in (c for cells in model.flows for c in cells):
         torch.nn.init.normal_(cell.out.weight, std=0.3)
     out = model(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))

@@ -175,3 +175,49 @@ def test_a_worker_count_known_only_at_run_time_must_divide_the_batch_too():
     with pytest.raises(ConfigError, match=r"priors.batch_size=10 does not split evenly over cluster.num_workers=4 "
                                           r".*priors.batch_size=8 or priors.batch_size=12, or cluster.num_workers=2"):
         worker_batch("priors.batch_size", 10, 4)
+
+
+@pytest.mark.parametrize("name", ["vqvae2", "nvae", "vae", "pixelvae"])
+def test_each_family_setting_has_one_default_and_the_built_model_and_task_use_it(name):
+    """Every key of a family's section reaches its model or its stage-1 task at the schema's
+    default, and the model's constructor declares no default of its own (only the arguments
+    that are no settings: the data's real pixels, a lone test model's codebook sync)."""
+    import inspect
+
+    from hvae.settings.config import load_config
+    from hvae.stages import families
+
+    cfg = load_config(None, [f"stage1.model={name}"])
+    family, section = families.get(name), getattr(cfg, name)
+    args = family.model_config(cfg, 1)
+    used = {**args, **family.task(cfg)[1].get("loss", {})}
+    for key, value in section.model_dump().items():
+        assert key in used, f"{name}.{key} reaches neither the model nor the task"
+        assert used[key] == (section.factors() if (name, key) == ("vqvae2", "downsample") else value), key
+    assert (args["likelihood"], args["num_mixtures"]) == (cfg.stage1.likelihood, cfg.stage1.num_mixtures)
+    model = family.build(args)
+    params = inspect.signature(type(model).__init__).parameters
+    assert {p for p, v in params.items() if v.default is not inspect.Parameter.empty} <= {"likelihood_region",
+                                                                                          "sync_codebooks"}
+    if name == "vqvae2":  # (its constructor's defaults disagreed with the schema's on these three)
+        q = model.quantizers[0]
+        assert (not bool(q.initialized), q.kmeans_at_step, q.dead_code_fraction) == \
+            (section.kmeans_init, section.kmeans_at_step, section.dead_code_fraction) == (True, 50, 0.03)
+
+
+def test_the_priors_are_built_from_their_section_alone():
+    """HierarchicalPrior has no defaults: every model key of ``priors:`` reaches it as configured."""
+    import inspect
+
+    from hvae.models.pixelcnn import HierarchicalPrior
+    from hvae.settings.config import load_config
+    from hvae.stages.priors import prior_config
+
+    pcfg = load_config(None, ["priors.class_conditional=true", "priors.hidden=32"]).priors
+    args = prior_config({"codebook_sizes": [8, 16], "shapes": [[4, 4], [8, 8]], "num_classes": 10}, pcfg)
+    params = inspect.signature(HierarchicalPrior.__init__).parameters
+    assert all(v.default is inspect.Parameter.empty for p, v in params.items() if p != "self")
+    assert set(args) == set(params) - {"self"}
+    assert {k: args[k] for k in ("hidden", "layers", "kernel", "attention_every", "attention_heads", "dropout")} == \
+        pcfg.model_dump(include={"hidden", "layers", "kernel", "attention_every", "attention_heads", "dropout"})
+    assert args["num_classes"] == 10

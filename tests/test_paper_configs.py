@@ -35,12 +35,11 @@ def test_dry_run_counts_the_parameters_without_the_data(name, tmp_path):
 
 
 def _spec(cfg, model_config) -> LoopSpec:
-    return LoopSpec(make_task=object, task_args={}, model_config=model_config, epochs=1, lr=1e-4,
-                    **cfg.train.model_dump())
+    return LoopSpec(make_task=object, task_args={}, model_config=model_config, epochs=1, lr=1e-4, train=cfg.train)
 
 
 def _one_step(task, model, batch, spec) -> dict:
-    if spec.channels_last:
+    if spec.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)

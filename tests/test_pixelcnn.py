@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from hvae.stages.priors import prior_args
 from hvae.models.pixelcnn import GatedPixelCNN, HierarchicalPrior
 from hvae.models.pixelcnn_cache import cached_logits
 
@@ -87,8 +88,8 @@ def test_the_cached_sampler_draws_the_naive_samplers_codes(kw, dtype):
     """Top prior and a class-conditional bottom prior (kernel 3 and 5, non-square maps): the
     cached sampler (the default) gives the reference's codes for the same seed and weights."""
     torch.manual_seed(0)
-    priors = HierarchicalPrior([7, 9], [[3, 4], [6, 8]], hidden=8, layers=3, kernel=3, num_classes=3,
-                               dropout=0.1, **kw).to(dtype).eval()
+    priors = HierarchicalPrior(**prior_args([7, 9], [[3, 4], [6, 8]], hidden=8, layers=3, kernel=3, num_classes=3,
+                               dropout=0.1, **kw)).to(dtype).eval()
     labels = torch.tensor([0, 1, 2, 0])
     naive = priors.sample(4, labels, 0.8, torch.Generator().manual_seed(3), cached=False)
     cached = priors.sample(4, labels, 0.8, torch.Generator().manual_seed(3))

@@ -3,6 +3,7 @@ samples (the cached sampler equal to the reference), every parameter trained."""
 import pytest
 import torch
 
+from hvae.stages.families import model_args
 from hvae.models.likelihoods import to_model_range
 from hvae.models.nvae import free_nats, iw_bound, normal_log_prob
 from hvae.models.pixelvae import PixelVAE, gaussian_kl
@@ -16,8 +17,8 @@ VARIANTS = {
 
 
 def _small(**kwargs) -> PixelVAE:
-    return PixelVAE(**{"image_size": 28, "hidden": 8, "latent_channels": 2, "pixel_hidden": 8, "pixel_layers": 3,
-                       **kwargs})
+    return PixelVAE(**model_args("pixelvae", **{"image_size": 28, "hidden": 8, "latent_channels": 2, "pixel_hidden": 8, "pixel_layers": 3,
+                       **kwargs}))
 
 
 def _images(model, n: int, seed: int = 0) -> torch.Tensor:
@@ -126,7 +127,7 @@ def test_a_lower_temperature_draws_latents_nearer_the_prior_mean():
 
 def test_sizes_that_do_not_divide_are_refused_by_name():
     with pytest.raises(ValueError, match="image_size 28 must be a multiple of 8"):
-        PixelVAE(image_size=28, downsample=2, levels=2)
+        PixelVAE(**model_args("pixelvae", image_size=28, downsample=2, levels=2))
     assert to_model_range(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hvae.settings.config import load_config
+from hvae.stages.families import model_args
+from hvae.settings.config import TrainConfig, load_config
 from hvae.pipeline.datasets import prepare
 from hvae.stages import families
 from hvae.stages.train_loop import LoopSpec, epoch_metrics, make_optimizer, run_epoch
@@ -129,15 +130,15 @@ def test_mixed_precision_and_compile_follow_fp32(precision, compiled, digits):
                         batch_size=32, world_hint=1, seed=0, family=family.name, **extra)
         task.sources = {s: ArrayShard(images) for s, images in digits.items()}
         spec = LoopSpec(make_task=task_cls, task_args={}, model_config=model_config, epochs=1, lr=1e-3,
-                        stage="stage1", **train)
+                        stage="stage1", train=TrainConfig(**train))
         if not train.get("compile") and train.get("precision", "fp32") == "fp32":
             return _one_epoch(task, spec)
         torch.manual_seed(spec.seed)
         model = task.build_model()
-        if spec.compile:
+        if spec.train.compile:
             compile_model(model)
         optimizer, _ = make_optimizer(model, spec)
-        scaler = torch.amp.GradScaler("cpu") if spec.precision == "fp16" else None
+        scaler = torch.amp.GradScaler("cpu") if spec.train.precision == "fp16" else None
         sums = run_epoch(spec, task, model, optimizer, 0, 0, 1, torch.device("cpu"), scaler)
         return epoch_metrics(task, spec, *sums[:3], 0, spec.lr, 1)
 
@@ -161,8 +162,8 @@ def test_a_compiled_model_compiles_again_only_when_its_coefficients_switch_on():
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = VQVAE2(in_channels=3, hidden=16, res_hidden=8, res_blocks=1, embed_dim=8, codebook_size=16,
-                   coeff_warmup_steps=2)
+    model = VQVAE2(**model_args("vqvae2", in_channels=3, hidden=16, res_hidden=8, res_blocks=1, embed_dim=8, codebook_size=16,
+                   coeff_warmup_steps=2))
     counter = CompileCounter()
     compile_model(model, backend=counter)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -198,7 +199,7 @@ def test_a_resume_from_a_step_checkpoint_equals_the_run_it_cut(name, extra, hold
     model_config = family.model_config(cfg, 1)
     task_cls, extra_args = family.task(cfg)
     spec = LoopSpec(make_task=task_cls, task_args={}, model_config=model_config, epochs=2, lr=1e-3,
-                    stage="stage1", checkpoint_every_steps=3, warmup_steps=2)
+                    stage="stage1", train=TrainConfig(checkpoint_every_steps=3, warmup_steps=2))
 
     def fresh():
         task = task_cls(model_config=model_config, shape=digits["train"].shape[1:], train_rows=len(digits["train"]),

@@ -3,6 +3,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from hvae.settings.config import TrainConfig
+
 from hvae.stages.train_loop import Guard, _agreed, LoopSpec, Schedule, _reduce_sums, _stop_if_not_finite, make_optimizer, run_epoch
 
 
@@ -80,7 +82,7 @@ class Regression:
 
 def _train(batch_size: int, accumulate: int, epochs: int = 2, warmup: int = 0):
     spec = LoopSpec(make_task=Regression, task_args={}, model_config={}, epochs=epochs, lr=0.05,
-                    accumulate_steps=accumulate, warmup_steps=warmup)
+                    train=TrainConfig(accumulate_steps=accumulate, warmup_steps=warmup))
     task = Regression(batch_size)
     model = task.build_model()
     optimizer, scheduler = make_optimizer(model, spec, task.steps_per_epoch(1))

@@ -2,13 +2,14 @@
 import pytest
 import torch
 
+from hvae.stages.families import model_args
 from hvae.models.vqvae2 import VQVAE2
 
 
 def _model(levels, likelihood="dlogistic", channels=1):
     torch.manual_seed(0)
-    return VQVAE2(in_channels=channels, levels=levels, hidden=16, res_hidden=8, res_blocks=1, embed_dim=4,
-                  codebook_size=[8] * levels, likelihood=likelihood, num_mixtures=2)
+    return VQVAE2(**model_args("vqvae2", in_channels=channels, levels=levels, hidden=16, res_hidden=8, res_blocks=1, embed_dim=4,
+                  codebook_size=[8] * levels, likelihood=likelihood, num_mixtures=2))
 
 
 @pytest.mark.parametrize("levels,shapes", [(1, [(8, 8)]), (2, [(4, 4), (8, 8)]), (3, [(2, 2), (4, 4), (8, 8)])])
@@ -56,8 +57,8 @@ def test_gradients_reach_the_encoders_through_the_quantizers():
 ])
 def test_per_level_downsampling_gives_the_configured_maps(downsample, size, shapes):
     torch.manual_seed(0)
-    m = VQVAE2(in_channels=3, levels=len(downsample), hidden=16, res_hidden=8, res_blocks=1, embed_dim=8,
-               codebook_size=16, downsample=downsample).eval()
+    m = VQVAE2(**model_args("vqvae2", in_channels=3, levels=len(downsample), hidden=16, res_hidden=8, res_blocks=1, embed_dim=8,
+               codebook_size=16, downsample=downsample)).eval()
     x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     out = m(x)
     assert [tuple(c.shape[1:]) for c in out["codes"]] == shapes == m.map_shapes(size)
@@ -90,9 +91,9 @@ def test_the_likelihood_counts_the_real_pixels_only(family):
     torch.manual_seed(0)
     region = [2, 2, 28, 28]
     kw = dict(in_channels=1, likelihood_region=region, num_mixtures=2)
-    model = (VQVAE2(levels=2, hidden=8, res_hidden=4, res_blocks=1, embed_dim=4, codebook_size=8,
-                    sync_codebooks=False, **kw) if family == "vqvae2" else
-             NVAE(image_size=32, hidden=8, latent_channels=2, **kw)).eval()
+    model = (VQVAE2(**model_args("vqvae2", levels=2, hidden=8, res_hidden=4, res_blocks=1, embed_dim=4, codebook_size=8,
+                    sync_codebooks=False, **kw)) if family == "vqvae2" else
+             NVAE(**model_args("nvae", image_size=32, hidden=8, latent_channels=2, **kw))).eval()
     x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         g = lambda: torch.Generator().manual_seed(1)  # noqa: E731 (the NVAE draws its latents)

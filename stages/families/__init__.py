@@ -169,6 +169,23 @@ def module_of(name: str) -> str:
     return f"{__name__}.{name}"
 
 
+def model_args(name: str, **changes) -> dict:
+    """The constructor arguments of family ``name``'s model as its stage builds them at the
+    config's defaults (one channel, 32x32 images), with ``changes``: keys of its section or
+    ``likelihood``/``num_mixtures`` change the config first (so what follows from them, such as
+    the default downsampling of more levels, follows); any other key replaces its argument as
+    given. The models have no defaults of their own: this is how a notebook, a test or a
+    benchmark builds one."""
+    from hvae.settings.config import load_config
+
+    cfg = load_config(None, [f"stage1.model={name}"])
+    own = getattr(cfg, name)
+    section = {k: changes.pop(k) for k in list(changes) if k in type(own).model_fields}
+    stage1 = {k: changes.pop(k) for k in list(changes) if k in ("likelihood", "num_mixtures")}
+    cfg = cfg.model_copy(update={name: own.model_copy(update=section), "stage1": cfg.stage1.model_copy(update=stage1)})
+    return {**get(name).model_config(cfg, changes.get("in_channels", 1)), **changes}
+
+
 # ---- a trained stage-1 model on disk ------------------------------------------------
 
 def save_model(family: Family, model, model_config: dict, folder: Path) -> None:

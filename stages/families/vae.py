@@ -18,7 +18,7 @@ class VAEFamily(NVAEFamily):
         v = self.section(cfg)
         return {"in_channels": channels, "image_size": cfg.data.image_size, "hidden": v.hidden,
                 "latent_channels": v.latent_channels, "scales": 1, "groups_per_scale": 1,
-                "cells_per_group": v.cells_per_group, "residual_posterior": False,
+                "cells_per_group": v.cells_per_group, "residual_posterior": False, "flows": 0,
                 "likelihood": cfg.stage1.likelihood, "num_mixtures": cfg.stage1.num_mixtures,
                 "coeff_warmup_steps": cfg.stage1.coeff_warmup(channels)}
 

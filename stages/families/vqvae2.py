@@ -145,9 +145,7 @@ class VQVAE2Family(Family):
 
     def model_config(self, cfg, channels):
         v = cfg.vqvae2
-        keys = ["levels", "hidden", "res_hidden", "res_blocks", "embed_dim", "codebook_size", "beta",
-                "decay", "kmeans_init", "kmeans_at_step", "dead_code_threshold", "dead_code_fraction"]
-        return {"in_channels": channels, **{k: getattr(v, k) for k in keys}, "downsample": v.factors(),
+        return {"in_channels": channels, **v.model_dump(exclude={"downsample"}), "downsample": v.factors(),
                 "likelihood": cfg.stage1.likelihood, "num_mixtures": cfg.stage1.num_mixtures,
                 "coeff_warmup_steps": cfg.stage1.coeff_warmup(channels)}
 
