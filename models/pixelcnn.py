@@ -117,6 +117,7 @@ class GatedPixelCNN(nn.Module):
         hidden: int = 64,
         layers: int = 6,
         kernel: int = 5,
+        *,  # the rest by name: the conditioning, attention and what it models
         cond_codes: int = 0,  # codebook size of the level above (0: unconditional)
         cond_factor: int = 2,  # this map's size / the level above's
         num_classes: int = 0,  # > 0: class-conditional
@@ -233,8 +234,9 @@ class HierarchicalPrior(nn.Module):
         for l, k in enumerate(codebook_sizes):
             cond = codebook_sizes[l - 1] if l > 0 else 0
             factor = shapes[l][0] // shapes[l - 1][0] if l > 0 else 1
-            self.levels.append(GatedPixelCNN(k, hidden, layers, kernel, cond, factor, num_classes,
-                                             every[l], attention_heads, dropout))
+            self.levels.append(GatedPixelCNN(k, hidden, layers, kernel, cond_codes=cond, cond_factor=factor,
+                                             num_classes=num_classes, attention_every=every[l],
+                                             attention_heads=attention_heads, dropout=dropout))
 
     def forward(self, codes: list[torch.Tensor], labels: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per-level negative log-likelihood in nats per map, [B] each (teacher-forced)."""

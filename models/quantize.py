@@ -68,6 +68,7 @@ class VectorQuantizerEMA(nn.Module):
         self,
         num_codes: int,
         dim: int,
+        *,  # the rest by name: the codebook's settings
         beta: float = 0.25,
         decay: float = 0.99,
         eps: float = 1e-5,

@@ -210,7 +210,7 @@ class VQVAE2(nn.Module):
         return {"nll": nll, "commit": commit, "params": params, "codes": codes, "stats": stats}
 
 
-def draw(vq, priors, num_samples: int, temperature: float, seed: int, pixels: str = "mean", first: int = 0,
+def draw(vq, priors, num_samples: int, temperature: float, seed: int, *, pixels: str = "mean", first: int = 0,
          cached: bool = True):
     """Ancestral sampling through ``priors`` (a HierarchicalPrior), top level first, then the
     decoder of ``vq`` -> (images uint8, codes per level, labels: class ``i % num_classes`` for

@@ -383,7 +383,7 @@ def _write_split(filesystem, folder: str, columns: dict, image_bytes: int) -> li
     return names
 
 
-def _finish(cfg, location: str, fp: str, kind: str, shape, columns_of, num_classes: int,
+def _finish(cfg, location: str, fp: str, kind: str, shape, columns_of, *, num_classes: int,
             bad: dict[str, str] | None = None, content: list[int] | None = None) -> DataSpec:
     """Write each split's files under a fresh folder (and ``bad``, the images left out, as
     ``bad_images.txt``), then the manifest naming them (last, so a crash leaves no manifest;
@@ -423,7 +423,7 @@ def _write_files(cfg, location, fp, listing: Listing) -> DataSpec:
         idx = chosen[split]
         return {"path": listing.paths.take(idx), "label": listing.labels[idx], "index": idx.astype(np.int64)}
 
-    return _finish(cfg, location, fp, "files", shape, columns_of, len(listing.classes), bad)
+    return _finish(cfg, location, fp, "files", shape, columns_of, num_classes=len(listing.classes), bad=bad)
 
 
 def _unreadable(root: str, listing: Listing, indices: np.ndarray, shape) -> dict[int, str]:
@@ -478,4 +478,4 @@ def _write_pixels(cfg, location, fp, load) -> DataSpec:
 
     num_classes = int(max(y.max(), test[1].max() if test else 0)) + 1
     content = content_box(x.shape[2], x.shape[3], cfg.image_size)
-    return _finish(cfg, location, fp, "pixels", shape, columns_of, num_classes, content=content)
+    return _finish(cfg, location, fp, "pixels", shape, columns_of, num_classes=num_classes, content=content)

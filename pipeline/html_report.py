@@ -135,7 +135,7 @@ def document(title: str, headline: str, table: str | None, sections: list[tuple[
 
 
 def pipeline_report(title: str, headline: str, table: str | None, curves: dict[str, dict], outputs: dict[str, Path],
-                    facts: list[str], cache: Path | None = None) -> str:
+                    facts: list[str], *, cache: Path | None = None) -> str:
     """A pipeline's page: ``curves`` per training stage (figures kept in ``cache``: see
     :func:`curves_png`), the pictures from the stages' output folders (``outputs``: stage -> folder)."""
     trained = [figure(png, f"{stage}: per-epoch curves") for stage, c in curves.items()

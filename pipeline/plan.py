@@ -1,5 +1,5 @@
 """What a pipeline run will do, before it does it: the stages of the config's model family
-(``pipeline.graph``), each with its fingerprint, and per stage whether it is reused, resumed
+(``settings.graph``), each with its fingerprint, and per stage whether it is reused, resumed
 from a checkpoint or run. Torch-free.
 """
 from __future__ import annotations

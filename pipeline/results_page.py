@@ -8,6 +8,7 @@ the run list. Torch-free: built from the stages' metrics, tags and output folder
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,17 +25,27 @@ PICTURES = (("sample", "samples/grid.png", "samples"), ("stage1", "figures/recon
                                                         "reconstructions: inputs on odd rows, their reconstructions below"))
 
 
-def headline(rows) -> dict[str, float]:
-    """The stages' summary rows ``(name, status, run id, seconds, metrics)`` -> the metrics the
-    parent carries: the headline ones as logged (a later stage's wins), and each training
-    stage's ``<stage>_optimizer_steps``."""
+@dataclass(frozen=True)
+class StageRow:
+    """One stage of a pipeline run, as its summary and pages show it."""
+
+    name: str
+    status: str  # FINISHED (this pipeline ran it) or REUSED
+    run_id: str
+    seconds: float | None  # its wall time when it ran; None when reused
+    metrics: dict[str, float]
+
+
+def headline(rows: list[StageRow]) -> dict[str, float]:
+    """The stages' summary rows -> the metrics the parent carries: the headline ones as logged
+    (a later stage's wins), and each training stage's ``<stage>_optimizer_steps``."""
     out: dict[str, float] = {}
-    for name, _, _, _, metrics in rows:
-        out.update({k: metrics[k] for k in HEADLINE if k in metrics})
-        if name == "evaluate":  # (evaluate.split=val: its NLL is named val_nll_*)
-            out.update({k: v for k, v in metrics.items() if k.startswith("val_nll_")})
-        if "optimizer_steps" in metrics:
-            out[f"{name}_optimizer_steps"] = metrics["optimizer_steps"]
+    for row in rows:
+        out.update({k: row.metrics[k] for k in HEADLINE if k in row.metrics})
+        if row.name == "evaluate":  # (evaluate.split=val: its NLL is named val_nll_*)
+            out.update({k: v for k, v in row.metrics.items() if k.startswith("val_nll_")})
+        if "optimizer_steps" in row.metrics:
+            out[f"{row.name}_optimizer_steps"] = row.metrics["optimizer_steps"]
     return out
 
 
@@ -62,10 +73,10 @@ def picture(run_id: str, path: str, alt: str) -> str:
 SPLIT_NAMES = {"test": "test", "val": "validation"}
 
 
-def _result_line(evaluated: dict | None, rows) -> str:
+def _result_line(evaluated: dict | None, rows: list[StageRow]) -> str:
     """The NLL the evaluate stage measured, on the split it scored (``evaluate.split``)."""
     split = (evaluated or {}).get("hvae.split", "test")
-    metrics = next((m for name, _, _, _, m in rows if name == "evaluate"), {})
+    metrics = next((row.metrics for row in rows if row.name == "evaluate"), {})
     if not evaluated or f"{split}_nll_nats" not in metrics:
         return "**No test NLL**: the evaluate stage did not run in this pipeline."
     bound = evaluated.get("hvae.bound", "")
@@ -76,21 +87,22 @@ def _result_line(evaluated: dict | None, rows) -> str:
             f"{bound} {metrics[f'{split}_nll_bpd']:.4f}{se('nll_bpd_se')} bits/dim")
 
 
-def _training_lines(cfg, rows) -> list[str]:
+def _training_lines(cfg, rows: list[StageRow]) -> list[str]:
     lines = []
-    for name, status, run_id, _, metrics in rows:
+    for row in rows:
+        name, metrics = row.name, row.metrics
         section = getattr(cfg, name, None)
         if section is None or not hasattr(section, "epochs"):
             continue
         steps = f", {metrics['optimizer_steps']:.0f} optimizer steps" if "optimizer_steps" in metrics else ""
         kept = (f", the weights of epoch {metrics['kept_epoch'] + 1:.0f} (train.keep={cfg.train.keep})"
                 if "kept_epoch" in metrics else "")
-        reused = f" (reused from run {run_id})" if status == "REUSED" else ""
+        reused = f" (reused from run {row.run_id})" if row.status == "REUSED" else ""
         lines.append(f"- {name}: {section.epochs} epoch{'s' if section.epochs != 1 else ''}{steps}{kept}{reused}")
     return lines
 
 
-def summary(cfg, data_line: str, rows, evaluated: dict | None, commit: tuple[str, bool] | None,
+def summary(cfg, data_line: str, rows: list[StageRow], evaluated: dict | None, commit: tuple[str, bool] | None,
             report_link: str | None = None) -> tuple[str, list[str]]:
     """(the result's line, the facts' lines: data, epochs and steps, code, where the rest is):
     what the description and report.html both say; ``report_link``: report.html's page in the UI."""

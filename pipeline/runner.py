@@ -20,11 +20,12 @@ from datetime import datetime
 from pathlib import Path
 
 from hvae.stages import checkpoints, families
-from hvae.stages.base import StageContext, StageError
+from hvae.stages.base import StageContext, StageError, StageResult
 
 from hvae.settings import graph
 
 from . import datasets, results_page, signals
+from .results_page import StageRow
 from hvae.settings.config import PipelineConfig, to_yaml
 from .liveness import TAG_DRIVER, TAG_HEARTBEAT, Heartbeat, is_dead, this_driver
 from .manifest import MANIFEST, ManifestError, check_listing, read_manifest, verify_manifest, write_manifest
@@ -116,19 +117,19 @@ def resume_command(parent_id: str, uri: str) -> str:
     return f"hvae resume {parent_id}" + ("" if uri == resolve_uri("sqlite:///mlruns.db") else f" --uri {mask(uri)}")
 
 
-def _print_summary(rows, tracker, parent_id, outputs):
+def _print_summary(rows: list[StageRow], tracker, parent_id, outputs):
     print("\n" + "=" * 72)
-    for name, status, run_id, secs, metrics in rows:
-        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in graph.get(name).shown if k in metrics)
-        timing = f"{secs:6.1f} s" if secs is not None else "       "
-        print(f"{name:<9} {status:<9} run {run_id}  {timing}  {shown}")
-    for name, _, run_id, _, _ in rows:  # the result a stage's summary shows: its text, or where it is
-        st = graph.get(name)
-        if st.printed and (outputs[name] / st.printed).is_file():
-            print("\n" + (outputs[name] / st.printed).read_text())
-    for name, _, run_id, _, _ in rows:
-        if graph.get(name).linked:
-            print(f"{name}: {tracker.artifact_uri(run_id)}/{graph.get(name).linked}")
+    for row in rows:
+        shown = " ".join(f"{k}={row.metrics[k]:.4g}" for k in graph.get(row.name).shown if k in row.metrics)
+        timing = f"{row.seconds:6.1f} s" if row.seconds is not None else "       "
+        print(f"{row.name:<9} {row.status:<9} run {row.run_id}  {timing}  {shown}")
+    for row in rows:  # the result a stage's summary shows: its text, or where it is
+        st = graph.get(row.name)
+        if st.printed and (outputs[row.name] / st.printed).is_file():
+            print("\n" + (outputs[row.name] / st.printed).read_text())
+    for row in rows:
+        if graph.get(row.name).linked:
+            print(f"{row.name}: {tracker.artifact_uri(row.run_id)}/{graph.get(row.name).linked}")
     print(f"MLflow parent run: {parent_id} (experiment '{tracker.experiment_name}', {tracker.shown_uri})")
     print(f"artifacts: {tracker.artifact_uri(parent_id).rsplit('/', 2)[0]}/<run id>/artifacts")
     print(f"browse: make ui, then {tracker.ui_url(parent_id)}")
@@ -187,16 +188,25 @@ class StageFailed(RuntimeError):
         self.stage, self.run_id = stage, run_id
 
 
+@dataclass(frozen=True)
+class Executed:
+    """A stage that ran as a child run: its run, its result, its wall time."""
+
+    run_id: str
+    result: StageResult
+    seconds: float
+
+
 def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent_id: str, data,
                   upstream: dict[str, tuple[str, Path]], out_dir: Path, tags: dict[str, str],
                   fresh: str | None = None, callbacks: list | None = None,
-                  datasets: dict | None = None) -> tuple[str, object, float]:
+                  datasets: dict | None = None) -> Executed:
     """Run (or resume from its checkpoints) one stage as a child run of ``parent_id``.
 
     ``upstream`` maps each upstream stage to (its run id, its verified output folder). ``fresh``:
     why the stage must not resume from the checkpoints its fingerprint has (they are moved
     aside), e.g. "--force". Returns
-    (run id, StageResult, seconds). ``callbacks``: extra Ray Train callbacks and ``datasets``:
+    the run, its StageResult and its seconds. ``callbacks``: extra Ray Train callbacks and ``datasets``:
     the stage's training datasets, built already (a sweep's trials share both). A failure marks the run FAILED and raises StageFailed; an
     interrupt marks it KILLED and propagates. Used by the pipeline and by every sweep trial.
     """
@@ -226,7 +236,8 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
     print(f"[hvae] {st.name}: {how} as MLflow run {run_id} (fingerprint {planned.fingerprint})", flush=True)
     s0 = time.perf_counter()
     try:
-        result = _run_stage(tracker, cfg, planned, run_id, data, upstream, out_dir, callbacks, datasets)
+        result = _run_stage(tracker, cfg, planned, run_id, data, upstream, out_dir=out_dir, callbacks=callbacks,
+                            datasets=datasets)
         secs = time.perf_counter() - s0
         result.metrics[f"{st.name}_seconds"] = secs
         _log_result(tracker, run_id, result)
@@ -242,10 +253,10 @@ def execute_stage(tracker, cfg: PipelineConfig, planned: PlannedStage, *, parent
         tracker.finish(run_id, "FAILED")
         raise StageFailed(st.name, run_id, message, shown=isinstance(exc, StageError)) from exc
     tracker.finish(run_id)
-    return run_id, result, secs
+    return Executed(run_id, result, secs)
 
 
-def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, data, upstream, out_dir: Path, callbacks,
+def _run_stage(tracker, cfg, planned: PlannedStage, run_id: str, data, upstream, *, out_dir: Path, callbacks,
                datasets):
     """The stage's own work: its module's run(ctx) with Ray up when it needs it."""
     from .raycluster import check_resources, check_shared_storage, connect, resolve_layout
@@ -444,7 +455,7 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool = False, config_path: str
             for attempt in range(len(stages) + 1):  # (each _Remake tags one more run corrupt)
                 try:
                     outcome = _run_stages(tracker, cfg, stages, forced, parent_id, data,
-                                          {name: run for name, (_, run) in (pinned or {}).items()})
+                                          pinned={name: run for name, (_, run) in (pinned or {}).items()})
                     break
                 except _Remake as exc:
                     if attempt == len(stages):
@@ -485,10 +496,10 @@ def _publish(tracker, cfg: PipelineConfig, data, done, parent_id: str) -> None:
     link = f"#/experiments/{tracker.experiment_id}/runs/{parent_id}/artifacts/{results_page.REPORT}"
     line, facts = results_page.summary(cfg, data.describe(), done.rows, tags, commit, link)
     tracker.set_tags(parent_id, {results_page.NOTE: results_page.page(line, facts, done.outputs, done.run_ids, table)})
-    curves = {name: tracker.curves(run_id) for name, _, run_id, _, _ in done.rows if graph.get(name).trains}
+    curves = {row.name: tracker.curves(row.run_id) for row in done.rows if graph.get(row.name).trains}
     # (report.html's facts leave out the last line, which points at report.html itself)
     tracker.log_text(parent_id, html_report.pipeline_report(parent.info.run_name, line, table, curves, done.outputs,
-                                                            facts[:-1], local_area(cfg.cluster.storage_path) / "curves"),
+                                                            facts[:-1], cache=local_area(cfg.cluster.storage_path) / "curves"),
                      results_page.REPORT)
 
 
@@ -512,12 +523,12 @@ class _Progress:
     code: int = 0
     run_ids: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
-    rows: list = field(default_factory=list)
+    rows: list[StageRow] = field(default_factory=list)
     made: set[str] = field(default_factory=set)  # the stages this pipeline ran (not reused)
 
 
 def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced: set[str], parent_id: str,
-                data, pinned: dict[str, str] | None = None) -> _Progress:
+                data, *, pinned: dict[str, str] | None = None) -> _Progress:
     """Each planned stage in order: reused when a finished run has its fingerprint, else run or resumed."""
     from filelock import FileLock
 
@@ -540,7 +551,7 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
                 done.run_ids[name] = run_id
                 tracker.set_tags(parent_id, {f"hvae.reused_from.{name}": run_id})
                 print(f"[hvae] {name}: reuse MLflow run {run_id} (fingerprint {planned.fingerprint})")
-                done.rows.append((name, "REUSED", run_id, None, plain(found.data.metrics)))
+                done.rows.append(StageRow(name, "REUSED", run_id, None, plain(found.data.metrics)))
                 continue
             if name in (pinned or {}):  # (its run is gone or broken: training it anew is not what was asked)
                 tracker.finish(parent_id, "FAILED")
@@ -554,9 +565,10 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
                 upstream = {u: (done.run_ids[u], _whole(tracker, fetch, u, done, parent_id))
                             for u in planned.stage.upstream}
                 fetched = time.perf_counter() - t0
-                run_id, result, secs = execute_stage(tracker, cfg, planned, parent_id=parent_id, data=data,
-                                                     upstream=upstream, out_dir=work / name, tags=driver,
-                                                     fresh=_why_fresh(planned, forced, done))
+                executed = execute_stage(tracker, cfg, planned, parent_id=parent_id, data=data,
+                                         upstream=upstream, out_dir=work / name, tags=driver,
+                                         fresh=_why_fresh(planned, forced, done))
+                run_id = executed.run_id
                 tracker.log_final_metrics(run_id, {"download_seconds": fetched})
             except KeyboardInterrupt as exc:
                 done.code = signals.exit_code(exc)
@@ -579,7 +591,7 @@ def _run_stages(tracker, cfg: PipelineConfig, stages: list[PlannedStage], forced
         tracker.set_tags(parent_id, {f"hvae.run.{name}": run_id})
         done.outputs[name], done.run_ids[name] = work / name, run_id
         done.made.add(name)
-        done.rows.append((name, "FINISHED", run_id, secs, result.metrics))
+        done.rows.append(StageRow(name, "FINISHED", run_id, executed.seconds, executed.result.metrics))
     return done
 
 
@@ -590,9 +602,9 @@ def _whole(tracker, fetch: _Fetcher, stage: str, done: _Progress, parent_id: str
         return fetch(done.run_ids[stage])
     except ManifestError as exc:
         not_reusing(tracker, stage, done.run_ids[stage], exc)
-        for name, how, *_ in done.rows:
-            if how == "REUSED":
-                tracker.client.delete_tag(parent_id, f"hvae.reused_from.{name}")
+        for row in done.rows:
+            if row.status == "REUSED":
+                tracker.client.delete_tag(parent_id, f"hvae.reused_from.{row.name}")
         raise _Remake from exc
 
 

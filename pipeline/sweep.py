@@ -274,10 +274,10 @@ def run_sweep(cfg: PipelineConfig, *, config_path: str | None = None) -> int:
         print(f"[hvae] run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
     sweep_run, resume = _open_sweep(tracker, cfg, config_path, sweep_key(cfg, data.fingerprint))
     with Heartbeat(tracker.uri, sweep_run):
-        return _sweep(tracker, cfg, base, data, sweep_run, resume, config_path, t0)
+        return _sweep(tracker, cfg, base, data, sweep_run, resume, config_path=config_path, t0=t0)
 
 
-def _sweep(tracker, cfg: PipelineConfig, base: dict, data, sweep_run: str, resume: bool, config_path: str | None,
+def _sweep(tracker, cfg: PipelineConfig, base: dict, data, sweep_run: str, resume: bool, *, config_path: str | None,
            t0: float) -> int:
     """The sweep under its open MLflow run: fixed upstream stages, the trials, the best one."""
     from .raycluster import connect, resolve_layout

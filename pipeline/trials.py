@@ -242,7 +242,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
 
         def work() -> dict:
             try:
-                _, result, _ = execute_stage(
+                executed = execute_stage(
                     tracker, cfg, planned, parent_id=ctx.sweep_run, data=ctx.data, upstream=ctx.upstream,
                     out_dir=Path(ctx.work) / trial_id / ctx.stage, callbacks=[EpochReporter(queue)],
                     datasets=ctx.datasets,
@@ -250,7 +250,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
                           "hvae.trial_params": json.dumps(params, sort_keys=True)})
             except StageFailed as exc:
                 raise RuntimeError(str(exc)) from None
-            return {**result.metrics, "checkpoint": result.tags.get("hvae.checkpoint")}
+            return {**executed.result.metrics, "checkpoint": executed.result.tags.get("hvae.checkpoint")}
 
         report_epochs(work, queue, earlier["epoch"] if earlier else -1)
 

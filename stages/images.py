@@ -40,7 +40,7 @@ class ImageTask(TrainTask):
     model config and the family's extra arguments (``Family.task``) arrive as keywords."""
 
     def __init__(self, model_config: dict, shape: tuple, train_rows: int, batch_size: int, world_hint: int,
-                 seed: int, family: str, hold: bool = False, binarize_seed: int | None = None):
+                 seed: int, *, family: str, hold: bool = False, binarize_seed: int | None = None):
         self.model_config = model_config
         self.shape, self.train_rows = tuple(shape), train_rows
         self.batch_size = worker_batch("stage1.batch_size", batch_size, world_hint)

@@ -66,33 +66,63 @@ class LoopSpec:
     name: str = ""
 
 
+@dataclass
+class Trainee:
+    """One worker's training state: the model (DDP-wrapped on a worker), its optimizer, LR
+    schedule and fp16 GradScaler, the device it trains on and its place in the worker group."""
+
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+    scaler: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def core(self):
+        """The model without its DDP wrapper."""
+        return getattr(self.model, "module", self.model)
+
+
+@dataclass
+class EpochSums:
+    """One epoch on one rank: its training and validation sums (tensors on the device) and the
+    seconds each took."""
+
+    train: dict[str, torch.Tensor]
+    val: dict[str, torch.Tensor]
+    seconds: float
+    val_seconds: float
+
+
 # ---- one optimiser step and one epoch's sums: the same code for every stage ------------
 
-def train_step(task: TrainTask, model, optimizer, batch, device, spec: LoopSpec, scaler=None,
-               guard: "Guard | None" = None, step: int = 0, update: bool = True, scheduler=None) -> dict[str, torch.Tensor]:
+def train_step(spec: LoopSpec, task: TrainTask, trainee: Trainee, batch, *, guard: "Guard | None" = None,
+               step: int = 0, update: bool = True) -> dict[str, torch.Tensor]:
     """Forward (under the spec's autocast) and backward on one batch, then, when ``update``,
     the optimizer step (``apply_update``); returns the batch's sums for the epoch (on the
     device). With ``spec.train.accumulate_steps`` > 1 the gradients of that many batches add up
-    (each loss divided by their number) and DDP all-reduces only at the update.
-    ``scaler``: fp16's GradScaler. ``guard`` watches the loss and the task's named terms
-    without a host sync."""
-    accumulate = spec.train.accumulate_steps
+    (each loss divided by their number) and DDP all-reduces only at the update. ``guard``
+    watches the loss and the task's named terms without a host sync."""
+    model, scaler, accumulate = trainee.model, trainee.scaler, spec.train.accumulate_steps
     quiet = not update and accumulate > 1 and hasattr(model, "no_sync")
     with model.no_sync() if quiet else contextlib.nullcontext():
-        with spec.autocast(device):
-            loss, sums, *terms = task.train_step(model, batch, device)
+        with spec.autocast(trainee.device):
+            loss, sums, *terms = task.train_step(model, batch, trainee.device)
         if guard is not None:
             guard.watch(step, {**(terms[0] if terms else {}), "loss": loss})
         scaled = loss / accumulate if accumulate > 1 else loss
         (scaled if scaler is None else scaler.scale(scaled)).backward()
     if update:
-        apply_update(model, optimizer, spec, scaler, scheduler)
+        apply_update(spec, trainee)
     return sums
 
 
-def apply_update(model, optimizer, spec: LoopSpec, scaler=None, scheduler=None) -> None:
+def apply_update(spec: LoopSpec, trainee: Trainee) -> None:
     """One optimizer step on the gradients gathered since the last: clipped, through fp16's
     scaler (which skips the step when they overflowed), then cleared; the LR schedule moves."""
+    model, optimizer, scaler, scheduler = trainee.model, trainee.optimizer, trainee.scaler, trainee.scheduler
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients
     if spec.grad_clip > 0:
@@ -312,10 +342,20 @@ class StartReports(threading.Thread):
             raise self.error
 
 
-def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int, reports: StartReports | None):
+@dataclass
+class Started:
+    """A worker ready to train: its state, the first epoch to train, where inside it to go on
+    (a step checkpoint's Resume, or None) and the best epoch so far."""
+
+    trainee: Trainee
+    start_epoch: int
+    resume: Resume | None
+    best: BestEpoch
+
+
+def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int, reports: StartReports | None) -> Started:
     """Build model, optimizer and schedule, restored from the checkpoint ``checkpoints.newest``
-    picks -> (model, optimizer, scheduler, scaler, first epoch, Resume or None, the best epoch so far).
-    ``reports`` (rank 0's, when the stage reports): the restart's points, started here."""
+    picks. ``reports`` (rank 0's, when the stage reports): the restart's points, started here."""
     import ray.train
     import ray.train.torch
 
@@ -356,20 +396,19 @@ def _start(spec: LoopSpec, task: TrainTask, rank: int, world: int, reports: Star
         if scaler is not None and "scaler" in restored:
             scaler.load_state_dict(restored["scaler"])
     best = BestEpoch(task.select_metric, restored if rank == 0 else None)
-    return model, optimizer, scheduler, scaler, start_epoch, resume, best
+    trainee = Trainee(model, optimizer, scheduler, scaler, ray.train.torch.get_device(), rank, world)
+    return Started(trainee, start_epoch, resume, best)
 
 
-def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, rank: int, world: int, device,
-              scaler=None, scheduler=None, resume: Resume | None = None,
+def run_epoch(spec: LoopSpec, task: TrainTask, trainee: Trainee, epoch: int, *, resume: Resume | None = None,
               checkpoint: Callable[[int, dict, float], None] | None = None,
-              progress: "Progress | None" = None):
-    """Train one epoch, then validate -> (train sums, val sums, seconds of training, seconds of
-    validation). An
-    optimizer step every ``spec.train.accumulate_steps`` batches, and one for the epoch's last
+              progress: "Progress | None" = None) -> EpochSums:
+    """Train one epoch, then validate. An optimizer step every ``spec.train.accumulate_steps`` batches, and one for the epoch's last
     batches (their gradients are then divided by ``accumulate_steps`` all the same).
     ``resume``: continue after the batches a step checkpoint had done (they come again, in the
     same order, and are passed over); ``checkpoint(batches done, sums, data wait)`` is called
     every ``spec.train.checkpoint_every_steps`` batches, at an optimizer step, on every rank."""
+    model, device, rank, world = trainee.model, trainee.device, trainee.rank, trainee.world
     torch.manual_seed(spec.seed * 100003 + epoch * 7919 + rank)
     start = 0
     train_sums: dict[str, torch.Tensor] = {}
@@ -381,7 +420,7 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
             torch.cuda.set_rng_state(resume.cuda_rng, device)
         train_sums = {k: v.to(device) for k, v in resume.sums.items()}
     model.train()
-    optimizer.zero_grad(set_to_none=True)
+    trainee.optimizer.zero_grad(set_to_none=True)
     every, last = spec.train.checkpoint_every_steps, task.steps_per_epoch(world)
     t0 = time.perf_counter()
     batches, guard, pending = iter(task.train_batches(epoch, rank, world)), Guard(), False
@@ -396,8 +435,7 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
         if step == 0:
             train_sums["first_batch_s"] = torch.tensor(time.perf_counter() - t0)
         update = (step + 1) % spec.train.accumulate_steps == 0
-        _accumulate(train_sums, train_step(task, model, optimizer, batch, device, spec, scaler, guard, step,
-                                           update=update, scheduler=scheduler))
+        _accumulate(train_sums, train_step(spec, task, trainee, batch, guard=guard, step=step, update=update))
         pending = not update
         if progress is not None:
             progress.step(epoch, step, task, train_sums)
@@ -408,7 +446,7 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
             checkpoint(step + 1, train_sums, waited)
     _stop_if_not_finite(spec, task, guard, epoch, world)  # (a host sync: the epoch's time below is real on a GPU)
     if pending:
-        apply_update(model, optimizer, spec, scaler, scheduler)
+        apply_update(spec, trainee)
     train_sums["data_wait_s"] = torch.tensor(waited)  # blocked on the input pipeline
     # the epoch's optimizer steps (batches done, those before a resume included), so that the
     # images each step trained on over all workers are counted, not assumed
@@ -422,7 +460,7 @@ def run_epoch(spec: LoopSpec, task: TrainTask, model, optimizer, epoch: int, ran
             _accumulate(val_sums, task.val_step(model, batch, device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # (the validation's time below is real on a GPU)
-    return train_sums, val_sums, seconds, time.perf_counter() - t_val
+    return EpochSums(train_sums, val_sums, seconds, time.perf_counter() - t_val)
 
 
 def _stop_if_not_finite(spec: LoopSpec, task: TrainTask, guard: Guard, epoch: int, world: int = 1) -> None:
@@ -436,16 +474,16 @@ def _stop_if_not_finite(spec: LoopSpec, task: TrainTask, guard: Guard, epoch: in
                              f"({at}the checkpoints of earlier epochs are kept)")
 
 
-def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds, epoch, lr, world,
-                  device=torch.device("cpu"), val_out: dict | None = None, timings: dict | None = None) -> dict:
+def epoch_metrics(spec: LoopSpec, task: TrainTask, sums: EpochSums, epoch: int, lr: float, *, world: int = 1,
+                  device: torch.device | None = None, val_out: dict | None = None, timings: dict | None = None) -> dict:
     """The epoch's metrics from every worker's sums (one all-reduce); ``val_out`` receives the
     validation sums added up over the workers, as lists (the checkpoint keeps them: stage 1's
     figures are drawn from them, not from another pass over the data on the driver).
     ``timings``: this rank's seconds spent outside the training steps (validation, the last
     checkpoint and report, the start-up), shown as they are."""
-    reduced = _reduce_sums({**{f"train/{k}": v for k, v in train_sums.items()},
-                            **{f"val/{k}": v for k, v in val_sums.items()},
-                            "seconds": torch.tensor(seconds)}, device)
+    reduced = _reduce_sums({**{f"train/{k}": v for k, v in sums.train.items()},
+                            **{f"val/{k}": v for k, v in sums.val.items()},
+                            "seconds": torch.tensor(sums.seconds)}, device or torch.device("cpu"))
     reduced = {k: v.cpu() for k, v in reduced.items()}  # once per epoch
 
     def split(prefix):
@@ -467,7 +505,7 @@ def epoch_metrics(task: TrainTask, spec: LoopSpec, train_sums, val_sums, seconds
     return metrics
 
 
-def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, epoch: int, nodes: list[str],
+def _report(spec: LoopSpec, trainee: Trainee, metrics: dict, epoch: int, *, nodes: list[str],
             val_sums: dict | None = None, best: BestEpoch | None = None, left: str = "") -> None:
     """Rank 0: log the epoch, save its checkpoint (with the record of the best epoch so far)
     and report both to Ray Train."""
@@ -481,7 +519,7 @@ def _report(spec: LoopSpec, core, optimizer, scheduler, scaler, metrics: dict, e
     done = "done" if epoch + 1 == spec.epochs else f"{left} left"
     log(f"[{spec.stage}] epoch {epoch + 1}/{spec.epochs} {shown} {metrics['images_per_s']:.0f} items/s, {done}")
     with tempfile.TemporaryDirectory() as tmp:
-        state = _state(core, optimizer, scheduler, scaler, best, epoch)
+        state = _state(trainee, best, epoch)
         meta = {"epoch": epoch, "model_config": spec.model_config, "metrics": metrics, "nodes": nodes,
                 "val_sums": val_sums or {}}
         checkpoints.save(Path(tmp), state, meta)
@@ -509,11 +547,11 @@ def train_worker(spec: LoopSpec) -> None:
     _quiet_ray_train()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
     task = spec.make_task(**spec.task_args)
     reports = StartReports(spec.report) if rank == 0 and spec.report is not None else None
-    model, optimizer, scheduler, scaler, start_epoch, resume, best = _start(spec, task, rank, world, reports)
-    core = getattr(model, "module", model)
+    started = _start(spec, task, rank, world, reports)
+    trainee, resume, best = started.trainee, started.resume, started.best
+    start_epoch, core, device = started.start_epoch, trainee.core, trainee.device
     nodes = _worker_nodes()
     # where the time outside the training steps goes (rank 0's clocks; reported with each epoch):
     # the start-up (the driver's fit call to a built, restored, wrapped model on every worker;
@@ -526,7 +564,7 @@ def train_worker(spec: LoopSpec) -> None:
     if rank == 0:
         log(f"[{spec.stage}] model: {summary(core)}")
     for epoch in range(start_epoch, spec.epochs):
-        lr = resume.lr if resume is not None else optimizer.param_groups[0]["lr"]  # (at the epoch's start)
+        lr = resume.lr if resume is not None else trainee.optimizer.param_groups[0]["lr"]  # (at the epoch's start)
 
         def step_checkpoint(done: int, sums: dict, waited: float, epoch=epoch, lr=lr) -> None:
             mine = {"rng": torch.get_rng_state(),
@@ -534,24 +572,24 @@ def train_worker(spec: LoopSpec) -> None:
                     "sums": {k: v.detach().cpu() for k, v in sums.items()}, "waited": waited}
             ranks = _gather(mine)
             if rank == 0:
-                state = _state(core, optimizer, scheduler, scaler, best, epoch)
+                state = _state(trainee, best, epoch)
                 state["ranks"] = ranks
                 meta = {"model_config": spec.model_config, "metrics": {}, "nodes": nodes, "epoch_lr": lr}
                 checkpoints.save_step(spec.storage_path, spec.name, epoch, done, state, meta)
 
-        train_sums, val_sums, seconds, timings["val_seconds"] = run_epoch(
-            spec, task, model, optimizer, epoch, rank, world, device, scaler, scheduler, resume, step_checkpoint,
-            progress)
+        sums = run_epoch(spec, task, trainee, epoch, resume=resume, checkpoint=step_checkpoint, progress=progress)
+        timings["val_seconds"] = sums.val_seconds
         resume = None
         val_out: dict = {}
-        metrics = epoch_metrics(task, spec, train_sums, val_sums, seconds, epoch, lr, world, device, val_out, timings)
+        metrics = epoch_metrics(spec, task, sums, epoch, lr, world=world, device=device, val_out=val_out,
+                                timings=timings)
         t_report = time.perf_counter()
         if rank == 0:
             if reports is not None:
                 reports.join()
                 reports = None
             best.update(epoch, metrics, core.state_dict())
-            _report(spec, core, optimizer, scheduler, scaler, metrics, epoch, nodes, val_out, best, progress.eta())
+            _report(spec, trainee, metrics, epoch, nodes=nodes, val_sums=val_out, best=best, left=progress.eta())
             _show(spec, task, core, device, epoch)
         else:
             ray.train.report(metrics)
@@ -575,10 +613,11 @@ def summary(model) -> str:
     return f"{total:,} parameters" + (f": {shown}" if len(parts) > 1 else "")
 
 
-def _state(core, optimizer, scheduler, scaler, best: BestEpoch | None = None, epoch: int = 0) -> dict:
-    state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-    if scaler is not None:
-        state["scaler"] = scaler.state_dict()
+def _state(trainee: Trainee, best: BestEpoch | None = None, epoch: int = 0) -> dict:
+    state = {"model": trainee.core.state_dict(), "optimizer": trainee.optimizer.state_dict(),
+             "scheduler": trainee.scheduler.state_dict()}
+    if trainee.scaler is not None:
+        state["scaler"] = trainee.scaler.state_dict()
     if best is not None:
         state.update(best.state(epoch))
     return state

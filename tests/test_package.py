@@ -221,3 +221,20 @@ def test_the_priors_are_built_from_their_section_alone():
     assert {k: args[k] for k in ("hidden", "layers", "kernel", "attention_every", "attention_heads", "dropout")} == \
         pcfg.model_dump(include={"hidden", "layers", "kernel", "attention_every", "attention_heads", "dropout"})
     assert args["num_classes"] == 10
+
+
+def test_no_function_takes_more_than_six_positional_parameters():
+    """Past six (``self`` and ``cls`` aside), a function's parameters are keyword-only: named
+    where it is called, so a long list cannot be passed out of order."""
+    import ast
+
+    from hvae.pipeline.fingerprint import ROOT
+
+    long = []
+    for path in (p for f in LAYERS for p in (ROOT / f).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(names) > 6:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}({', '.join(names)})")
+    assert not long, long

@@ -11,7 +11,7 @@ import torch
 from hvae.settings.config import load_config
 from hvae.pipeline.datasets import channels
 from hvae.stages import families
-from hvae.stages.train_loop import LoopSpec, train_step
+from hvae.stages.train_loop import LoopSpec, Trainee, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ["vqvae2_imagenet256.yaml", "nvae_cifar10.yaml"]
@@ -44,7 +44,7 @@ def _one_step(task, model, batch, spec) -> dict:
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     for _ in range(2):  # a VAE's encoder moves from the second step: its posterior heads start at zero
-        sums = train_step(task, model, opt, batch, torch.device("cpu"), spec)
+        sums = train_step(spec, task, Trainee(model, opt), batch)
         moved = sum(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
         if moved > 0.5 * len(before):
             break

@@ -14,7 +14,7 @@ from hvae.stages.families import model_args
 from hvae.settings.config import TrainConfig, load_config
 from hvae.pipeline.datasets import prepare
 from hvae.stages import families
-from hvae.stages.train_loop import LoopSpec, epoch_metrics, make_optimizer, run_epoch
+from hvae.stages.train_loop import LoopSpec, Trainee, epoch_metrics, make_optimizer, run_epoch
 
 RTOL = 1e-4
 
@@ -63,8 +63,7 @@ def _one_epoch(task, spec: LoopSpec) -> dict:
     torch.manual_seed(spec.seed)
     model = task.build_model()
     optimizer, _ = make_optimizer(model, spec)
-    train_sums, val_sums, seconds, _ = run_epoch(spec, task, model, optimizer, 0, 0, 1, torch.device("cpu"))
-    return epoch_metrics(task, spec, train_sums, val_sums, seconds, 0, spec.lr, 1)
+    return epoch_metrics(spec, task, run_epoch(spec, task, Trainee(model, optimizer), 0), 0, spec.lr)
 
 
 def _check(name: str, metrics: dict) -> None:
@@ -139,8 +138,8 @@ def test_mixed_precision_and_compile_follow_fp32(precision, compiled, digits):
             compile_model(model)
         optimizer, _ = make_optimizer(model, spec)
         scaler = torch.amp.GradScaler("cpu") if spec.train.precision == "fp16" else None
-        sums = run_epoch(spec, task, model, optimizer, 0, 0, 1, torch.device("cpu"), scaler)
-        return epoch_metrics(task, spec, *sums[:3], 0, spec.lr, 1)
+        sums = run_epoch(spec, task, Trainee(model, optimizer, scaler=scaler), 0)
+        return epoch_metrics(spec, task, sums, 0, spec.lr)
 
     reference = run()
     other = run(precision=precision, compile=compiled)
@@ -212,7 +211,7 @@ def test_a_resume_from_a_step_checkpoint_equals_the_run_it_cut(name, extra, hold
 
     def train(task, model, optimizer, scheduler, epochs, resume=None, checkpoint=None):
         for epoch in epochs:
-            run_epoch(spec, task, model, optimizer, epoch, 0, 1, torch.device("cpu"), None, scheduler, resume, checkpoint)
+            run_epoch(spec, task, Trainee(model, optimizer, scheduler), epoch, resume=resume, checkpoint=checkpoint)
             resume = None
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 

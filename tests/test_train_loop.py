@@ -5,7 +5,8 @@ import torch.distributed as dist
 
 from hvae.settings.config import TrainConfig
 
-from hvae.stages.train_loop import Guard, _agreed, LoopSpec, Schedule, _reduce_sums, _stop_if_not_finite, make_optimizer, run_epoch
+from hvae.stages.train_loop import (Guard, LoopSpec, Schedule, Trainee, _agreed, _reduce_sums, _stop_if_not_finite,
+                                    make_optimizer, run_epoch)
 
 
 def test_the_epoch_reduction_runs_on_the_training_device_as_nccl_requires(monkeypatch):
@@ -89,7 +90,7 @@ def _train(batch_size: int, accumulate: int, epochs: int = 2, warmup: int = 0):
     lrs = []
     for epoch in range(epochs):
         lrs.append(optimizer.param_groups[0]["lr"])
-        run_epoch(spec, task, model, optimizer, epoch, 0, 1, torch.device("cpu"), scheduler=scheduler)
+        run_epoch(spec, task, Trainee(model, optimizer, scheduler), epoch)
     return torch.cat([p.detach().flatten() for p in model.parameters()]), scheduler.last_epoch, lrs
 
 

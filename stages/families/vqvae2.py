@@ -134,7 +134,8 @@ def _draw(first, count, *, vq, priors, temperature, seed, pixels, cached=True):
 
     from hvae.models.vqvae2 import draw
 
-    images, codes, labels = draw(vq, priors, count, temperature, chunk_seed(seed, first), pixels, first, cached)
+    images, codes, labels = draw(vq, priors, count, temperature, chunk_seed(seed, first), pixels=pixels, first=first,
+                                 cached=cached)
     return images.cpu(), [c.cpu() for c in codes], None if labels is None else labels.cpu()
 
 
